@@ -1,0 +1,31 @@
+# Set-up and everyday commands. `make demo` and `make test` create .venv by themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[data,test]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+demo: install
+	$(BIN)/cavmae pretrain --config configs/demo.py --workdir workdir/demo
+
+lint: install
+	$(BIN)/ruff check cavmae_jax input_pipeline tests bench configs
+	$(BIN)/ruff format --check cavmae_jax input_pipeline tests bench configs
+
+bench: install
+	$(BIN)/python bench/model_throughput.py
+
+clean:
+	rm -rf $(VENV) workdir

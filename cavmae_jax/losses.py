@@ -1,0 +1,72 @@
+"""CAV-MAE losses: masked reconstruction and audio-visual contrastive (official definitions)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CONTRAST_TEMPERATURE = 0.05
+
+
+def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, norm_pix: bool) -> jax.Array:
+    """Mean squared error over removed patches of the whole batch.
+
+    pred, target: [B, L, P]; mask: [B, L] with 1 = removed. With ``norm_pix`` each target patch
+    is standardised with its unbiased variance: (t - mean) / sqrt(var + 1e-6) (quirk 11).
+    """
+    pred = pred.astype(jnp.float32)
+    target = target.astype(jnp.float32)
+    if norm_pix:
+        mean = target.mean(axis=-1, keepdims=True)
+        var = target.var(axis=-1, keepdims=True, ddof=1)
+        target = (target - mean) / jnp.sqrt(var + 1e-6)
+    per_patch = jnp.mean((pred - target) ** 2, axis=-1)
+    return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    """Rows divided by max(||x||, 1e-12), as torch.nn.functional.normalize."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _nce_columns(sim: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Each column j classifies the rows: loss -mean_j log_softmax(S, 0)[j, j] and accuracy."""
+    log_probs = jax.nn.log_softmax(sim, axis=0)
+    loss = -jnp.mean(jnp.diagonal(log_probs))
+    acc = jnp.mean(jnp.argmax(sim, axis=0) == jnp.arange(sim.shape[0]))
+    return loss, acc.astype(jnp.float32)
+
+
+def contrastive_loss(
+    audio_rep: jax.Array, video_rep: jax.Array, bidirectional: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """InfoNCE between pooled audio [B, D] and visual [B, D] representations.
+
+    S = norm(a) norm(v)^T / 0.05. Single direction (official default): each video picks its audio
+    among the batch's audios (softmax over axis 0). Bidirectional averages both directions.
+    Returns (loss, accuracy).
+    """
+    a = _l2_normalize(audio_rep.astype(jnp.float32))
+    v = _l2_normalize(video_rep.astype(jnp.float32))
+    sim = a @ v.T / CONTRAST_TEMPERATURE
+    loss, acc = _nce_columns(sim)
+    if bidirectional:
+        loss_t, acc_t = _nce_columns(sim.T)
+        loss, acc = (loss + loss_t) / 2, (acc + acc_t) / 2
+    return loss, acc
+
+
+def grouped_contrastive_loss(
+    audio_rep: jax.Array, video_rep: jax.Array, groups: int, bidirectional: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Contrastive loss on G contiguous equal groups of the batch: losses summed, accuracy averaged.
+
+    G=4 reproduces the official 4-replica DataParallel pretraining (negatives per quarter batch).
+    """
+    batch, dim = audio_rep.shape
+    if batch % groups:
+        raise ValueError(f"batch {batch} does not split into {groups} contrastive groups")
+    a = audio_rep.reshape(groups, batch // groups, dim)
+    v = video_rep.reshape(groups, batch // groups, dim)
+    losses, accs = jax.vmap(lambda x, y: contrastive_loss(x, y, bidirectional))(a, v)
+    return jnp.sum(losses), jnp.mean(accs)

@@ -1,0 +1,25 @@
+"""Fixed 2-D sine-cosine position tables, exactly as the official ``get_2d_sincos_pos_embed``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:
+    """Position table [rows*cols, dim] float32 for a row-major grid (token n = row*cols + col).
+
+    Channels [0, D/4) sin(col*w), [D/4, D/2) cos(col*w), [D/2, 3D/4) sin(row*w), [3D/4, D)
+    cos(row*w), with w_k = 10000^(-k/(D/4)): the first half encodes the column (quirk 4).
+    Frequencies and products in float64, cast to float32 once at the end.
+    """
+    if dim % 4:
+        raise ValueError(f"position table width must be a multiple of 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)
+    row, col = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+
+    def encode(pos: np.ndarray) -> np.ndarray:
+        angles = pos.reshape(-1).astype(np.float32).astype(np.float64)[:, None] * omega[None]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    return np.concatenate([encode(col), encode(row)], axis=1).astype(np.float32)
