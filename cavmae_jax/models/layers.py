@@ -16,7 +16,7 @@ LN_EPS = 1e-5  # PyTorch nn.LayerNorm default, used everywhere in the official m
 
 def logical(*names: str | None) -> dict:
     """Variable metadata naming a parameter's logical axes (sharded later, by rules)."""
-    return {"sharding_names": names, "eager_sharding": False}
+    return {"out_sharding": names, "eager_sharding": False}
 
 
 xavier_uniform = nnx.initializers.xavier_uniform()

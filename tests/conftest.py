@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny configs, random official-style state dicts, inputs."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from cavmae_jax import convert
+from cavmae_jax.models import ModelConfig, tiny
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
+
+
+def random_state_dict(kind: str, cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Official names and shapes of ``kind`` at ``cfg``, filled with random values
+    (norm weights near 1, everything else small), so that every parameter matters."""
+    model = convert._abstract(kind, cfg)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        name = convert.torch_name(path)
+        shape = convert._to_torch(path, np.zeros(var.shape, np.int8), cfg.patch_size).shape
+        value = rng.standard_normal(shape).astype(np.float32)
+        parts = name.split(".")
+        is_norm_weight = len(parts) > 1 and "norm" in parts[-2] and parts[-1] == "weight"
+        is_norm_weight |= name == "mlp_head.0.weight"
+        out[name] = (1 + 0.2 * value) if is_norm_weight else 0.2 * value
+    return out
+
+
+def random_inputs(cfg: ModelConfig, batch: int, seed: int = 0):
+    """Audio [B, T, F] and NHWC image [B, H, W, 3] as float32 NumPy arrays."""
+    rng = np.random.default_rng(seed)
+    audio = rng.standard_normal((batch, cfg.audio_length, cfg.num_mel_bins)).astype(np.float32)
+    image = rng.standard_normal((batch, cfg.img_size, cfg.img_size, 3)).astype(np.float32)
+    return audio, image
+
+
+@pytest.fixture
+def cfg() -> ModelConfig:
+    return tiny()
+
+
+@pytest.fixture
+def key() -> jax.Array:
+    return jax.random.key(0)
