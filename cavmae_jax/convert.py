@@ -215,7 +215,7 @@ def save_torch_checkpoint(model: Model, path: str | Path, module_prefix: bool = 
 
     prefix = "module." if module_prefix else ""
     sd = OrderedDict(
-        (prefix + k, torch.from_numpy(np.ascontiguousarray(v)))
+        (prefix + k, torch.from_numpy(np.array(v)))
         for k, v in to_torch_state_dict(model).items()
     )
     torch.save(sd, str(path))
