@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[data,test]"
 	touch $(STAMP)
 
+# pytest exits 5 when it collected no test: that is a failure here too.
 test: install
 	$(BIN)/python -m pytest -q tests
 

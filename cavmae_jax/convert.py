@@ -145,6 +145,10 @@ def infer_config(sd: dict, kind: str, **overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def _brief(names: list[str]) -> str:
+    return str(names[:8])[:-1] + (", ...]" if len(names) > 8 else "]")
+
+
 def _abstract(kind: str, cfg: ModelConfig) -> Model:
     return nnx.eval_shape(lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(0)))
 
@@ -190,8 +194,8 @@ def from_torch_state_dict(
     unexpected = sorted(set(sd) - used)
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"{source} does not match {kind}: missing {missing[:8]}{'...' if len(missing) > 8 else ''}"
-            f", unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''} "
+            f"{source} does not match {kind}: missing {_brief(missing)}, "
+            f"unexpected {_brief(unexpected)} "
             "(pass strict=False to load what matches)"
         )
     if missing or unexpected:
@@ -215,8 +219,7 @@ def save_torch_checkpoint(model: Model, path: str | Path, module_prefix: bool = 
 
     prefix = "module." if module_prefix else ""
     sd = OrderedDict(
-        (prefix + k, torch.from_numpy(np.array(v)))
-        for k, v in to_torch_state_dict(model).items()
+        (prefix + k, torch.from_numpy(np.array(v))) for k, v in to_torch_state_dict(model).items()
     )
     torch.save(sd, str(path))
 

@@ -1,4 +1,4 @@
-"""Conversion: official name sets, exact round trips, safe .pth reading, Orbax, ImageNet-MAE init."""
+"""Conversion: official name sets, exact round trips, safe .pth reading, Orbax, MAE init."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED, random_inputs, random_state_dict
 from flax import nnx
 
 from cavmae_jax import convert
 from cavmae_jax.models import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelConfig, tiny
 from cavmae_jax.pth import CheckpointError, load_pth
-from conftest import SHARED, random_inputs, random_state_dict
 
 REFERENCE = {
     "CAVMAE": "state_dict_cavmae.json",
@@ -59,7 +59,9 @@ def test_sizes_are_inferred_from_shapes():
     assert (cfg.embed_dim, cfg.modality_specific_depth, cfg.depth) == (32, 11, 12)
     assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.patch_size) == (16, 8, 4)
     assert (cfg.audio_length, cfg.img_size, cfg.tr_pos) == (32, 16, False)
-    ft = convert.from_torch_state_dict(random_state_dict("CAVMAEFT", SMALL_OFFICIAL), num_mel_bins=16)
+    ft = convert.from_torch_state_dict(
+        random_state_dict("CAVMAEFT", SMALL_OFFICIAL), num_mel_bins=16
+    )
     assert isinstance(ft, CAVMAEFT) and ft.cfg.label_dim == 5 and ft.cfg.tr_pos
 
 
@@ -99,10 +101,13 @@ def test_shape_mismatch_and_missing_keys_are_reported():
 def test_pretrained_checkpoint_loads_non_strictly_into_finetuning_model():
     """As the official finetuning init: head fresh, decoder ignored, encoder copied."""
     sd = random_state_dict("CAVMAE", tiny())
-    ft = convert.from_torch_state_dict(sd, kind="CAVMAEFT", strict=False, num_mel_bins=16, num_heads=4)
+    ft = convert.from_torch_state_dict(
+        sd, kind="CAVMAEFT", strict=False, num_mel_bins=16, num_heads=4
+    )
     assert isinstance(ft, CAVMAEFT)
-    np.testing.assert_array_equal(np.asarray(ft.blocks_u[0].attn.qkv.kernel[...]),
-                                  sd["blocks_u.0.attn.qkv.weight"].T)
+    np.testing.assert_array_equal(
+        np.asarray(ft.blocks_u[0].attn.qkv.kernel[...]), sd["blocks_u.0.attn.qkv.weight"].T
+    )
     np.testing.assert_array_equal(np.asarray(ft.mlp_head[0].scale[...]), np.ones(32))
 
 

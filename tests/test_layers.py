@@ -1,4 +1,4 @@
-"""Layers against their PyTorch/NumPy definitions: patch order, LayerNorm, GELU, attention layout."""
+"""Layers against PyTorch/NumPy definitions: patch order, LayerNorm, GELU, attention layout."""
 
 from __future__ import annotations
 

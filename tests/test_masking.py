@@ -23,7 +23,9 @@ def test_explicit_noise_keeps_smallest_noise_in_noise_order():
     tokens = np.arange(3 * 20 * 2, dtype=np.float32).reshape(3, 20, 2)
     out = masking.apply_mask(tokens, noise, 0.75)
     ids_keep = np.argsort(noise, axis=1)[:, :5]
-    np.testing.assert_array_equal(np.asarray(out.kept), np.take_along_axis(tokens, ids_keep[..., None], 1))
+    np.testing.assert_array_equal(
+        np.asarray(out.kept), np.take_along_axis(tokens, ids_keep[..., None], 1)
+    )
     expected_mask = np.ones((3, 20))
     np.put_along_axis(expected_mask, ids_keep, 0, axis=1)
     np.testing.assert_array_equal(np.asarray(out.mask), expected_mask)
@@ -71,7 +73,7 @@ def test_time_mask_removes_whole_time_columns():
     noise = masking.audio_noise(jax.random.key(2), 2, (8, 64), ratio, "time")
     mask = np.asarray(masking.apply_mask(np.zeros((2, 512, 1)), noise, ratio).mask)
     columns = mask.reshape(2, 8, 64)
-    assert np.all((columns.min(1) == columns.max(1)))  # each column all kept or all removed
+    assert np.all(columns.min(1) == columns.max(1))  # each column all kept or all removed
     assert np.all(columns[:, 0].sum(1) == 48)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 import torch_reference as ref
+from conftest import random_inputs, random_state_dict
+
 from cavmae_jax import convert
 from cavmae_jax.models import FT_MODES, tiny
-from conftest import random_inputs, random_state_dict
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -35,22 +35,36 @@ def close(ours, theirs):
 def test_pretraining_outputs_match_torch(changes, ratios):
     cfg = tiny(**changes)
     sd = random_state_dict("CAVMAE", cfg)
-    ours = convert.from_torch_state_dict(sd, norm_pix_loss=cfg.norm_pix_loss,
-                                         bidirect_contrast=cfg.bidirect_contrast,
-                                         num_mel_bins=cfg.num_mel_bins,
-                                         num_heads=cfg.num_heads,
-                                         decoder_num_heads=cfg.decoder_num_heads)
+    ours = convert.from_torch_state_dict(
+        sd,
+        norm_pix_loss=cfg.norm_pix_loss,
+        bidirect_contrast=cfg.bidirect_contrast,
+        num_mel_bins=cfg.num_mel_bins,
+        num_heads=cfg.num_heads,
+        decoder_num_heads=cfg.decoder_num_heads,
+    )
     theirs = ref.CAVMAE(cfg)
     ref.load_numpy_state(theirs, sd)
     audio, image = random_inputs(cfg, batch=4)
     rng = np.random.default_rng(1)
     noise_a = rng.random((4, 32)).astype(np.float32)
     noise_v = rng.random((4, 16)).astype(np.float32)
-    out = ours(audio, image, noise_a=noise_a, noise_v=noise_v,
-               mask_ratio_a=ratios[0], mask_ratio_v=ratios[1])
+    out = ours(
+        audio,
+        image,
+        noise_a=noise_a,
+        noise_v=noise_v,
+        mask_ratio_a=ratios[0],
+        mask_ratio_v=ratios[1],
+    )
     with torch.no_grad():
-        expected = theirs(torch.from_numpy(audio), to_nchw(image), torch.from_numpy(noise_a),
-                          torch.from_numpy(noise_v), *ratios)
+        expected = theirs(
+            torch.from_numpy(audio),
+            to_nchw(image),
+            torch.from_numpy(noise_a),
+            torch.from_numpy(noise_v),
+            *ratios,
+        )
     for name, value in expected.items():
         close(out[name], value)
 
@@ -70,8 +84,14 @@ def test_structured_noise_matches_torch():
     noise_v = np.random.default_rng(1).random((2, 16)).astype(np.float32)
     out = ours(audio, image, noise_a=noise_a, noise_v=noise_v)
     with torch.no_grad():
-        expected = theirs(torch.from_numpy(audio), to_nchw(image), torch.from_numpy(noise_a),
-                          torch.from_numpy(noise_v), 0.75, 0.75)
+        expected = theirs(
+            torch.from_numpy(audio),
+            to_nchw(image),
+            torch.from_numpy(noise_a),
+            torch.from_numpy(noise_v),
+            0.75,
+            0.75,
+        )
     close(out["loss"], expected["loss"])
     close(out["mask_a"], expected["mask_a"])
 

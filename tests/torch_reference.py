@@ -222,7 +222,9 @@ def contrastive(a, v, bidirect):
 class CAVMAEFT(Encoder):
     def __init__(self, cfg, visual=True):
         super().__init__(cfg, visual)
-        self.mlp_head = nn.Sequential(nn.LayerNorm(cfg.embed_dim), nn.Linear(cfg.embed_dim, cfg.label_dim))
+        self.mlp_head = nn.Sequential(
+            nn.LayerNorm(cfg.embed_dim), nn.Linear(cfg.embed_dim, cfg.label_dim)
+        )
 
     def branch(self, x, blocks):
         for blk in blocks:
@@ -250,7 +252,9 @@ class CAVMAEFT(Encoder):
             x = self.specific(self.branch(self.embed_v(v), self.blocks_v), "v").mean(1)
         else:
             m = "a" if mode == "missingaudioonly" else "v"
-            embed, blocks = (self.embed_a, self.blocks_a) if m == "a" else (self.embed_v, self.blocks_v)
+            embed, blocks = (
+                (self.embed_a, self.blocks_a) if m == "a" else (self.embed_v, self.blocks_v)
+            )
             x = self.branch(embed(a if m == "a" else v), blocks)
             x = (self.joint(x).mean(1) + self.specific(x, m).mean(1)) / 2
         return self.mlp_head(x)
@@ -258,4 +262,6 @@ class CAVMAEFT(Encoder):
 
 def load_numpy_state(module: nn.Module, state: dict[str, np.ndarray]) -> None:
     """Load {official name: array} strictly."""
-    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+    module.load_state_dict(
+        {k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True
+    )

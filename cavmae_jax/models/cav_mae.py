@@ -1,7 +1,7 @@
 """CAVMAE: the pretraining model (encoder, joint and modality streams, decoder, losses).
 
 Variants by configuration (see ``ModelConfig``): CAV-MAE, vanilla AV-MAE, CAV, any
-``modality_specific_depth``, bidirectional contrast, ``norm_pix_loss``, fixed or trainable positions.
+``modality_specific_depth``, bidirectional contrast, ``norm_pix_loss``, fixed or trained positions.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from cavmae_jax.models.layers import Block, dense, layer_norm
 
 
 def restore_order(kept: jax.Array, ids_restore: jax.Array, mask_token: jax.Array) -> jax.Array:
-    """Append mask tokens to the kept tokens [B, K, D] and unshuffle to positional order [B, L, D]."""
+    """Append mask tokens to kept tokens [B, K, D] and unshuffle to positional order [B, L, D]."""
     b, k, d = kept.shape
     length = ids_restore.shape[1]
     fill = jnp.broadcast_to(mask_token.astype(kept.dtype), (b, length - k, d))
@@ -81,7 +81,10 @@ class CAVMAE(AudioVisualEncoder):
         pos = jnp.concatenate([self.decoder_pos_embed_a[...], self.decoder_pos_embed_v[...]], 1)
         x = jnp.concatenate([xa, xv], axis=1) + pos
         x = jnp.concatenate(
-            [x[:, :len_a] + self.decoder_modality_a[...], x[:, len_a:] + self.decoder_modality_v[...]],
+            [
+                x[:, :len_a] + self.decoder_modality_a[...],
+                x[:, len_a:] + self.decoder_modality_v[...],
+            ],
             axis=1,
         )
         x = self.decoder_norm(run_blocks(self.decoder_blocks, x))
@@ -130,8 +133,12 @@ class CAVMAE(AudioVisualEncoder):
         if cfg.decoder_depth and cfg.mae_loss_weight:
             pred_a, pred_v = self.forward_decoder(latent, masked_a, masked_v)
             # Every example has the same masked count, so the sum of G group means is G x the mean.
-            loss_mae_a = groups * losses.mae_loss(pred_a, patches_a, masked_a.mask, cfg.norm_pix_loss)
-            loss_mae_v = groups * losses.mae_loss(pred_v, patches_v, masked_v.mask, cfg.norm_pix_loss)
+            loss_mae_a = groups * losses.mae_loss(
+                pred_a, patches_a, masked_a.mask, cfg.norm_pix_loss
+            )
+            loss_mae_v = groups * losses.mae_loss(
+                pred_v, patches_v, masked_v.mask, cfg.norm_pix_loss
+            )
             loss_mae = cfg.mae_loss_weight * (loss_mae_a + loss_mae_v)
             out.update(pred_a=pred_a, pred_v=pred_v)
         if cfg.contrast_loss_weight:

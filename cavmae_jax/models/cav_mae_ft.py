@@ -29,7 +29,7 @@ def apply_head(head: nnx.List, pooled: jax.Array) -> jax.Array:
 
 
 class CAVMAEFT(AudioVisualEncoder):
-    """Audio-visual classifier (official ``CAVMAEFT``, which trains its positions: ``tr_pos=True``)."""
+    """Audio-visual classifier (official ``CAVMAEFT``; it trains its positions: ``tr_pos=True``)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         super().__init__(cfg, rngs)

@@ -48,7 +48,9 @@ class ModelConfig:
             )
         for name in ("img_size", "audio_length", "num_mel_bins"):
             if getattr(self, name) % self.patch_size:
-                raise ValueError(f"{name} {getattr(self, name)} is not a multiple of the patch size")
+                raise ValueError(
+                    f"{name} {getattr(self, name)} is not a multiple of the patch size"
+                )
 
     @property
     def shared_depth(self) -> int:

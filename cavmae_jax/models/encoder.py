@@ -11,7 +11,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cavmae_jax.models.config import ModelConfig
-from cavmae_jax.models.layers import Block, PatchEmbed, audio_to_image, layer_norm, logical, patchify
+from cavmae_jax.models.layers import (
+    Block,
+    PatchEmbed,
+    audio_to_image,
+    layer_norm,
+    logical,
+    patchify,
+)
 from cavmae_jax.models.posemb import sincos_2d
 
 
@@ -27,7 +34,9 @@ def position_table(dim: int, grid: tuple[int, int], trainable: bool) -> nnx.Vari
 
 def token_param(rngs: nnx.Rngs, dim: int) -> nnx.Param:
     """A learned [1, 1, dim] token, N(0, 0.02) as the official init."""
-    return nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, dim)), **logical(None, None, "embed"))
+    return nnx.Param(
+        0.02 * jax.random.normal(rngs.params(), (1, 1, dim)), **logical(None, None, "embed")
+    )
 
 
 def block_stack(cfg: ModelConfig, count: int, rngs: nnx.Rngs) -> nnx.List:

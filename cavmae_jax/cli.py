@@ -1,0 +1,66 @@
+"""The ``cavmae`` command: ``pretrain`` and ``convert``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cavmae_jax.config_loading import apply_overrides, load_config
+
+
+def _pretrain(args, overrides):
+    from cavmae_jax.train.loop import pretrain
+
+    config = load_config(args.config)
+    apply_overrides(config, overrides)
+    metrics = pretrain(config, args.workdir)
+    print(json.dumps(metrics))
+
+
+def _convert(args, overrides):
+    from cavmae_jax import convert
+
+    if overrides:
+        raise SystemExit(f"cavmae convert: unrecognised arguments {overrides}")
+    if args.to_torch:
+        model = convert.load_checkpoint(args.input)
+        convert.save_torch_checkpoint(model, args.output)
+    elif args.mae_init:
+        from cavmae_jax.pth import load_pth
+
+        convert.save_checkpoint(
+            convert.mae_imagenet_init(load_pth(args.input), args.seed), args.output
+        )
+    else:
+        model = convert.load_torch_checkpoint(
+            args.input, kind=args.kind, **({"norm_pix_loss": True} if args.norm_pix_loss else {})
+        )
+        convert.save_checkpoint(model, args.output)
+    print(f"wrote {args.output}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cavmae", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pretrain CAV-MAE (overrides: --config.x=y)")
+    p.add_argument("--config", required=True, help="config file, optionally path:variant")
+    p.add_argument("--workdir", required=True)
+    p.set_defaults(run=_pretrain)
+    c = sub.add_parser("convert", help="official .pth -> Orbax model, or back with --to-torch")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.add_argument("--to-torch", action="store_true", help="Orbax model dir -> official .pth")
+    c.add_argument("--mae-init", action="store_true", help="ImageNet MAE .pth -> CAV-MAE init")
+    c.add_argument("--kind", choices=["CAVMAE", "CAVMAEFT", "CAVMAEFTAudio"])
+    c.add_argument("--norm-pix-loss", action="store_true", help="the model was pretrained with it")
+    c.add_argument(
+        "--seed", type=int, default=0, help="for the random modality tokens (--mae-init)"
+    )
+    c.set_defaults(run=_convert)
+    args, overrides = parser.parse_known_args(argv)
+    args.run(args, overrides)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Training: optimizer and schedules, jitted steps, the pretraining loop."""
