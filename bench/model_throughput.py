@@ -1,0 +1,143 @@
+"""Full-size (ViT-B) CAV-MAE speed on this machine: jitted pretraining step and inference forward.
+
+Prints, per mode / dtype / batch size: compile time, seconds per step, clips/s, achieved GFLOP/s
+(analytic count, ``cavmae_jax/flops.py``), the fraction of this machine's matmul peak measured in
+the same run, and the peak resident memory of the process that ran it (each configuration runs in
+its own subprocess so that peaks do not mix).
+
+    python bench/model_throughput.py            # everything (about 20 minutes on 2 cores)
+    python bench/model_throughput.py --modes train --dtypes float32 --batches 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+OFFICIAL_TRAIN_CLIPS_PER_S = (0.31, 0.45)  # official PyTorch code on this CPU (ENVIRONMENT.md)
+
+
+def matmul_peak_gflops(repeats: int = 5) -> float:
+    """Best float32 matmul rate over a few square and ViT-shaped products."""
+    best = 0.0
+    for m, k, n in [(2048, 2048, 2048), (2832, 512, 2048), (708, 768, 3072)]:
+        a = jnp.ones((m, k), jnp.float32)
+        b = jnp.ones((k, n), jnp.float32)
+        f = jax.jit(jnp.dot)
+        f(a, b).block_until_ready()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            f(a, b).block_until_ready()
+            best = max(best, 2 * m * k * n / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def run_one(mode: str, dtype: str, batch: int, steps: int) -> dict:
+    """Compile and time one configuration in this process."""
+    from flax import nnx
+
+    from cavmae_jax import flops
+    from cavmae_jax.models import CAVMAE, ModelConfig
+    from cavmae_jax.train.optim import official_adam
+    from cavmae_jax.train.steps import make_pretrain_step
+
+    cfg = ModelConfig(dtype=dtype, norm_pix_loss=True)
+    graphdef, params, rest = nnx.split(CAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)
+    rng = np.random.default_rng(0)
+    audio = rng.standard_normal((batch, cfg.audio_length, cfg.num_mel_bins), np.float32)
+    image = rng.standard_normal((batch, cfg.img_size, cfg.img_size, 3), np.float32)
+    if mode == "train":
+        tx = official_adam(1e-4)
+        opt_state = tx.init(params)
+        masks = dict(mask_ratio_a=0.75, mask_ratio_v=0.75, mask_mode="unstructured")
+        step = make_pretrain_step(graphdef, tx, masks)
+        batch_data = {"audio": audio, "image": image}
+        start = time.perf_counter()
+        compiled = step.lower(params, rest, opt_state, batch_data, jax.random.key(0)).compile()
+        compile_s = time.perf_counter() - start
+        state = (params, opt_state)
+
+        def call(i):
+            nonlocal state
+            p, o, metrics = compiled(state[0], rest, state[1], batch_data, jax.random.key(i))
+            state = (p, o)
+            jax.block_until_ready(metrics)
+
+        clip_flops = flops.pretrain_step(cfg)
+    else:
+
+        def features(params, rest, a, v):
+            return nnx.merge(graphdef, params, rest).forward_feat(a, v)
+
+        start = time.perf_counter()
+        compiled = jax.jit(features).lower(params, rest, audio, image).compile()
+        compile_s = time.perf_counter() - start
+
+        def call(i):
+            jax.block_until_ready(compiled(params, rest, audio, image))
+
+        clip_flops = flops.features_forward(cfg)
+    call(0)  # warm-up
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        call(i + 1)
+        times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    return dict(
+        mode=mode, dtype=dtype, batch=batch, compile_s=compile_s, step_s=step_s,
+        clips_per_s=batch / step_s, gflops=clip_flops * batch / step_s / 1e9,
+        peak_mem_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    )  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=["train", "infer"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument(
+        "--one", nargs=3, metavar=("MODE", "DTYPE", "BATCH"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.one:
+        mode, dtype, batch = args.one
+        print(json.dumps(run_one(mode, dtype, int(batch), args.steps)))
+        return
+    peak = matmul_peak_gflops()
+    print(f"devices: {jax.devices()}  jax {jax.__version__}")
+    print(f"measured float32 matmul peak: {peak:.1f} GFLOP/s")
+    header = f"{'mode':6} {'dtype':9} {'batch':>5} {'compile s':>9} {'step s':>7} "
+    print(header + f"{'clips/s':>8} {'GFLOP/s':>8} {'% peak':>7} {'peak GB':>8}")
+    for mode in args.modes:
+        for dtype in args.dtypes:
+            for batch in args.batches:
+                cmd = [sys.executable, __file__, "--one", mode, dtype, str(batch)]
+                done = subprocess.run(
+                    cmd + ["--steps", str(args.steps)], capture_output=True, text=True
+                )
+                if done.returncode:
+                    print(f"{mode:6} {dtype:9} {batch:>5} failed: {done.stderr.strip()[-300:]}")
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                print(
+                    f"{mode:6} {dtype:9} {batch:>5} {r['compile_s']:9.1f} {r['step_s']:7.2f} "
+                    f"{r['clips_per_s']:8.3f} {r['gflops']:8.1f} {100 * r['gflops'] / peak:6.1f}% "
+                    f"{r['peak_mem_gb']:8.2f}",
+                    flush=True,
+                )
+    low, high = OFFICIAL_TRAIN_CLIPS_PER_S
+    print(f"official PyTorch pretraining step on this CPU: {low}-{high} clips/s (ENVIRONMENT.md)")
+
+
+if __name__ == "__main__":
+    main()
