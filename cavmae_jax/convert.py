@@ -83,13 +83,41 @@ def _from_torch(path: tuple, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def unstack_layers(path: tuple, value: np.ndarray):
+    """Yield (per-layer path, value): a ``layers``-stacked parameter [L, ...] becomes L entries."""
+    if "layers" not in path:
+        yield path, value
+        return
+    k = path.index("layers")
+    for i in range(value.shape[0]):
+        yield path[:k] + (i,) + path[k + 1 :], value[i]
+
+
+def _official_entries(model: Model, with_values: bool):
+    """(official name, value in the official layout); zero-copy placeholders without values."""
+    patch = model.cfg.patch_size
+    for stacked_path, var in nnx.to_flat_state(nnx.state(model)):
+        if with_values:
+            value = np.asarray(var.get_value())
+        else:
+            value = np.broadcast_to(np.int8(0), var.shape)
+        for path, layer_value in unstack_layers(stacked_path, value):
+            yield torch_name(path), _to_torch(path, layer_value, patch)
+
+
+def _official_order(items) -> OrderedDict:
+    return OrderedDict(sorted(items, key=lambda item: _order_key(item[0])))
+
+
 def to_torch_state_dict(model: Model) -> OrderedDict[str, np.ndarray]:
     """Official names -> float32 NumPy arrays, in the official state-dict order."""
-    patch = model.cfg.patch_size
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        out[torch_name(path)] = np.asarray(_to_torch(path, np.asarray(var.get_value()), patch))
-    return OrderedDict(sorted(out.items(), key=lambda item: _order_key(item[0])))
+    entries = _official_entries(model, with_values=True)
+    return _official_order((name, np.ascontiguousarray(v)) for name, v in entries)
+
+
+def official_shapes(model: Model) -> OrderedDict[str, tuple[int, ...]]:
+    """Official names -> shapes, in order; works on abstract (``nnx.eval_shape``) models."""
+    return _official_order((name, v.shape) for name, v in _official_entries(model, False))
 
 
 def strip_module_prefix(state_dict: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -177,20 +205,26 @@ def from_torch_state_dict(
     else:
         graphdef, state = nnx.split(MODEL_KINDS[kind](cfg, nnx.Rngs(seed)))
     flat, used, missing = [], set(), []
-    for path, var in nnx.to_flat_state(state):
-        name = torch_name(path)
-        if name not in sd:
-            missing.append(name)
-            flat.append((path, var))
+    for stacked_path, var in nnx.to_flat_state(state):
+        layers = list(unstack_layers(stacked_path, np.zeros(var.shape, np.int8)))
+        names = [torch_name(path) for path, _ in layers]
+        absent = [name for name in names if name not in sd]
+        if absent:
+            missing.extend(absent)
+            flat.append((stacked_path, var))
             continue
-        value = _from_torch(path, sd[name])
-        if value.shape != var.shape:
-            raise CheckpointError(
-                f"{source}: {name} has shape {sd[name].shape}, the model expects "
-                f"{_to_torch(path, np.zeros(var.shape), cfg.patch_size).shape}"
-            )
-        flat.append((path, var.replace(value=jnp.asarray(value, var.dtype))))
-        used.add(name)
+        values = []
+        for (path, template), name in zip(layers, names, strict=True):
+            value = _from_torch(path, sd[name])
+            if value.shape != template.shape:
+                expected = _to_torch(path, template, cfg.patch_size).shape
+                raise CheckpointError(
+                    f"{source}: {name} has shape {sd[name].shape}, the model expects {expected}"
+                )
+            values.append(value)
+        value = np.stack(values) if "layers" in stacked_path else values[0]
+        flat.append((stacked_path, var.replace(value=jnp.asarray(value, var.dtype))))
+        used.update(names)
     unexpected = sorted(set(sd) - used)
     if strict and (missing or unexpected):
         raise CheckpointError(

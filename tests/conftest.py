@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from cavmae_jax import convert
 from cavmae_jax.models import ModelConfig, tiny
@@ -19,9 +18,7 @@ def random_state_dict(kind: str, cfg: ModelConfig, seed: int = 0) -> dict[str, n
     model = convert._abstract(kind, cfg)
     rng = np.random.default_rng(seed)
     out = {}
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        name = convert.torch_name(path)
-        shape = convert._to_torch(path, np.zeros(var.shape, np.int8), cfg.patch_size).shape
+    for name, shape in convert.official_shapes(model).items():
         value = rng.standard_normal(shape).astype(np.float32)
         parts = name.split(".")
         is_norm_weight = len(parts) > 1 and "norm" in parts[-2] and parts[-1] == "weight"

@@ -99,3 +99,22 @@ def test_parameters_carry_logical_axis_names():
     assert tuple(specs["mlp"]["fc1"]["kernel"].get_value()) == ("embed", "mlp")
     assert tuple(specs["attn"]["qkv"]["kernel"].get_value()) == ("embed", "qkv")
     assert tuple(specs["norm1"]["scale"].get_value()) == ("embed",)
+
+
+def test_block_stack_equals_blocks_applied_in_order():
+    stack = layers.BlockStack(3, 8, 2, 4.0, nnx.Rngs(0))
+    graphdef, state = nnx.split(stack.layers)
+    x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+    expected = x
+    for i in range(3):
+        block = nnx.merge(graphdef, jax.tree.map(lambda p, i=i: p[i], state))
+        expected = block(expected, "a")
+    np.testing.assert_allclose(
+        np.asarray(stack(x, "a")), np.asarray(expected), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(stack(x, "a", last_only=True)), np.asarray(block(x, "a")), rtol=1e-5, atol=1e-6
+    )
+    specs = nnx.get_partition_spec(nnx.state(stack))
+    assert tuple(specs["layers"]["mlp"]["fc1"]["kernel"].get_value()) == ("layers", "embed", "mlp")
+    assert len(layers.BlockStack(0, 8, 2, 4.0, nnx.Rngs(0))) == 0

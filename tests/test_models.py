@@ -98,7 +98,7 @@ def test_bfloat16_compute_runs_close_to_float32(cfg):
     bf16 = CAVMAE(cfg.replace(dtype="bfloat16"), nnx.Rngs(0))
     out32, out16 = run(f32), run(bf16)
     assert out16["pred_a"].dtype == jnp.bfloat16
-    assert bf16.blocks_a[0].attn.qkv.kernel[...].dtype == jnp.float32  # parameters stay float32
+    assert bf16.blocks_a.layers.attn.qkv.kernel[...].dtype == jnp.float32  # parameters stay float32
     assert float(out16["loss"]) == pytest.approx(float(out32["loss"]), rel=0.05)
 
 

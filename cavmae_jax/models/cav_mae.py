@@ -13,13 +13,8 @@ from flax import nnx
 from cavmae_jax import losses
 from cavmae_jax.models import masking
 from cavmae_jax.models.config import ModelConfig
-from cavmae_jax.models.encoder import (
-    AudioVisualEncoder,
-    position_table,
-    run_blocks,
-    token_param,
-)
-from cavmae_jax.models.layers import Block, dense, layer_norm
+from cavmae_jax.models.encoder import AudioVisualEncoder, position_table, token_param
+from cavmae_jax.models.layers import BlockStack, dense, layer_norm
 
 
 def restore_order(kept: jax.Array, ids_restore: jax.Array, mask_token: jax.Array) -> jax.Array:
@@ -45,11 +40,8 @@ class CAVMAE(AudioVisualEncoder):
             self.decoder_pos_embed_a = position_table(dd, cfg.audio_grid, cfg.tr_pos)
             self.decoder_pos_embed_v = position_table(dd, cfg.visual_grid, cfg.tr_pos)
             self.decoder_embed = dense(cfg.embed_dim, dd, ("embed", "decoder"), rngs, dtype)
-            self.decoder_blocks = nnx.List(
-                [
-                    Block(dd, cfg.decoder_num_heads, cfg.mlp_ratio, rngs, dtype)
-                    for _ in range(cfg.decoder_depth)
-                ]
+            self.decoder_blocks = BlockStack(
+                cfg.decoder_depth, dd, cfg.decoder_num_heads, cfg.mlp_ratio, rngs, dtype
             )
             self.decoder_norm = layer_norm(dd, rngs)
             self.decoder_pred_a = dense(dd, p * p, ("decoder", "patch"), rngs, dtype)
@@ -61,8 +53,8 @@ class CAVMAE(AudioVisualEncoder):
         cfg = self.cfg
         masked_a = masking.apply_mask(self.embed_audio(patches_a), noise_a, ratio_a)
         masked_v = masking.apply_mask(self.embed_visual(patches_v), noise_v, ratio_v)
-        a = run_blocks(self.blocks_a, masked_a.kept)
-        v = run_blocks(self.blocks_v, masked_v.kept)
+        a = self.blocks_a(masked_a.kept)
+        v = self.blocks_v(masked_v.kept)
         latent = self.joint_stream(jnp.concatenate([a, v], axis=1))
         latent_c_a = latent_c_v = None
         if cfg.contrast_loss_weight:
@@ -87,7 +79,7 @@ class CAVMAE(AudioVisualEncoder):
             ],
             axis=1,
         )
-        x = self.decoder_norm(run_blocks(self.decoder_blocks, x))
+        x = self.decoder_norm(self.decoder_blocks(x))
         return self.decoder_pred_a(x[:, :len_a]), self.decoder_pred_v(x[:, len_a:])
 
     def __call__(

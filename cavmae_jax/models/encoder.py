@@ -12,7 +12,7 @@ from flax import nnx
 
 from cavmae_jax.models.config import ModelConfig
 from cavmae_jax.models.layers import (
-    Block,
+    BlockStack,
     PatchEmbed,
     audio_to_image,
     layer_norm,
@@ -39,19 +39,8 @@ def token_param(rngs: nnx.Rngs, dim: int) -> nnx.Param:
     )
 
 
-def block_stack(cfg: ModelConfig, count: int, rngs: nnx.Rngs) -> nnx.List:
-    return nnx.List(
-        [
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, rngs, cfg.compute_dtype)
-            for _ in range(count)
-        ]
-    )
-
-
-def run_blocks(blocks: nnx.List, x: jax.Array, modality: str | None = None) -> jax.Array:
-    for block in blocks:
-        x = block(x, modality)
-    return x
+def block_stack(cfg: ModelConfig, count: int, rngs: nnx.Rngs) -> BlockStack:
+    return BlockStack(count, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, rngs, cfg.compute_dtype)
 
 
 class AudioVisualEncoder(nnx.Module):
@@ -100,7 +89,7 @@ class AudioVisualEncoder(nnx.Module):
 
     def joint_stream(self, x: jax.Array) -> jax.Array:
         """Shared blocks with the joint norms, then ``norm``."""
-        return self.norm(run_blocks(self.blocks_u, x))
+        return self.norm(self.blocks_u(x))
 
     def modality_stream(self, x: jax.Array, modality: str, chain: bool = True) -> jax.Array:
         """Shared blocks with the ``_a``/``_v`` norms, then ``norm_a``/``norm_v``.
@@ -108,15 +97,15 @@ class AudioVisualEncoder(nnx.Module):
         ``chain=False`` is the official pretraining loop: every shared block is applied to the
         branch output and only the last result is kept.
         """
-        blocks = self.blocks_u if chain or not len(self.blocks_u) else self.blocks_u[-1:]
-        return getattr(self, f"norm_{modality}")(run_blocks(blocks, x, modality))
+        x = self.blocks_u(x, modality, last_only=not chain)
+        return getattr(self, f"norm_{modality}")(x)
 
     def encode_audio(self, audio: jax.Array) -> jax.Array:
         """Unmasked fbank [B, T, F] -> audio-branch output [B, 512, D] (before shared blocks)."""
-        return run_blocks(self.blocks_a, self.embed_audio(self.audio_patches(audio)))
+        return self.blocks_a(self.embed_audio(self.audio_patches(audio)))
 
     def encode_visual(self, image: jax.Array) -> jax.Array:
-        return run_blocks(self.blocks_v, self.embed_visual(self.visual_patches(image)))
+        return self.blocks_v(self.embed_visual(self.visual_patches(image)))
 
     def forward_feat(self, audio: jax.Array, image: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Unmasked token features (modality-specific norms): [B, 512, D], [B, 196, D]."""

@@ -164,3 +164,42 @@ class Block(nnx.Module):
         norm2 = getattr(self, "norm2" + suffix)
         x = x + self.attn(norm1(x))
         return x + self.mlp(norm2(x))
+
+
+class BlockStack(nnx.Module):
+    """``count`` Blocks whose parameters are stacked on a leading ``layers`` axis, run by a scan.
+
+    One compiled block instead of ``count``; the scan also keeps XLA from fusing the residual
+    gradient of all layers into every layer's backward pass (a quadratic recomputation on CPU).
+    """
+
+    def __init__(
+        self, count: int, dim: int, num_heads: int, mlp_ratio: float, rngs: nnx.Rngs, dtype=None
+    ):
+        self.count = count
+        if count:
+
+            @nnx.split_rngs(splits=count)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def create(rngs: nnx.Rngs) -> Block:
+                return Block(dim, num_heads, mlp_ratio, rngs, dtype)
+
+            self.layers = create(rngs)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __call__(
+        self, x: jax.Array, modality: str | None = None, last_only: bool = False
+    ) -> jax.Array:
+        """Apply the blocks in order (``last_only``: only the last one). x [B, N, D]."""
+        if not self.count:
+            return x
+        graphdef, state = nnx.split(self.layers)
+        if last_only:
+            state = jax.tree.map(lambda p: p[-1:], state)
+
+        def body(carry, layer_state):
+            return nnx.merge(graphdef, layer_state)(carry, modality), None
+
+        return jax.lax.scan(body, x, state)[0]
