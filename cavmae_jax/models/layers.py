@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cavmae_jax.models.attention import dot_product_attention
+
 LN_EPS = 1e-5  # PyTorch nn.LayerNorm default, used everywhere in the official model (quirk 1).
 
 
@@ -127,7 +129,7 @@ class Attention(nnx.Module):
         h = self.num_heads
         qkv = self.qkv(x).reshape(b, n, 3, h, d // h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = jax.nn.dot_product_attention(q, k, v, scale=(d // h) ** -0.5)
+        out = dot_product_attention(q, k, v, (d // h) ** -0.5)
         return self.proj(out.reshape(b, n, d))
 
 

@@ -1,0 +1,53 @@
+"""The CPU attention (custom VJP, recomputed probabilities) equals jax.nn.dot_product_attention."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cavmae_jax.models.attention import recomputing_attention
+
+
+def inputs(dtype=jnp.float32):
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v = (jax.random.normal(key, (2, 7, 3, 4), dtype) * 2 for key in keys[:3])
+    return q, k, v, jax.random.normal(keys[3], (2, 7, 3, 4), dtype)
+
+
+def test_values_and_gradients_match_the_reference():
+    q, k, v, probe = inputs()
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * probe)
+
+    ours = jax.value_and_grad(loss(lambda q, k, v: recomputing_attention(q, k, v, 0.5)), (0, 1, 2))
+    ref = jax.value_and_grad(
+        loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.5)), (0, 1, 2)
+    )
+    (value, grads), (ref_value, ref_grads) = ours(q, k, v), ref(q, k, v)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
+def test_matches_numpy_softmax_attention():
+    q, k, v, _ = inputs()
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", qn, kn) * 0.5
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bkhd->bqhd", probs, vn)
+    np.testing.assert_allclose(
+        np.asarray(recomputing_attention(q, k, v, 0.5)), expected, rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16])
+def test_low_precision_inputs_keep_their_dtype(dtype):
+    q, k, v, _ = inputs(dtype)
+    out = recomputing_attention(q, k, v, 0.5)
+    assert out.dtype == dtype
+    ref = jax.nn.dot_product_attention(q, k, v, scale=0.5)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=0.05)
