@@ -22,8 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-OFFICIAL_TRAIN_CLIPS_PER_S = (0.31, 0.45)  # official PyTorch code on this CPU (ENVIRONMENT.md)
-
 
 def matmul_peak_gflops(repeats: int = 5) -> float:
     """Best float32 matmul rate over a few square and ViT-shaped products."""
@@ -135,8 +133,7 @@ def main() -> None:
                     f"{r['peak_mem_gb']:8.2f}",
                     flush=True,
                 )
-    low, high = OFFICIAL_TRAIN_CLIPS_PER_S
-    print(f"official PyTorch pretraining step on this CPU: {low}-{high} clips/s (ENVIRONMENT.md)")
+    print("PyTorch on the same machine: python bench/torch_baseline.py")
 
 
 if __name__ == "__main__":

@@ -250,3 +250,27 @@ def test_imagenet_mae_initialisation_follows_adapt_vmae_weights():
     eq(sd["decoder_blocks.2.norm2_v.weight"], np.ones(16))
     eq(sd["mask_token"], m["mask_token"])
     assert 0.005 < sd["modality_a"].std() < 0.05  # random N(0, 0.02)
+
+
+@pytest.mark.parametrize("kind", list(REFERENCE))
+def test_full_size_config_is_inferred_from_the_official_shapes(kind):
+    shapes = official_names(kind)
+    placeholders = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
+    cfg = convert.infer_config(placeholders, kind)
+    default = ModelConfig()
+    assert (cfg.embed_dim, cfg.num_heads, cfg.depth, cfg.modality_specific_depth) == (
+        768,
+        12,
+        12,
+        11,
+    )
+    assert (cfg.audio_length, cfg.num_mel_bins, cfg.img_size, cfg.mlp_ratio) == (
+        1024,
+        128,
+        224,
+        4.0,
+    )
+    if kind == "CAVMAE":
+        assert cfg == default  # decoder 512 wide, 8 deep, 16 heads of 32; fixed positions
+    else:
+        assert cfg.label_dim == 527 and cfg.tr_pos

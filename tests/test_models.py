@@ -133,3 +133,13 @@ def test_config_validation():
         tiny(modality_specific_depth=5)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         tiny(audio_length=30)
+
+
+def test_inputs_of_the_wrong_size_are_reported(cfg):
+    """The audio must be exactly target_length frames to match the position table (quirk 20)."""
+    model = CAVMAEFT(cfg, nnx.Rngs(0))
+    audio, image = random_inputs(cfg, 1)
+    with pytest.raises(ValueError, match=r"audio must be \[batch, 32 frames, 16 mel bins\]"):
+        model(audio[:, :30], image)
+    with pytest.raises(ValueError, match="image must be NHWC"):
+        model(audio, image.transpose(0, 3, 1, 2))

@@ -71,10 +71,21 @@ class AudioVisualEncoder(nnx.Module):
 
     def audio_patches(self, audio: jax.Array) -> jax.Array:
         """Fbank [B, T, F] -> patch vectors [B, 512, 256] (token n = f*64 + t, quirk 3)."""
+        expected = (self.cfg.audio_length, self.cfg.num_mel_bins)
+        if audio.ndim != 3 or audio.shape[1:] != expected:
+            raise ValueError(
+                f"audio must be [batch, {expected[0]} frames, {expected[1]} mel bins] to match "
+                f"the position table (pad or crop the fbank), got {audio.shape}"
+            )
         return patchify(audio_to_image(audio), self.cfg.patch_size)
 
     def visual_patches(self, image: jax.Array) -> jax.Array:
         """NHWC image [B, 224, 224, 3] -> patch vectors [B, 196, 768]."""
+        size, chans = self.cfg.img_size, self.cfg.in_chans
+        if image.ndim != 4 or image.shape[1:] != (size, size, chans):
+            raise ValueError(
+                f"image must be NHWC [batch, {size}, {size}, {chans}], got {image.shape}"
+            )
         return patchify(image, self.cfg.patch_size)
 
     def embed_audio(self, patches: jax.Array) -> jax.Array:
