@@ -1,4 +1,4 @@
-"""The ``cavmae`` command: ``pretrain`` and ``convert``."""
+"""The ``cavmae`` command: ``pretrain``, ``convert``, ``prepare``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,21 @@ def _convert(args, overrides):
     print(f"wrote {args.output}")
 
 
+def _prepare(args, overrides):
+    from input_pipeline.prepare import Options, prepare
+
+    if overrides:
+        raise SystemExit(f"cavmae prepare: unrecognised arguments {overrides}")
+    options = Options(fbank_dtype=args.fbank_dtype, keep_waveform=args.keep_waveform)
+    prepared, failed = prepare(
+        args.input, args.output, labels=args.labels, workers=args.workers, split=args.split,
+        options=options,
+    )  # fmt: skip
+    print(f"prepared {prepared} clips, {failed} failed (report: {args.output}/failures.jsonl)")
+    if not prepared:
+        raise SystemExit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cavmae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +73,15 @@ def main(argv: list[str] | None = None) -> None:
         "--seed", type=int, default=0, help="for the random modality tokens (--mae-init)"
     )
     c.set_defaults(run=_convert)
+    r = sub.add_parser("prepare", help="videos -> TFDS dataset of fbanks and frames")
+    r.add_argument("--input", required=True, help="folder of videos, CSV list, or official JSON")
+    r.add_argument("--output", required=True)
+    r.add_argument("--labels", help="official label CSV (index,mid,display_name)")
+    r.add_argument("--workers", type=int, default=1)
+    r.add_argument("--split", default="train")
+    r.add_argument("--fbank-dtype", choices=["float32", "float16"], default="float32")
+    r.add_argument("--keep-waveform", action="store_true", help="also store int16 audio (mixup)")
+    r.set_defaults(run=_prepare)
     args, overrides = parser.parse_known_args(argv)
     args.run(args, overrides)
 

@@ -1,0 +1,308 @@
+"""Prepare: videos (a folder, a CSV list, or the official JSON datafile) -> a TFDS dataset.
+
+One example per clip: ``id``, ``fbank`` [1024, 128] (log-Mel, not normalised; float32 by default,
+float16 optionally), ``frames`` (10 JPEGs, the official extraction), ``label`` (class indices),
+``audio_frames`` (real fbank frames before padding) and optionally ``waveform`` (int16 at 16 kHz,
+for exact waveform-domain mixup). Clips are processed in parallel by worker processes (pure
+NumPy / PyAV); the parent writes fixed-size shards atomically, so an interrupted run resumes
+where it stopped and produces the same dataset. Unusable clips go to ``failures.jsonl`` with the
+stage and reason; nothing is ever replaced by a dummy example.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import multiprocessing
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from input_pipeline import audio, video
+
+DATASET_NAME = "clips"
+SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
+TARGET_LENGTH = 1024
+SHORT_SECONDS = 9.0  # clips with less audio are padded and flagged in the report
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """One manifest entry: a video file, or official pre-extracted wav + frame folder."""
+
+    id: str
+    path: str  # the video, or the wav for official datafiles
+    labels: tuple[str, ...] = ()
+    frames_dir: str | None = None  # official ``video_path``: frames in frame_<k>/<id>.jpg
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    fbank_dtype: str = "float32"
+    keep_waveform: bool = False
+    label_index: dict[str, int] | None = None
+
+
+class ClipError(Exception):
+    def __init__(self, stage: str, reason: str):
+        super().__init__(reason)
+        self.stage, self.reason = stage, reason
+
+
+# Manifests -------------------------------------------------------------------------------------
+
+
+def read_manifest(source: str | Path) -> list[Clip]:
+    """Clips from a folder (every non-hidden file), a CSV (path[, comma-separated labels]) or an
+    official JSON datafile (video_id, wav, video_path, labels)."""
+    source = Path(source)
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+        return [Clip(p.name.rsplit(".", 1)[0], str(p)) for p in files]
+    if source.suffix == ".json":
+        records = json.loads(source.read_text())["data"]
+        return [
+            Clip(r["video_id"], r["wav"], tuple(_split_labels(r["labels"])), r["video_path"])
+            for r in records
+        ]
+    with open(source, newline="") as f:
+        rows = [row for row in csv.reader(f) if row and row[0].strip()]
+    return [
+        Clip(Path(row[0]).name.rsplit(".", 1)[0], row[0], tuple(_split_labels(",".join(row[1:]))))
+        for row in rows
+    ]
+
+
+def _split_labels(text: str) -> list[str]:
+    return [label.strip() for label in text.split(",") if label.strip()]
+
+
+def read_label_csv(path: str | Path) -> dict[str, int]:
+    """Official label CSV (index,mid,display_name) -> {mid: index}."""
+    with open(path, newline="") as f:
+        return {row["mid"]: int(row["index"]) for row in csv.DictReader(f)}
+
+
+# One clip --------------------------------------------------------------------------------------
+
+
+def _official_frames(clip: Clip) -> list[bytes]:
+    """The 10 stored JPEGs of an official datafile entry, with the loader's fallback to lower
+    frame indices when one is missing."""
+    frames = []
+    for k in range(video.NUM_FRAMES):
+        for j in range(k, -1, -1):
+            path = Path(f"{clip.frames_dir}/frame_{j}/{clip.id}.jpg")
+            if path.is_file():
+                frames.append(path.read_bytes())
+                break
+        else:
+            raise ClipError("video", f"no frame_{k} (or lower) image under {clip.frames_dir}")
+    return frames
+
+
+def process_clip(clip: Clip, options: Options) -> tuple[dict, str | None]:
+    """The example of one clip and a warning (or None); raises ``ClipError`` if unusable."""
+    if not Path(clip.path).is_file():
+        raise ClipError("read", f"no such file: {clip.path}")
+    if Path(clip.path).stat().st_size == 0:
+        raise ClipError("read", "empty file")
+    try:
+        waveform = audio.load_audio(clip.path)
+    except audio.AudioError as err:
+        raise ClipError("audio", str(err).removeprefix(f"{clip.path}: ")) from err
+    if len(waveform) < audio.FRAME_LENGTH:
+        raise ClipError("audio", f"only {len(waveform)} samples: shorter than one fbank frame")
+    if clip.frames_dir is not None:
+        jpegs = _official_frames(clip)
+    else:
+        try:
+            jpegs = [video.encode_jpeg(f) for f in video.extract_frames(clip.path)]
+        except video.VideoError as err:
+            raise ClipError("video", str(err).removeprefix(f"{clip.path}: ")) from err
+    labels = []
+    for label in clip.labels:
+        if options.label_index is None or label not in options.label_index:
+            raise ClipError("labels", f"unknown label {label!r}")
+        labels.append(options.label_index[label])
+    fbank = audio.compute_fbank(waveform, target_length=TARGET_LENGTH)
+    example = {
+        "id": clip.id,
+        "fbank": fbank.astype(options.fbank_dtype),
+        "frames": jpegs,
+        "label": np.array(labels, np.int64),
+        "audio_frames": np.int32(audio.num_frames(len(waveform))),
+    }
+    if options.keep_waveform:
+        example["waveform"] = np.round(waveform * 32768).clip(-32768, 32767).astype(np.int16)
+    seconds = len(waveform) / audio.SAMPLE_RATE
+    warning = f"audio is {seconds:.2f} s: padded" if seconds < SHORT_SECONDS else None
+    return example, warning
+
+
+def _work(args: tuple[int, Clip, Options]) -> tuple[int, dict | None, dict | None]:
+    """Worker: (position, example or None, report record or None)."""
+    position, clip, options = args
+    try:
+        example, warning = process_clip(clip, options)
+    except ClipError as err:
+        return position, None, {"path": clip.path, "stage": err.stage, "reason": err.reason}
+    except Exception as err:  # an unforeseen decoder failure: report it, never hide it
+        return position, None, {"path": clip.path, "stage": "unknown", "reason": repr(err)}
+    record = {"path": clip.path, "stage": "audio", "reason": warning, "kept": True}
+    return position, example, record if warning else None
+
+
+# Writing ---------------------------------------------------------------------------------------
+
+
+def features(options: Options):
+    """The TFDS feature specification of one example."""
+    import tensorflow_datasets as tfds
+
+    spec = {
+        "id": tfds.features.Text(),
+        "fbank": tfds.features.Tensor(
+            shape=(TARGET_LENGTH, 128), dtype=np.dtype(options.fbank_dtype)
+        ),
+        "frames": tfds.features.Sequence(
+            tfds.features.Image(shape=(224, 224, 3), encoding_format="jpeg"), length=10
+        ),
+        "label": tfds.features.Tensor(shape=(None,), dtype=np.int64),
+        "audio_frames": tfds.features.Scalar(dtype=np.int32),
+    }
+    if options.keep_waveform:
+        spec["waveform"] = tfds.features.Tensor(shape=(None,), dtype=np.int16)
+    return tfds.features.FeaturesDict(spec)
+
+
+def shard_path(output: Path, split: str, index: int, count: int) -> Path:
+    return output / f"{DATASET_NAME}-{split}.tfrecord-{index:05d}-of-{count:05d}"
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_shard(output, split, index, count, examples, records, spec) -> None:
+    import tensorflow as tf
+
+    def write_records(tmp: Path) -> None:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def write_examples(tmp: Path) -> None:
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for example in examples:
+                writer.write(spec.serialize_example(example))
+
+    _write_atomically(output / f"failures-{index:05d}.jsonl", write_records)
+    _write_atomically(shard_path(output, split, index, count), write_examples)
+
+
+def _shard_sizes(output: Path, split: str, count: int) -> list[int]:
+    import tensorflow as tf
+
+    return [
+        sum(1 for _ in tf.data.TFRecordDataset(str(shard_path(output, split, i, count))))
+        for i in range(count)
+    ]
+
+
+def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]]:
+    """Merge the per-shard reports and write the TFDS metadata. Returns (examples, records)."""
+    import tensorflow_datasets as tfds
+
+    records = []
+    for i in range(count):
+        lines = (output / f"failures-{i:05d}.jsonl").read_text().splitlines()
+        records.extend(json.loads(line) for line in lines)
+    (output / "failures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    sizes = _shard_sizes(output, split, count)
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=output, template=SHARD_TEMPLATE, dataset_name=DATASET_NAME, split=split,
+        filetype_suffix="tfrecord",
+    )  # fmt: skip
+    files = [shard_path(output, split, i, count) for i in range(count)]
+    split_info = tfds.core.SplitInfo(
+        name=split, shard_lengths=sizes, num_bytes=sum(f.stat().st_size for f in files),
+        filename_template=template,
+    )  # fmt: skip
+    tfds.folder_dataset.write_metadata(
+        data_dir=output, features=spec, split_infos=[split_info], filename_template=template,
+        check_data=False,
+    )  # fmt: skip
+    return sum(sizes), records
+
+
+def _pending(clips: list[Clip], output: Path, split: str, shard_size: int) -> Iterator[int]:
+    count = max(1, -(-len(clips) // shard_size))
+    for i in range(count):
+        if not shard_path(output, split, i, count).exists():
+            yield i
+
+
+def prepare(
+    source: str | Path,
+    output: str | Path,
+    labels: str | Path | None = None,
+    workers: int = 1,
+    split: str = "train",
+    shard_size: int = 256,
+    options: Options | None = None,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Build the dataset; resumes from finished shards. Returns (prepared, failed) clip counts."""
+    from tqdm import tqdm
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    options = options or Options()
+    if labels is not None:
+        options = dataclasses.replace(options, label_index=read_label_csv(labels))
+    clips = read_manifest(source)
+    if not clips:
+        raise ValueError(f"{source}: no clips listed")
+    count = max(1, -(-len(clips) // shard_size))
+    spec = features(options)
+    todo = list(_pending(clips, output, split, shard_size))
+    jobs = [
+        (pos, clips[pos], options)
+        for shard in todo
+        for pos in range(shard * shard_size, min((shard + 1) * shard_size, len(clips)))
+    ]
+    results: dict[int, tuple[dict | None, dict | None]] = {}
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) if workers > 1 else _InlinePool() as pool:
+        bar = tqdm(total=len(jobs), desc="prepare", disable=not progress)
+        for pos, example, record in pool.imap_unordered(_work, jobs, chunksize=1):
+            results[pos] = (example, record)
+            bar.update()
+            shard = pos // shard_size
+            members = range(shard * shard_size, min((shard + 1) * shard_size, len(clips)))
+            if all(m in results for m in members):
+                done = [results.pop(m) for m in members]
+                examples = [e for e, _ in done if e is not None]
+                records = [r for _, r in done if r is not None]
+                _write_shard(output, split, shard, count, examples, records, spec)
+        bar.close()
+    prepared, records = _finish(output, split, count, spec)
+    failed = sum(1 for r in records if not r.get("kept"))
+    return prepared, failed
+
+
+class _InlinePool:
+    """The Pool interface in this process (workers=1: no process start-up, easy debugging)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap_unordered(self, fn, jobs, chunksize=1):
+        return map(fn, jobs)

@@ -1,0 +1,134 @@
+"""``cavmae prepare`` on a corpus of good and broken clips: report, dataset, resumption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from cavmae_jax import cli
+from input_pipeline import audio, prepare, synthetic, video
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Good clips (one with spaces and non-ASCII in its name, a 48 kHz stereo one, a 2-second
+    one) and bad ones (truncated, no audio, no video, empty, not a video)."""
+    root = tmp_path_factory.mktemp("corpus")
+    good = {
+        "good_a.mp4": dict(cls=0),
+        "good b été.mp4": dict(cls=1),
+        "stereo48k.mp4": dict(cls=2, sample_rate=48000, stereo=True),
+        "short.mp4": dict(cls=3, seconds=2.0),
+    }
+    for name, kwargs in good.items():
+        synthetic.write_clip(root / name, seed=len(name), **kwargs)
+    synthetic.write_clip(root / "no_audio.mp4", cls=0, seed=1, audio=False)
+    synthetic.write_clip(root / "no_video.mp4", cls=0, seed=2, video=False)
+    synthetic.write_clip(root / "full.mp4", cls=1, seed=3)
+    data = (root / "full.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
+    (root / "full.mp4").unlink()
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "readme.txt").write_text("not a video")
+    return root, sorted(good)
+
+
+def read_dataset(path, split="train", jpeg_bytes=False):
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(path))
+    decoders = {"frames": tfds.decode.SkipDecoding()} if jpeg_bytes else None
+    return list(tfds.as_numpy(builder.as_dataset(split=split, decoders=decoders)))
+
+
+def test_prepare_reports_every_bad_clip_and_keeps_every_good_one(corpus, tmp_path, capsys):
+    root, good = corpus
+    cli.main(["prepare", "--input", str(root), "--output", str(tmp_path / "ds"), "--workers", "2"])
+    summary = capsys.readouterr().out
+    assert "prepared 4 clips, 5 failed" in summary
+    records = [json.loads(x) for x in (tmp_path / "ds" / "failures.jsonl").read_text().splitlines()]
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in records}
+    assert by_name["empty.mp4"]["stage"] == "read"
+    assert by_name["no_audio.mp4"]["reason"] == "no audio stream"
+    assert by_name["no_video.mp4"]["reason"] == "no video stream"
+    assert by_name["readme.txt"]["stage"] == "audio"
+    assert by_name["truncated.mp4"]["stage"] in ("audio", "video")
+    assert by_name["short.mp4"]["kept"] and "padded" in by_name["short.mp4"]["reason"]
+    examples = read_dataset(tmp_path / "ds")
+    ids = sorted(e["id"].decode() for e in examples)
+    assert ids == sorted(name.rsplit(".", 1)[0] for name in good)
+    for e in examples:
+        assert e["fbank"].shape == (1024, 128) and e["fbank"].dtype == np.float32
+        assert e["frames"].shape == (10, 224, 224, 3)
+    stereo = next(e for e in examples if e["id"] == b"stereo48k")
+    wav = audio.load_audio(root / "stereo48k.mp4")
+    np.testing.assert_array_equal(stereo["fbank"], audio.compute_fbank(wav))
+    short = next(e for e in examples if e["id"] == b"short")
+    assert 195 <= short["audio_frames"] < 210 and np.all(short["fbank"][210:] == 0)
+
+
+def test_frames_are_the_official_extraction_as_jpeg(corpus, tmp_path):
+    root, _ = corpus
+    prepare.prepare(root, tmp_path / "ds", progress=False)
+    dataset = read_dataset(tmp_path / "ds", jpeg_bytes=True)
+    example = next(e for e in dataset if e["id"] == b"good_a")
+    official = video.extract_frames(root / "good_a.mp4")
+    assert [bytes(b) for b in example["frames"]] == [video.encode_jpeg(f) for f in official]
+
+
+def test_an_interrupted_run_resumes_to_the_same_dataset(corpus, tmp_path):
+    root, _ = corpus
+    one = tmp_path / "one"
+    prepare.prepare(root, one, shard_size=3, progress=False)
+    resumed = tmp_path / "resumed"
+    prepare.prepare(root, resumed, shard_size=3, progress=False)
+    # simulate a kill: the last shard and the metadata were never written, a temp file was left
+    shards = sorted(resumed.glob("clips-train.tfrecord-*"))
+    shards[-1].rename(shards[-1].with_name(shards[-1].name + ".tmp"))
+    for name in ("dataset_info.json", "features.json", "failures.jsonl"):
+        (resumed / name).unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in shards[:-1]}
+    prepare.prepare(root, resumed, shard_size=3, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in shards[:-1]} == before  # not redone
+    for name in [p.name for p in sorted(one.glob("clips-train.tfrecord-*"))] + ["failures.jsonl"]:
+        assert (one / name).read_bytes() == (resumed / name).read_bytes()
+
+
+def test_official_json_datafile_with_label_csv(tmp_path):
+    """The official format: wav files and frame_<k>/<id>.jpg folders, labels by mid."""
+    frames_dir = tmp_path / "frames"
+    synthetic.write_clip(tmp_path / "clip.mp4", cls=1, seed=0)
+    wav_dir = tmp_path / "wav"
+    wav_dir.mkdir()
+    shutil.copy(tmp_path / "clip.mp4", wav_dir / "clip.mp4")  # PyAV reads the audio of any file
+    for k, frame in enumerate(video.extract_frames(tmp_path / "clip.mp4")):
+        if k == 7:
+            continue  # missing frame: the official loader falls back to frame 6
+        (frames_dir / f"frame_{k}").mkdir(parents=True)
+        (frames_dir / f"frame_{k}" / "clip.jpg").write_bytes(video.encode_jpeg(frame))
+    records = [
+        {"video_id": "clip", "wav": str(wav_dir / "clip.mp4"), "video_path": str(frames_dir),
+         "labels": "/m/a,/m/c"},
+        {"video_id": "gone", "wav": str(wav_dir / "gone.wav"), "video_path": str(frames_dir),
+         "labels": "/m/a"},
+    ]  # fmt: skip
+    (tmp_path / "data.json").write_text(json.dumps({"data": records}))
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n2,/m/c,C\n")
+    prepared, failed = prepare.prepare(
+        tmp_path / "data.json", tmp_path / "ds", labels=tmp_path / "labels.csv", progress=False
+    )
+    assert (prepared, failed) == (1, 1)
+    (example,) = read_dataset(tmp_path / "ds")
+    assert list(example["label"]) == [0, 2]
+    np.testing.assert_array_equal(example["frames"][7], example["frames"][6])
+
+
+def test_nothing_prepared_exits_non_zero(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "bad.mp4").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "ds")])
+    assert exit_info.value.code == 1
