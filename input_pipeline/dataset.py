@@ -1,0 +1,165 @@
+"""tf.data loader over a prepared dataset: per-host split, seeded shuffle, official augmentations.
+
+Training streams epochs forever; each epoch is shuffled with its own seed and cut into full
+batches (``drop_remainder``, as the official loader). Every random draw of a clip is keyed by
+(seed, epoch, position), so the stream is deterministic and ``start_batch`` resumes it exactly.
+Order per clip (spec 3.3): frame choice, (mixup), SpecAugment, normalise, noise + roll.
+Batches are NumPy dicts: ``audio`` [B, 1024, 128], ``image`` [B, 224, 224, 3] (or
+[B, 10, 224, 224, 3] with ``all_frames``), ``label`` [B, K], ``id`` [B].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from input_pipeline import augment
+from input_pipeline.audio import DATASET_MEAN, DATASET_STD
+from input_pipeline.video import IMAGENET_MEAN, IMAGENET_STD, NUM_FRAMES
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """The official dataset-config keys (spec 3.3) plus the stream's seed and host split."""
+
+    batch_size: int  # per host
+    num_classes: int
+    train: bool = True
+    seed: int = 0
+    process_index: int = 0
+    process_count: int = 1
+    frame: int = 5  # evaluation frame (``frame_use``); training draws 0..9
+    all_frames: bool = False  # evaluation: all 10 frames per clip
+    freqm: int = 0
+    timem: int = 0
+    mixup: float = 0.0
+    label_smooth: float = 0.0
+    noise: bool = False
+    mean: float = DATASET_MEAN
+    std: float = DATASET_STD
+    skip_norm: bool = False
+    shuffle_buffer: int = 10_000
+    drop_remainder: bool | None = None  # default: True in training, False in evaluation
+
+
+def host_split(split: str, config: LoaderConfig) -> str:
+    """This host's disjoint share of ``split``."""
+    if config.process_count == 1:
+        return split
+    return tfds.even_splits(split, n=config.process_count, drop_remainder=True)[
+        config.process_index
+    ]
+
+
+def _image(jpeg: tf.Tensor) -> tf.Tensor:
+    """Stored 224x224 JPEG -> normalised float32 [224, 224, 3]. INTEGER_ACCURATE decoding equals
+    PIL's, which the official loader uses; its resize and crop are no-ops at 224."""
+    image = tf.cast(tf.io.decode_jpeg(jpeg, channels=3, dct_method="INTEGER_ACCURATE"), tf.float32)
+    return (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+class Loader:
+    """Iterable of batches from ``data_dir`` (a ``cavmae prepare`` output)."""
+
+    def __init__(self, data_dir: str, split: str, config: LoaderConfig):
+        self.config = config
+        self.builder = tfds.builder_from_directory(str(data_dir))
+        self.split = host_split(split, config)
+        self.num_examples = self.builder.info.splits[self.split].num_examples
+        self.has_waveform = "waveform" in self.builder.info.features
+        if config.train and self.num_examples < config.batch_size:
+            raise ValueError(
+                f"{data_dir}: split {self.split} has {self.num_examples} clips, fewer than one "
+                f"batch of {config.batch_size}"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_examples // self.config.batch_size
+
+    def _records(self) -> tf.data.Dataset:
+        decoders = {"frames": tfds.decode.SkipDecoding()}
+        return self.builder.as_dataset(split=self.split, decoders=decoders, shuffle_files=False)
+
+    def _example(self, record, partner, seed) -> dict:
+        cfg = self.config
+        fbank = tf.cast(record["fbank"], tf.float32)
+        if cfg.train:
+            frame = tf.random.stateless_uniform(
+                (), augment.sub_seed(seed, 0), 0, NUM_FRAMES, tf.int32
+            )
+        else:
+            frame = tf.constant(cfg.frame)
+        if cfg.all_frames:
+            image = tf.map_fn(_image, record["frames"], fn_output_signature=tf.float32)
+        else:
+            image = _image(record["frames"][frame])
+        label = augment.labels(record["label"], None, 1.0, cfg.num_classes, cfg.label_smooth)
+        if partner is not None:
+            mix = augment.uniform(augment.sub_seed(seed, 1)) < cfg.mixup
+            lam = augment.mixup_lambda(augment.sub_seed(seed, 2))
+            other = tf.random.stateless_uniform(
+                (), augment.sub_seed(seed, 3), 0, NUM_FRAMES, tf.int32
+            )
+            mixed_fbank = augment.mix_fbanks(
+                fbank, record["audio_frames"], tf.cast(partner["fbank"], tf.float32),
+                partner["audio_frames"], lam,
+            )  # fmt: skip
+            mixed_image = lam * image + (1 - lam) * _image(partner["frames"][other])
+            mixed_label = augment.labels(
+                record["label"], partner["label"], lam, cfg.num_classes, cfg.label_smooth
+            )
+            fbank = tf.where(mix, mixed_fbank, fbank)
+            image = tf.where(mix, mixed_image, image)
+            label = tf.where(mix, mixed_label, label)
+        fbank = augment.spec_augment(fbank, cfg.freqm, cfg.timem, augment.sub_seed(seed, 4))
+        if not cfg.skip_norm:
+            fbank = (fbank - cfg.mean) / cfg.std
+        if cfg.noise:
+            fbank = augment.noise_and_roll(fbank, augment.sub_seed(seed, 5))
+        return {"audio": fbank, "image": image, "label": label, "id": record["id"]}
+
+    def _epoch(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
+        cfg = self.config
+        shuffle_seed = cfg.seed * 1_000_003 + epoch
+        records = self._records().shuffle(cfg.shuffle_buffer, seed=shuffle_seed)
+        streams = [tf.data.Dataset.range(self.num_examples), records]
+        if cfg.mixup:
+            partners = self._records().shuffle(cfg.shuffle_buffer, seed=shuffle_seed + 7919)
+            streams.append(partners)
+        ds = tf.data.Dataset.zip(tuple(streams)).skip(skip)
+
+        def build(index, record, partner=None):
+            seed = tf.stack([tf.cast(cfg.seed, tf.int64), epoch * (1 << 32) + index])
+            return self._example(record, partner, seed)
+
+        ds = ds.map(build, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.batch(cfg.batch_size, drop_remainder=True)
+
+    def dataset(self, start_batch: int = 0) -> tf.data.Dataset:
+        """The tf.data pipeline; training starts ``start_batch`` batches into the stream."""
+        cfg = self.config
+        if not cfg.train:
+            drop = bool(cfg.drop_remainder)
+            seed = tf.constant([0, 0], tf.int64)
+            ds = self._records().map(
+                lambda r: self._example(r, None, seed), num_parallel_calls=tf.data.AUTOTUNE
+            )
+            return ds.batch(cfg.batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
+        first_epoch, skip_batches = divmod(start_batch, self.batches_per_epoch)
+        epochs = tf.data.Dataset.range(first_epoch, 1 << 40)
+        skip = tf.constant(skip_batches * cfg.batch_size, tf.int64)
+        ds = epochs.flat_map(
+            lambda e: self._epoch(e, tf.where(e == first_epoch, skip, tf.constant(0, tf.int64)))
+        )
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return iter(tfds.as_numpy(self.dataset()))
+
+    def iterate_from(self, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
+        return iter(tfds.as_numpy(self.dataset(start_batch)))

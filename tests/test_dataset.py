@@ -1,0 +1,130 @@
+"""The tf.data loader: official augmentations, determinism, exact resumption, host split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from input_pipeline import audio, augment, prepare, synthetic, video
+from input_pipeline.dataset import Loader, LoaderConfig
+
+CLIPS = 12
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loader")
+    clips = synthetic.generate(root / "videos", clips=CLIPS, classes=4, seed=1)
+    out = root / "ds"
+    prepare.prepare(clips, out, labels=root / "videos" / "labels.csv", shard_size=5, progress=False)
+    return out
+
+
+def batches(loader, count, start=0):
+    stream = loader.iterate_from(start)
+    return [next(stream) for _ in range(count)]
+
+
+def train_config(**changes):
+    base = dict(batch_size=4, num_classes=4, seed=3, shuffle_buffer=64, noise=True, freqm=24,
+                timem=96, mixup=0.5, label_smooth=0.1)  # fmt: skip
+    base.update(changes)
+    return LoaderConfig(**base)
+
+
+def test_batches_have_the_documented_shapes(data_dir):
+    (batch,) = batches(Loader(data_dir, "train", train_config()), 1)
+    assert batch["audio"].shape == (4, 1024, 128) and batch["audio"].dtype == np.float32
+    assert batch["image"].shape == (4, 224, 224, 3) and batch["label"].shape == (4, 4)
+
+
+def test_stream_is_deterministic_and_resumes_exactly(data_dir):
+    loader = Loader(data_dir, "train", train_config())
+    assert loader.batches_per_epoch == 3
+    straight = batches(loader, 8)
+    again = batches(Loader(data_dir, "train", train_config()), 8)
+    resumed = batches(loader, 3, start=5)  # mid-epoch, across an epoch boundary
+    for a, b in zip(straight, again, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    for a, b in zip(straight[5:], resumed, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    ids = lambda bs: sorted(x for b in bs for x in b["id"])  # noqa: E731
+    assert ids(straight[:3]) == ids(straight[3:6])  # each epoch sees every clip once
+    assert [b["id"].tolist() for b in straight[:3]] != [b["id"].tolist() for b in straight[3:6]]
+    other_seed = batches(Loader(data_dir, "train", train_config(seed=4)), 3)
+    assert [b["id"].tolist() for b in other_seed] != [b["id"].tolist() for b in straight[:3]]
+
+
+def test_hosts_read_disjoint_shares(data_dir):
+    shares = []
+    for index in range(2):
+        config = LoaderConfig(batch_size=2, num_classes=4, train=False, process_index=index,
+                              process_count=2)  # fmt: skip
+        shares.append({x for b in Loader(data_dir, "train", config) for x in b["id"]})
+    assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == CLIPS
+
+
+def test_eval_batches_are_the_official_preprocessing(data_dir, tmp_path):
+    config = LoaderConfig(batch_size=5, num_classes=4, train=False)
+    batch = next(iter(Loader(data_dir, "train", config)))
+    clip = batch["id"][0].decode()
+    path = data_dir.parent / "videos" / f"{clip}.mp4"
+    fbank = audio.compute_fbank(audio.load_audio(path))
+    np.testing.assert_allclose(batch["audio"][0], audio.normalize_fbank(fbank), atol=1e-5)
+    frame = video.decode_jpeg(video.encode_jpeg(video.extract_frames(path)[5]))
+    np.testing.assert_allclose(batch["image"][0], video.preprocess_frame(frame), atol=1e-5)
+    label = batch["label"][0]
+    assert sorted(np.unique(label)) == [0.0, 1.0] and label.sum() == 1.0
+    sizes = [len(b["id"]) for b in Loader(data_dir, "train", config)]
+    assert sizes == [5, 5, 2]  # no drop_remainder in evaluation
+    every = LoaderConfig(batch_size=2, num_classes=4, train=False, all_frames=True)
+    assert next(iter(Loader(data_dir, "train", every)))["image"].shape == (2, 10, 224, 224, 3)
+
+
+def test_labels_follow_the_official_smoothing_and_mixup():
+    plain = augment.labels(tf.constant([1, 3]), None, 1.0, 5, 0.1).numpy()
+    np.testing.assert_allclose(plain, [0.02, 0.9, 0.02, 0.9, 0.02], rtol=1e-6)  # set, not added
+    mixed = augment.labels(tf.constant([1]), tf.constant([1, 2]), 0.7, 5, 0.1).numpy()
+    np.testing.assert_allclose(
+        mixed, [0.02, 0.02 + 0.63 + 0.27, 0.02 + 0.27, 0.02, 0.02], rtol=1e-5
+    )
+
+
+def test_specaugment_masks_like_torchaudio():
+    fbank = tf.ones((1024, 128))
+    seed = tf.constant([1, 2], tf.int64)
+    out = augment.spec_augment(fbank, 48, 192, seed).numpy()
+
+    def expected_span(param, size, s):
+        width = augment.uniform(augment.sub_seed(s, 0)).numpy() * param
+        start = int(np.floor(augment.uniform(augment.sub_seed(s, 1)).numpy() * (size - width)))
+        return start, start + int(np.floor(width))
+
+    f0, f1 = expected_span(48, 128, augment.sub_seed(seed, 0))
+    t0, t1 = expected_span(192, 1024, augment.sub_seed(seed, 1))
+    masked = np.zeros((1024, 128), bool)
+    masked[:, f0:f1] = True
+    masked[t0:t1, :] = True
+    np.testing.assert_array_equal(out == 0, masked)
+    assert f1 - f0 <= 48 and t1 - t0 <= 192
+
+
+def test_noise_and_roll_shift_time_and_add_bounded_noise():
+    fbank = tf.tile(tf.range(1024, dtype=tf.float32)[:, None], [1, 4])
+    out = augment.noise_and_roll(fbank, tf.constant([5, 6], tf.int64)).numpy()
+    base = np.floor(out[:, 0])
+    shift = int((base[0] - 0) % 1024)
+    np.testing.assert_array_equal(base, np.roll(np.arange(1024), -shift))
+    assert np.all(out - np.floor(out) < 0.1)
+
+
+def test_fbank_mixup_keeps_padding_and_mixes_energies():
+    fb1 = tf.constant(np.log([[4.0], [4.0], [1.0]]), tf.float32)  # 2 real frames + padding
+    fb2 = tf.constant(np.log([[16.0], [1.0], [1.0]]), tf.float32)  # 1 real frame
+    out = augment.mix_fbanks(fb1, 2, fb2, 1, tf.constant(0.5)).numpy()[:, 0]
+    np.testing.assert_allclose(
+        out, [np.log(0.25 * 4 + 0.25 * 16), np.log(0.25 * 4), 0.0], rtol=1e-6
+    )
