@@ -48,7 +48,7 @@ def _prepare(args, overrides):
     options = Options(fbank_dtype=args.fbank_dtype, keep_waveform=args.keep_waveform)
     prepared, failed = prepare(
         args.input, args.output, labels=args.labels, workers=args.workers, split=args.split,
-        options=options,
+        shard_size=args.shard_size, options=options,
     )  # fmt: skip
     print(f"prepared {prepared} clips, {failed} failed (report: {args.output}/failures.jsonl)")
     if not prepared:
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--labels", help="official label CSV (index,mid,display_name)")
     r.add_argument("--workers", type=int, default=1)
     r.add_argument("--split", default="train")
+    r.add_argument("--shard-size", type=int, default=256, help="clips per shard (resume unit)")
     r.add_argument("--fbank-dtype", choices=["float32", "float16"], default="float32")
     r.add_argument("--keep-waveform", action="store_true", help="also store int16 audio (mixup)")
     r.set_defaults(run=_prepare)

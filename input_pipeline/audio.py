@@ -145,6 +145,21 @@ def compute_fbank(
     return pad_or_crop(fbank, target_length)
 
 
+def mixed_fbank(
+    first: np.ndarray, second: np.ndarray, lam: float, target_length: int = 1024
+) -> np.ndarray:
+    """The official mixup fbank: both waveforms de-meaned, the second zero-padded or cut to the
+    first's length, ``lam * first + (1 - lam) * second`` de-meaned again, then ``compute_fbank``."""
+    first = np.asarray(first, np.float32)
+    second = np.asarray(second, np.float32)
+    first = first - first.mean()
+    second = second - second.mean()
+    partner = np.zeros_like(first)
+    partner[: min(len(first), len(second))] = second[: len(first)]
+    mix = (lam * first + (1 - lam) * partner).astype(np.float32)
+    return compute_fbank(mix, target_length=target_length)
+
+
 def normalize_fbank(
     fbank: np.ndarray, mean: float = DATASET_MEAN, std: float = DATASET_STD
 ) -> np.ndarray:

@@ -4,6 +4,8 @@ Training streams epochs forever; each epoch is shuffled with its own seed and cu
 batches (``drop_remainder``, as the official loader). Every random draw of a clip is keyed by
 (seed, epoch, position), so the stream is deterministic and ``start_batch`` resumes it exactly.
 Order per clip (spec 3.3): frame choice, (mixup), SpecAugment, normalise, noise + roll.
+Mixup mixes waveforms exactly as the official loader when the dataset stores them
+(``cavmae prepare --keep-waveform``), and mel energies otherwise (``augment.mix_fbanks``).
 Batches are NumPy dicts: ``audio`` [B, 1024, 128], ``image`` [B, 224, 224, 3] (or
 [B, 10, 224, 224, 3] with ``all_frames``), ``label`` [B, K], ``id`` [B].
 """
@@ -18,7 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from input_pipeline import augment
-from input_pipeline.audio import DATASET_MEAN, DATASET_STD
+from input_pipeline.audio import DATASET_MEAN, DATASET_STD, mixed_fbank
 from input_pipeline.video import IMAGENET_MEAN, IMAGENET_STD, NUM_FRAMES
 
 
@@ -105,10 +107,7 @@ class Loader:
             other = tf.random.stateless_uniform(
                 (), augment.sub_seed(seed, 3), 0, NUM_FRAMES, tf.int32
             )
-            mixed_fbank = augment.mix_fbanks(
-                fbank, record["audio_frames"], tf.cast(partner["fbank"], tf.float32),
-                partner["audio_frames"], lam,
-            )  # fmt: skip
+            mixed_fbank = self._mixed_fbank(fbank, record, partner, lam)
             mixed_image = lam * image + (1 - lam) * _image(partner["frames"][other])
             mixed_label = augment.labels(
                 record["label"], partner["label"], lam, cfg.num_classes, cfg.label_smooth
@@ -122,6 +121,23 @@ class Loader:
         if cfg.noise:
             fbank = augment.noise_and_roll(fbank, augment.sub_seed(seed, 5))
         return {"audio": fbank, "image": image, "label": label, "id": record["id"]}
+
+    def _mixed_fbank(self, fbank, record, partner, lam) -> tf.Tensor:
+        """Waveform mixup exactly as the official loader when the dataset stores waveforms,
+        else the fbank-domain stand-in (``augment.mix_fbanks``)."""
+        if self.has_waveform:
+
+            def mix(first, second, lam):
+                first, second = first / 32768.0, second / 32768.0
+                return mixed_fbank(first, second, float(lam), fbank.shape[0])
+
+            waves = (record["waveform"], partner["waveform"], lam)
+            out = tf.numpy_function(mix, waves, tf.float32, stateful=False)
+            return tf.ensure_shape(out, fbank.shape)
+        return augment.mix_fbanks(
+            fbank, record["audio_frames"], tf.cast(partner["fbank"], tf.float32),
+            partner["audio_frames"], lam,
+        )  # fmt: skip
 
     def _epoch(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
         cfg = self.config

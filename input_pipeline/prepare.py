@@ -198,7 +198,9 @@ def _write_shard(output, split, index, count, examples, records, spec) -> None:
     def write_examples(tmp: Path) -> None:
         with tf.io.TFRecordWriter(str(tmp)) as writer:
             for example in examples:
-                writer.write(spec.serialize_example(example))
+                # protobuf map order varies between processes: sort it, so reruns are bytewise equal
+                proto = tf.train.Example.FromString(spec.serialize_example(example))
+                writer.write(proto.SerializeToString(deterministic=True))
 
     _write_atomically(output / f"failures-{index:05d}.jsonl", write_records)
     _write_atomically(shard_path(output, split, index, count), write_examples)
@@ -267,6 +269,8 @@ def prepare(
     clips = read_manifest(source)
     if not clips:
         raise ValueError(f"{source}: no clips listed")
+    if options.label_index is None and any(clip.labels for clip in clips):
+        raise ValueError(f"{source} lists labels: give the label CSV (--labels) to index them")
     count = max(1, -(-len(clips) // shard_size))
     spec = features(options)
     todo = list(_pending(clips, output, split, shard_size))

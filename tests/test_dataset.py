@@ -128,3 +128,45 @@ def test_fbank_mixup_keeps_padding_and_mixes_energies():
     np.testing.assert_allclose(
         out, [np.log(0.25 * 4 + 0.25 * 16), np.log(0.25 * 4), 0.0], rtol=1e-6
     )
+
+
+def test_waveform_mixup_is_the_official_computation(tmp_path):
+    clips = synthetic.generate(tmp_path / "videos", clips=4, classes=2, seed=2)
+    out = tmp_path / "ds"
+    options = prepare.Options(keep_waveform=True, fbank_dtype="float16")
+    prepare.prepare(clips, out, labels=tmp_path / "videos" / "labels.csv", options=options,
+                    progress=False)  # fmt: skip
+    config = train_config(batch_size=4, num_classes=2, mixup=1.0, noise=False, freqm=0, timem=0)
+    loader = Loader(out, "train", config)
+    assert loader.has_waveform
+    batch = next(iter(loader))
+    labels = batch["label"]
+    assert np.all(labels.max(axis=1) < 0.95)  # every clip mixed with a partner
+    # undo the normalisation and check one mixed fbank against the NumPy reference
+    waves = {c: audio.load_audio(tmp_path / "videos" / f"{c}.mp4") for c in
+             ["clip_00000", "clip_00001", "clip_00002", "clip_00003"]}  # fmt: skip
+    fbank = batch["audio"][0] * audio.DATASET_STD + audio.DATASET_MEAN
+    first = waves[batch["id"][0].decode()]
+    candidates = [
+        audio.mixed_fbank(first, other, lam)
+        for other in waves.values()
+        for lam in np.linspace(0.0, 1.0, 1001)
+    ]
+    best = min(np.abs(c - fbank).max() for c in candidates)
+    assert best < 0.05  # lambda is only known to the grid step here
+
+
+def test_float16_storage_error_is_small(tmp_path):
+    clips = synthetic.generate(tmp_path / "videos", clips=2, classes=2, seed=5)
+    with pytest.raises(ValueError, match="lists labels: give the label CSV"):
+        prepare.prepare(clips, tmp_path / "ds", progress=False)
+    options = prepare.Options(fbank_dtype="float16")
+    labels = tmp_path / "videos" / "labels.csv"
+    prepare.prepare(clips, tmp_path / "ds", labels=labels, options=options, progress=False)
+    config = LoaderConfig(batch_size=2, num_classes=2, train=False, skip_norm=True)
+    batch = next(iter(Loader(tmp_path / "ds", "train", config)))
+    exact = audio.compute_fbank(
+        audio.load_audio(tmp_path / "videos" / f"{batch['id'][0].decode()}.mp4")
+    )
+    error = np.abs(batch["audio"][0] - exact)
+    assert error.max() <= 0.008  # float16 spacing is 2^-7 for |x| in [8, 16)

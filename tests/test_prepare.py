@@ -132,3 +132,34 @@ def test_nothing_prepared_exits_non_zero(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "ds")])
     assert exit_info.value.code == 1
+
+
+def test_prepare_killed_mid_run_resumes_to_the_same_dataset(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    clips = synthetic.generate(tmp_path / "videos", clips=16, classes=4, seed=3)
+    labels = tmp_path / "videos" / "labels.csv"
+    prepare.prepare(clips, tmp_path / "one", labels=labels, shard_size=2, progress=False)
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "cavmae_jax.cli", "prepare", "--input", str(clips),
+               "--output", str(out), "--labels", str(labels), "--shard-size", "2"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def finished():
+        return [p for p in out.glob("clips-train.tfrecord-*") if not p.name.endswith(".tmp")]
+
+    deadline = time.monotonic() + 120
+    while not finished() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+    done = finished()
+    assert 1 <= len(done) < 8, "the kill should land mid-run"
+    assert not (out / "dataset_info.json").exists()
+    prepare.prepare(clips, out, labels=labels, shard_size=2, progress=False)
+    reference = sorted(p.name for p in (tmp_path / "one").glob("clips-train.tfrecord-*"))
+    assert sorted(p.name for p in out.glob("clips-train.tfrecord-*")) == reference
+    for name in reference + ["failures.jsonl"]:
+        assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
