@@ -110,3 +110,13 @@ def test_load_audio_reports_unreadable_files(tmp_path):
         audio.load_audio(text)
     with pytest.raises(audio.AudioError, match="missing.mp4: cannot open"):
         audio.load_audio(tmp_path / "missing.mp4")
+
+
+def test_stereo_audio_keeps_the_first_channel_not_the_mean(tmp_path):
+    """Official extraction is sox ``remix 1``: a noisy right channel must not leak in."""
+    from input_pipeline import synthetic
+
+    synthetic.write_clip(tmp_path / "stereo.mp4", cls=0, seed=0, sample_rate=48000, stereo=True)
+    wav = audio.load_audio(tmp_path / "stereo.mp4")
+    high = audio.compute_fbank(wav)[:900, 100:].mean()  # class 0 is a 300 Hz tone: few highs
+    assert high < -1.5  # about -3 for the left channel; the channel mean gives about +2
