@@ -18,7 +18,8 @@ DEMO = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs"
 
 def test_pretrain_writes_metrics_and_a_model(tmp_path):
     cli.main(["pretrain", "--config", DEMO, "--workdir", str(tmp_path), "--config.num_steps=6",
-              "--config.log_every=2", "--config.batch_size=4"])  # fmt: skip
+              "--config.log_every=2", "--config.batch_size=4", "--config.data.clips=8",
+              "--config.data.workers=1"])  # fmt: skip
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6]
     assert all(np.isfinite(x["loss"]) and x["loss"] > 0 for x in lines)

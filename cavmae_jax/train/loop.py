@@ -16,7 +16,27 @@ from cavmae_jax import convert
 from cavmae_jax.models import CAVMAE, ModelConfig
 from cavmae_jax.train.optim import multistep_schedule, official_adam
 from cavmae_jax.train.steps import make_pretrain_step
-from cavmae_jax.train.synthetic_batches import random_av_batches
+
+
+def training_batches(config: ml_collections.ConfigDict, workdir: Path):
+    """Batches from the prepared dataset ``config.data.dir``; with ``config.data.generate`` the
+    demo videos are first generated and prepared under ``workdir/data`` (resumably)."""
+    from input_pipeline import prepare, synthetic
+    from input_pipeline.dataset import Loader, LoaderConfig
+
+    data = config.data
+    data_dir = Path(data.dir) if data.dir else workdir / "data" / "dataset"
+    if data.generate and not (data_dir / "dataset_info.json").exists():
+        videos = workdir / "data" / "videos"
+        listing = videos / "clips.csv"
+        if not listing.exists():
+            synthetic.generate(videos, clips=data.clips, classes=data.classes, seed=config.seed)
+        prepare.prepare(listing, data_dir, labels=videos / "labels.csv", workers=data.workers)
+    loader_config = LoaderConfig(
+        batch_size=config.batch_size, num_classes=data.classes, seed=config.seed,
+        noise=data.noise, shuffle_buffer=data.shuffle_buffer,
+    )  # fmt: skip
+    return iter(Loader(data_dir, "train", loader_config))
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
@@ -39,17 +59,16 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
         mask_mode=config.mask_mode,
     )
     step_fn = make_pretrain_step(graphdef, tx, mask_kwargs)
-    batches = random_av_batches(
-        config.batch_size, cfg.audio_length, cfg.num_mel_bins, cfg.img_size, config.classes,
-        config.seed,
-    )  # fmt: skip
+    batches = training_batches(config, workdir)
     key = jax.random.key(config.seed)
     logged: dict[str, float] = {}
     start = time.perf_counter()
     with open(workdir / "metrics.jsonl", "a") as log, tqdm(total=config.num_steps) as bar:
         for step in range(1, config.num_steps + 1):
+            batch = next(batches)
+            batch = {"audio": batch["audio"], "image": batch["image"]}
             params, opt_state, metrics = step_fn(
-                params, rest, opt_state, next(batches), jax.random.fold_in(key, step)
+                params, rest, opt_state, batch, jax.random.fold_in(key, step)
             )
             bar.update()
             if step % config.log_every and step != config.num_steps:
