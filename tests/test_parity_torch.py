@@ -22,6 +22,28 @@ def close(ours, theirs):
     np.testing.assert_allclose(np.asarray(ours), theirs.detach().numpy(), **TOL)
 
 
+def paired(kind: str, cfg, seed: int):
+    """Our model and the PyTorch reference holding the same random official state dict."""
+    sd = random_state_dict(kind, cfg, seed)
+    switches = (
+        "num_mel_bins",
+        "num_heads",
+        "decoder_num_heads",
+        "norm_pix_loss",
+        "bidirect_contrast",
+    )
+    ours = convert.from_torch_state_dict(sd, **{name: getattr(cfg, name) for name in switches})
+    theirs = ref.CAVMAE(cfg) if kind == "CAVMAE" else ref.CAVMAEFT(cfg, kind == "CAVMAEFT")
+    ref.load_numpy_state(theirs, sd)
+    return ours, theirs
+
+
+def pretraining_outputs(theirs, audio, image, noise_a, noise_v, ratios=(0.75, 0.75)):
+    with torch.no_grad():
+        return theirs(torch.from_numpy(audio), to_nchw(image), torch.from_numpy(noise_a),
+                      torch.from_numpy(noise_v), *ratios)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -34,48 +56,21 @@ def close(ours, theirs):
 @pytest.mark.parametrize("ratios", [(0.75, 0.75), (0.5, 0.65)])
 def test_pretraining_outputs_match_torch(changes, ratios):
     cfg = tiny(**changes)
-    sd = random_state_dict("CAVMAE", cfg)
-    ours = convert.from_torch_state_dict(
-        sd,
-        norm_pix_loss=cfg.norm_pix_loss,
-        bidirect_contrast=cfg.bidirect_contrast,
-        num_mel_bins=cfg.num_mel_bins,
-        num_heads=cfg.num_heads,
-        decoder_num_heads=cfg.decoder_num_heads,
-    )
-    theirs = ref.CAVMAE(cfg)
-    ref.load_numpy_state(theirs, sd)
+    ours, theirs = paired("CAVMAE", cfg, seed=0)
     audio, image = random_inputs(cfg, batch=4)
     rng = np.random.default_rng(1)
     noise_a = rng.random((4, 32)).astype(np.float32)
     noise_v = rng.random((4, 16)).astype(np.float32)
-    out = ours(
-        audio,
-        image,
-        noise_a=noise_a,
-        noise_v=noise_v,
-        mask_ratio_a=ratios[0],
-        mask_ratio_v=ratios[1],
-    )
-    with torch.no_grad():
-        expected = theirs(
-            torch.from_numpy(audio),
-            to_nchw(image),
-            torch.from_numpy(noise_a),
-            torch.from_numpy(noise_v),
-            *ratios,
-        )
-    for name, value in expected.items():
+    out = ours(audio, image, noise_a=noise_a, noise_v=noise_v,
+               mask_ratio_a=ratios[0], mask_ratio_v=ratios[1])  # fmt: skip
+    for name, value in pretraining_outputs(theirs, audio, image, noise_a, noise_v, ratios).items():
         close(out[name], value)
 
 
 def test_structured_noise_matches_torch():
     """The 1.1-forced noise of a time mask drives both implementations to the same outputs."""
     cfg = tiny()
-    sd = random_state_dict("CAVMAE", cfg, seed=3)
-    ours = convert.from_torch_state_dict(sd, num_mel_bins=16, num_heads=4, decoder_num_heads=2)
-    theirs = ref.CAVMAE(cfg)
-    ref.load_numpy_state(theirs, sd)
+    ours, theirs = paired("CAVMAE", cfg, seed=3)
     audio, image = random_inputs(cfg, batch=2, seed=2)
     noise_a = np.random.default_rng(0).random((2, 4, 8)).astype(np.float32)
     noise_a[0, :, [1, 5]] = 1.1
@@ -83,67 +78,38 @@ def test_structured_noise_matches_torch():
     noise_a = noise_a.reshape(2, 32)
     noise_v = np.random.default_rng(1).random((2, 16)).astype(np.float32)
     out = ours(audio, image, noise_a=noise_a, noise_v=noise_v)
-    with torch.no_grad():
-        expected = theirs(
-            torch.from_numpy(audio),
-            to_nchw(image),
-            torch.from_numpy(noise_a),
-            torch.from_numpy(noise_v),
-            0.75,
-            0.75,
-        )
+    expected = pretraining_outputs(theirs, audio, image, noise_a, noise_v)
     close(out["loss"], expected["loss"])
     close(out["mask_a"], expected["mask_a"])
 
 
-def test_pretraining_features_match_torch():
-    cfg = tiny()
-    sd = random_state_dict("CAVMAE", cfg, seed=5)
-    ours = convert.from_torch_state_dict(sd, num_mel_bins=16, num_heads=4, decoder_num_heads=2)
-    theirs = ref.CAVMAE(cfg)
-    ref.load_numpy_state(theirs, sd)
+@pytest.mark.parametrize("kind", ["CAVMAE", "CAVMAEFT"])
+def test_features_match_torch(kind):
+    cfg = tiny(tr_pos=kind != "CAVMAE")
+    ours, theirs = paired(kind, cfg, seed=5)
     audio, image = random_inputs(cfg, batch=3)
     feat_a, feat_v = ours.forward_feat(audio, image)
     with torch.no_grad():
         exp_a, exp_v = theirs.feat(torch.from_numpy(audio), to_nchw(image))
     close(feat_a, exp_a)
     close(feat_v, exp_v)
+    if kind == "CAVMAEFT":
+        close(ours.forward_feat(audio, image, mode="a"), exp_a)
 
 
 @pytest.mark.parametrize("mode", FT_MODES)
 def test_finetuning_logits_match_torch(mode):
     cfg = tiny(tr_pos=True)
-    sd = random_state_dict("CAVMAEFT", cfg, seed=7)
-    ours = convert.from_torch_state_dict(sd, num_mel_bins=16, num_heads=4)
-    theirs = ref.CAVMAEFT(cfg)
-    ref.load_numpy_state(theirs, sd)
+    ours, theirs = paired("CAVMAEFT", cfg, seed=7)
     audio, image = random_inputs(cfg, batch=3, seed=4)
     with torch.no_grad():
         expected = theirs(torch.from_numpy(audio), to_nchw(image), mode)
     close(ours(audio, image, mode=mode), expected)
 
 
-def test_finetuning_features_match_torch():
-    cfg = tiny(tr_pos=True)
-    sd = random_state_dict("CAVMAEFT", cfg, seed=8)
-    ours = convert.from_torch_state_dict(sd, num_mel_bins=16, num_heads=4)
-    theirs = ref.CAVMAEFT(cfg)
-    ref.load_numpy_state(theirs, sd)
-    audio, image = random_inputs(cfg, batch=2)
-    feat_a, feat_v = ours.forward_feat(audio, image, mode="av")
-    with torch.no_grad():
-        exp_a, exp_v = theirs.feat(torch.from_numpy(audio), to_nchw(image))
-    close(feat_a, exp_a)
-    close(feat_v, exp_v)
-    close(ours.forward_feat(audio, image, mode="a"), exp_a)
-
-
 def test_audio_only_classifier_matches_torch():
     cfg = tiny(tr_pos=True)
-    sd = random_state_dict("CAVMAEFTAudio", cfg, seed=9)
-    ours = convert.from_torch_state_dict(sd, num_mel_bins=16, num_heads=4)
-    theirs = ref.CAVMAEFT(cfg, visual=False)
-    ref.load_numpy_state(theirs, sd)
+    ours, theirs = paired("CAVMAEFTAudio", cfg, seed=9)
     audio, _ = random_inputs(cfg, batch=2)
     with torch.no_grad():
         expected = theirs(torch.from_numpy(audio), None, "audioonly")
