@@ -1,0 +1,82 @@
+"""Statistics against scikit-learn, retrieval against the official sort-and-search loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
+
+from cavmae_jax import evaluation
+
+
+def random_task(seed=0, n=60, k=6):
+    rng = np.random.default_rng(seed)
+    targets = (rng.random((n, k)) < 0.3).astype(np.float32)
+    scores = targets * 0.8 + rng.standard_normal((n, k))
+    scores[:10, 0] = np.round(scores[:10, 0])  # ties
+    scores = np.round(scores, 1)  # many ties everywhere
+    return scores, targets
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_class_ap_and_auc_equal_scikit_learn(seed):
+    scores, targets = random_task(seed)
+    stats = evaluation.classification_stats(scores, targets)
+    for k in range(scores.shape[1]):
+        assert stats["AP"][k] == pytest.approx(average_precision_score(targets[:, k], scores[:, k]))
+        assert stats["AUC"][k] == pytest.approx(roc_auc_score(targets[:, k], scores[:, k]))
+    assert stats["mAP"] == pytest.approx(np.mean(stats["AP"]))
+    assert stats["d_prime"] == pytest.approx(np.sqrt(2) * norm.ppf(np.mean(stats["AUC"])))
+    assert stats["acc"] == pytest.approx(
+        accuracy_score(np.argmax(targets, 1), np.argmax(scores, 1))
+    )
+
+
+def test_class_without_positives_has_auc_minus_one_in_the_mean():
+    scores, targets = random_task()
+    targets[:, 2] = 0
+    stats = evaluation.classification_stats(scores, targets)
+    assert stats["AUC"][2] == -1.0
+    assert stats["mAUC"] == pytest.approx(np.mean(stats["AUC"]))
+    with pytest.warns(UserWarning):
+        assert stats["AP"][2] == average_precision_score(targets[:, 2], scores[:, 2])
+
+
+def brute_force_recall(a, v):
+    """The official retrieval: sort each query's similarities, find the true pair's position."""
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    out = {}
+    for name, (q, c) in {"a2v": (a, v), "v2a": (v, a)}.items():
+        ranks = []
+        for i in range(len(q)):
+            sims = [float(q[i] @ c[j]) for j in range(len(c))]
+            ranks.append(sum(s > sims[i] for s in sims))
+        ranks = np.array(ranks)
+        out.update({f"{name}_r{k}": np.mean(ranks < k) for k in (1, 5, 10)})
+        out[f"{name}_mr"] = np.median(ranks) + 1
+    return out
+
+
+def test_retrieval_equals_brute_force():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((40, 8))
+    v = a + 1.2 * rng.standard_normal((40, 8))
+    ours = evaluation.retrieval_recall(a, v)
+    for name, value in brute_force_recall(a, v).items():
+        assert ours[name] == pytest.approx(value), name
+    assert ours["a2v_r1"] > 1 / 40
+
+
+def test_frame_averaging_and_weight_averaging():
+    logits = np.array([[[0.0, 2.0]], [[2.0, 0.0]]])  # 2 frames, 1 clip, 2 classes
+    np.testing.assert_allclose(evaluation.average_frame_predictions(logits, False), [[0.5, 0.5]])
+    sig = 1 / (1 + np.exp(-2.0))
+    np.testing.assert_allclose(
+        evaluation.average_frame_predictions(logits, True), [[(0.5 + sig) / 2] * 2]
+    )
+    averaged = evaluation.average_weights(
+        [{"w": np.ones(2, np.float32)}, {"w": np.zeros(2, np.float32)}]
+    )
+    assert averaged["w"].dtype == np.float32 and np.all(averaged["w"] == 0.5)
