@@ -13,12 +13,16 @@ SCALARS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
 
 
 def make_pretrain_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, mask_kwargs: dict[str, Any]
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    mask_kwargs: dict[str, Any],
+    shardings: tuple | None = None,
 ) -> Callable:
     """A jitted step ``(params, rest, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
     ``params`` are the trainable ``nnx.Param`` leaves; ``rest`` holds fixed tables. The params and
-    optimizer state buffers are donated, so a step reuses their memory.
+    optimizer state buffers are donated, so a step reuses their memory. ``shardings`` =
+    (param shardings, optimizer-state shardings) keeps the updated state in its mesh layout.
     """
 
     def loss_fn(params, rest, batch, key):
@@ -33,4 +37,5 @@ def make_pretrain_step(
         metrics["grad_norm"] = optax.tree.norm(grads)
         return params, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 2))
+    out_shardings = None if shardings is None else (shardings[0], shardings[1], None)
+    return jax.jit(step, donate_argnums=(0, 2), out_shardings=out_shardings)

@@ -1,0 +1,89 @@
+"""Device mesh, logical-axis rules, sharded parameter creation and global batches.
+
+Parameters carry logical axis names (``embed``, ``mlp``, ``qkv``, ``heads``, ``layers``...). A
+rules table maps each to a mesh axis (``data``, ``fsdp``, ``tensor``) or to nothing (replicated),
+so data parallel, FSDP or tensor parallel is configuration. A dimension that a mesh axis does not
+divide, or that an earlier dimension of the same parameter already uses, stays replicated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel too
+
+DATA_PARALLEL_RULES: dict[str, str | None] = {}  # every parameter replicated
+FSDP_RULES = {"embed": "fsdp", "decoder": "fsdp", "vocab": "fsdp"}
+TENSOR_RULES = {"mlp": "tensor", "qkv": "tensor", "heads": "tensor"}
+
+
+def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
+    """Mesh over ``data``, ``fsdp``, ``tensor``; one size may be -1 (the remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if sizes.count(-1) > 1 or len(devices) % known:
+        raise ValueError(f"mesh {dict(shape)} does not fit {len(devices)} devices")
+    sizes = [len(devices) // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != len(devices):
+        shown = dict(zip(MESH_AXES, sizes, strict=True))
+        raise ValueError(f"mesh {shown} needs {np.prod(sizes)} devices")
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _spec(names, shape, mesh: Mesh, rules: Mapping[str, str | None]) -> PartitionSpec:
+    axes: list[str | None] = []
+    for name, size in zip(names or (None,) * len(shape), shape, strict=True):
+        axis = rules.get(name) if name else None
+        usable = axis and axis not in axes and size % mesh.shape[axis] == 0
+        axes.append(axis if usable else None)
+    return PartitionSpec(*axes)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, str | None]):
+    """NamedSharding per variable of ``state`` (abstract or concrete) from its logical names."""
+
+    def sharding(var):
+        names = var.get_metadata().get("out_sharding")
+        return var.replace(NamedSharding(mesh, _spec(names, var.shape, mesh, rules)))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(
+    make: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping[str, str | None]
+) -> nnx.Module:
+    """Build a model with every parameter created directly in its sharded layout."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = state_shardings(abstract, mesh, rules)
+    state = jax.jit(lambda: nnx.state(make()), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings):
+    """Shardings of ``tx.init(params)``: moments like their parameters, counters replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return optax.tree_map_params(
+        tx, lambda _, s: s, abstract, param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )  # fmt: skip
+
+
+def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This host's part of the batch -> global arrays split over the batch axes of ``mesh``."""
+    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    return {
+        name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for name, value in local.items()
+    }

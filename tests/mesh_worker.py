@@ -1,0 +1,59 @@
+"""Run one pretraining step of a tiny CAV-MAE on a mesh and print the results as JSON.
+
+Executed in a subprocess by test_sharding.py (the fake CPU devices must be configured before JAX
+starts): ``python tests/mesh_worker.py '{"data": 2, "fsdp": 4}' fsdp``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from cavmae_jax.models import CAVMAE, tiny
+from cavmae_jax.train import sharding
+from cavmae_jax.train.steps import make_pretrain_step
+
+RULES = {"dp": sharding.DATA_PARALLEL_RULES, "fsdp": sharding.FSDP_RULES,
+         "tensor": sharding.TENSOR_RULES}  # fmt: skip
+
+
+def main(shape: dict, rules_name: str, groups: int) -> None:
+    size = int(np.prod(list(shape.values())))
+    mesh = sharding.make_mesh(shape, jax.devices()[:size])
+    rules = RULES[rules_name]
+    cfg = tiny(embed_dim=32, num_heads=4, contrastive_groups=groups, norm_pix_loss=True)
+    model = sharding.create_sharded(lambda: CAVMAE(cfg, nnx.Rngs(0)), mesh, rules)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    param_shardings = sharding.state_shardings(params, mesh, rules)
+    # SGD: Adam's first step is sign(g) and would amplify rounding in near-zero gradients
+    tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.5, momentum=0.9))
+    opt_shardings = sharding.optimizer_shardings(tx, params, param_shardings)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    step = make_pretrain_step(graphdef, tx, {}, (param_shardings, opt_shardings))
+    rng = np.random.default_rng(0)
+    batch = {
+        "audio": rng.standard_normal((8, cfg.audio_length, cfg.num_mel_bins), np.float32),
+        "image": rng.standard_normal((8, cfg.img_size, cfg.img_size, 3), np.float32),
+    }
+    params, opt_state, metrics = step(
+        params, rest, opt_state, sharding.global_batch(batch, mesh), jax.random.key(1)
+    )
+    kernel = params["blocks_a"]["layers"]["mlp"]["fc1"]["kernel"]
+    print(json.dumps({
+        "devices": len(jax.devices()),
+        "loss": float(metrics["loss"]),
+        "loss_c": float(metrics["loss_c"]),
+        "params": [float(np.asarray(x).astype(np.float64).sum()) for x in jax.tree.leaves(params)],
+        "kernel_spec": str(kernel[...].sharding.spec),
+        "moment_spec": [str(x.sharding.spec) for x in jax.tree.leaves(opt_state)
+                        if x.shape == kernel.shape][0],
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)
