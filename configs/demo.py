@@ -26,6 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dir="", generate=True, clips=240, classes=8, workers=2, noise=True, shuffle_buffer=1000
         )  # fmt: skip
     )
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.sharding = "dp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/train/sharding.py)
+    config.checkpoint_every = 100
+    config.keep_checkpoints = 3
     config.seed = 0
     config.batch_size = 16
     config.num_steps = 300

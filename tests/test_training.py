@@ -1,0 +1,89 @@
+"""The pretraining loop: killed and restarted runs end where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cavmae_jax import convert
+from input_pipeline import prepare, synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    clips = synthetic.generate(root / "videos", clips=12, classes=4, seed=4)
+    prepare.prepare(clips, root / "ds", labels=root / "videos" / "labels.csv", progress=False)
+    return root / "ds"
+
+
+def command(workdir: Path, dataset: Path) -> list[str]:
+    return [sys.executable, "-m", "cavmae_jax.cli", "pretrain", "--config", "configs/demo.py",
+            "--workdir", str(workdir), f"--config.num_steps={STEPS}", "--config.log_every=1",
+            "--config.checkpoint_every=2", "--config.batch_size=4",
+            f"--config.data.dir={dataset}", "--config.data.generate=False"]  # fmt: skip
+
+
+def logged_steps(workdir: Path) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
+
+
+def start_and_stop(workdir: Path, dataset: Path, at_step: int, sig: int) -> subprocess.Popen:
+    process = subprocess.Popen(command(workdir, dataset), cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while max(logged_steps(workdir), default=0) < at_step and time.monotonic() < deadline:
+        assert process.poll() is None, "the run ended before it could be stopped"
+        time.sleep(0.01)
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    return process
+
+
+def final_parameters(workdir: Path) -> dict[str, np.ndarray]:
+    return convert.to_torch_state_dict(convert.load_checkpoint(workdir / "model"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    subprocess.run(command(workdir, dataset), cwd=ROOT, check=True, capture_output=True)
+    assert logged_steps(workdir) == list(range(1, STEPS + 1))
+    return final_parameters(workdir)
+
+
+@pytest.mark.parametrize("kill_at", [3, 6])
+def test_sigkill_and_restart_ends_with_the_same_parameters(
+    dataset, uninterrupted, tmp_path, kill_at
+):
+    start_and_stop(tmp_path, dataset, kill_at, signal.SIGKILL)
+    assert not (tmp_path / "model").exists()
+    subprocess.run(command(tmp_path, dataset), cwd=ROOT, check=True, capture_output=True)
+    assert logged_steps(tmp_path) == list(range(1, STEPS + 1))
+    resumed = final_parameters(tmp_path)
+    for name, value in uninterrupted.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+def test_sigterm_saves_and_exits_cleanly(dataset, uninterrupted, tmp_path):
+    process = start_and_stop(tmp_path, dataset, 3, signal.SIGTERM)
+    assert process.returncode == 0
+    saved = int(process.stdout.read().split("SIGTERM: saved step ")[1].split(",")[0])
+    assert saved >= 3 and (tmp_path / "checkpoints" / str(saved)).is_dir()
+    subprocess.run(command(tmp_path, dataset), cwd=ROOT, check=True, capture_output=True)
+    resumed = final_parameters(tmp_path)
+    for name, value in uninterrupted.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
