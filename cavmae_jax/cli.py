@@ -9,9 +9,24 @@ import sys
 from cavmae_jax.config_loading import apply_overrides, load_config
 
 
+def _join_processes(args) -> None:
+    """Multi-host runs: ``--coordinator`` for explicit addresses, ``--distributed`` for
+    environments JAX detects by itself (TPU pods, SLURM)."""
+    import jax
+
+    if args.coordinator:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes,
+            process_id=args.process_id, initialization_timeout=args.init_timeout,
+        )  # fmt: skip
+    elif args.distributed:
+        jax.distributed.initialize(initialization_timeout=args.init_timeout)
+
+
 def _pretrain(args, overrides):
     from cavmae_jax.train.loop import pretrain
 
+    _join_processes(args)
     config = load_config(args.config)
     apply_overrides(config, overrides)
     metrics = pretrain(config, args.workdir)
@@ -61,6 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("pretrain", help="pretrain CAV-MAE (overrides: --config.x=y)")
     p.add_argument("--config", required=True, help="config file, optionally path:variant")
     p.add_argument("--workdir", required=True)
+    p.add_argument("--coordinator", help="host:port of process 0 (multi-host runs)")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    p.add_argument("--distributed", action="store_true", help="auto-detected multi-host run")
+    p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for peers")
     p.set_defaults(run=_pretrain)
     c = sub.add_parser("convert", help="official .pth -> Orbax model, or back with --to-torch")
     c.add_argument("input")

@@ -1,15 +1,20 @@
-"""Run one pretraining step of a tiny CAV-MAE on a mesh and print the results as JSON.
+"""Run pretraining steps of a tiny CAV-MAE on a mesh and print the results as JSON.
 
-Executed in a subprocess by test_sharding.py (the fake CPU devices must be configured before JAX
-starts): ``python tests/mesh_worker.py '{"data": 2, "fsdp": 4}' fsdp``.
+Executed in subprocesses by test_sharding.py (the fake CPU devices must be configured before JAX
+starts): ``python tests/mesh_worker.py '{"data": 2, "fsdp": 4}' fsdp [groups [steps]]``. With
+``CAVMAE_COORDINATOR``, ``CAVMAE_PROCESSES`` and ``CAVMAE_PROCESS_ID`` set, it first joins a
+multi-process run with ``jax.distributed.initialize``; each process then supplies its rows of
+the same global batch.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import jax
+import jax.experimental.multihost_utils
 import numpy as np
 import optax
 from flax import nnx
@@ -22,7 +27,20 @@ RULES = {"dp": sharding.DATA_PARALLEL_RULES, "fsdp": sharding.FSDP_RULES,
          "tensor": sharding.TENSOR_RULES}  # fmt: skip
 
 
-def main(shape: dict, rules_name: str, groups: int) -> None:
+def gathered(x: jax.Array) -> np.ndarray:
+    """The whole array on every process, float64."""
+    full = jax.experimental.multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(full).astype(np.float64)
+
+
+def main(shape: dict, rules_name: str, groups: int, steps: int) -> None:
+    if "CAVMAE_COORDINATOR" in os.environ:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["CAVMAE_COORDINATOR"],
+            num_processes=int(os.environ["CAVMAE_PROCESSES"]),
+            process_id=int(os.environ["CAVMAE_PROCESS_ID"]),
+            initialization_timeout=60,
+        )
     size = int(np.prod(list(shape.values())))
     mesh = sharding.make_mesh(shape, jax.devices()[:size])
     rules = RULES[rules_name]
@@ -40,15 +58,19 @@ def main(shape: dict, rules_name: str, groups: int) -> None:
         "audio": rng.standard_normal((8, cfg.audio_length, cfg.num_mel_bins), np.float32),
         "image": rng.standard_normal((8, cfg.img_size, cfg.img_size, 3), np.float32),
     }
-    params, opt_state, metrics = step(
-        params, rest, opt_state, sharding.global_batch(batch, mesh), jax.random.key(1)
-    )
+    rows = slice(jax.process_index() * 8 // jax.process_count(),
+                 (jax.process_index() + 1) * 8 // jax.process_count())  # fmt: skip
+    local = {name: value[rows] for name, value in batch.items()}
+    for i in range(steps):
+        params, opt_state, metrics = step(
+            params, rest, opt_state, sharding.global_batch(local, mesh), jax.random.key(i)
+        )
     kernel = params["blocks_a"]["layers"]["mlp"]["fc1"]["kernel"]
     print(json.dumps({
         "devices": len(jax.devices()),
         "loss": float(metrics["loss"]),
         "loss_c": float(metrics["loss_c"]),
-        "params": [float(np.asarray(x).astype(np.float64).sum()) for x in jax.tree.leaves(params)],
+        "params": [float(gathered(x).sum()) for x in jax.tree.leaves(params)],
         "kernel_spec": str(kernel[...].sharding.spec),
         "moment_spec": [str(x.sharding.spec) for x in jax.tree.leaves(opt_state)
                         if x.shape == kernel.shape][0],
@@ -56,4 +78,5 @@ def main(shape: dict, rules_name: str, groups: int) -> None:
 
 
 if __name__ == "__main__":
-    main(json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 1)
+    extra = [int(x) for x in sys.argv[3:]] + [1, 1][len(sys.argv[3:]) :]
+    main(json.loads(sys.argv[1]), sys.argv[2], *extra)

@@ -62,3 +62,34 @@ def test_mesh_shapes_are_checked():
     with pytest.raises(ValueError, match="does not fit"):
         make_mesh({"data": -1, "fsdp": 3})
     assert FSDP_RULES["embed"] == "fsdp"
+
+
+def test_two_processes_match_one_process():
+    """jax.distributed on 127.0.0.1: 2 processes x 2 devices = 1 process x 4 devices (3 steps)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    shape = json.dumps({"data": 2, "fsdp": 2})
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   CAVMAE_COORDINATOR=f"127.0.0.1:{port}", CAVMAE_PROCESSES="2",
+                   CAVMAE_PROCESS_ID=str(pid))  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), shape, "fsdp", "1", "3"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))  # fmt: skip
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    done = subprocess.run([sys.executable, str(WORKER), shape, "fsdp", "1", "3"], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    single = json.loads(done.stdout.strip().splitlines()[-1])
+    for result in results:
+        assert result["devices"] == 4
+        assert result["loss"] == pytest.approx(single["loss"], rel=1e-5)
+        np.testing.assert_allclose(result["params"], single["params"], rtol=1e-4, atol=1e-5)
