@@ -20,6 +20,7 @@ test: install
 
 demo: install
 	$(BIN)/cavmae pretrain --config configs/demo.py --workdir workdir/demo
+	$(BIN)/cavmae retrieval --workdir workdir/demo
 
 lint: install
 	$(BIN)/ruff check cavmae_jax input_pipeline tests bench configs

@@ -1,4 +1,4 @@
-"""The ``cavmae`` command: ``pretrain``, ``convert``, ``prepare``."""
+"""The ``cavmae`` command: ``pretrain``, ``retrieval``, ``convert``, ``prepare``."""
 
 from __future__ import annotations
 
@@ -70,6 +70,23 @@ def _prepare(args, overrides):
         raise SystemExit(1)
 
 
+def _retrieval(args, overrides):
+    from pathlib import Path
+
+    from cavmae_jax.retrieval import dataset_retrieval
+
+    if overrides:
+        raise SystemExit(f"cavmae retrieval: unrecognised arguments {overrides}")
+    workdir = Path(args.workdir)
+    data = args.data or workdir / "data" / "dataset"
+    result = dataset_retrieval(workdir / "model", data, args.split, args.batch_size)
+    print(json.dumps(result))
+    print(
+        f"audio->visual R@1 {result['a2v_r1']:.3f}, visual->audio R@1 {result['v2a_r1']:.3f} "
+        f"over {result['clips']} clips (chance {result['chance_r1']:.3f})"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cavmae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--fbank-dtype", choices=["float32", "float16"], default="float32")
     r.add_argument("--keep-waveform", action="store_true", help="also store int16 audio (mixup)")
     r.set_defaults(run=_prepare)
+    t = sub.add_parser("retrieval", help="audio<->visual recall@1/5/10 of a trained model")
+    t.add_argument("--workdir", required=True, help="holds model/ (from cavmae pretrain)")
+    t.add_argument("--data", help="prepared dataset (default: WORKDIR/data/dataset)")
+    t.add_argument("--split", default="train")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.set_defaults(run=_retrieval)
     args, overrides = parser.parse_known_args(argv)
     args.run(args, overrides)
 

@@ -22,6 +22,7 @@ from cavmae_jax import convert
 from cavmae_jax.models import CAVMAE, ModelConfig
 from cavmae_jax.train import sharding
 from cavmae_jax.train.checkpoint import Checkpointer, PreemptionFlag
+from cavmae_jax.train.metrics import plot_losses
 from cavmae_jax.train.optim import multistep_schedule, official_adam
 from cavmae_jax.train.steps import make_pretrain_step
 
@@ -60,8 +61,9 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
     """Pretrain ``CAVMAE`` for ``config.num_steps`` steps in ``workdir`` (resuming if possible).
-    Metrics go to ``workdir/metrics.jsonl``, checkpoints to ``workdir/checkpoints`` and the final
-    model to ``workdir/model`` (Orbax). Returns the last logged metrics."""
+    Metrics go to ``workdir/metrics.jsonl`` (and ``loss.png``), checkpoints to
+    ``workdir/checkpoints`` and the final model to ``workdir/model`` (Orbax). Returns the last
+    logged metrics."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig(**config.model.to_dict())
@@ -138,4 +140,5 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
         preemption.restore()
     if not preemption.requested and jax.process_index() == 0:
         convert.save_checkpoint(nnx.merge(graphdef, params, rest), workdir / "model")
+        plot_losses(metrics_path, workdir / "loss.png")
     return logged
