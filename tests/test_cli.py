@@ -47,3 +47,27 @@ def test_convert_pth_to_orbax_and_back(tmp_path):
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     for name, value in sd.items():
         np.testing.assert_array_equal(back["module." + name].numpy(), value)
+
+
+@pytest.mark.parametrize("fmt", ["orbax", "pth"])
+def test_pretraining_starts_from_given_weights(tmp_path, fmt):
+    """``config.init``: an official .pth or one of our model directories (0 steps: unchanged)."""
+    from flax import nnx
+
+    from cavmae_jax.models import CAVMAE, ModelConfig
+
+    config = load_config(DEMO)
+    initial = CAVMAE(ModelConfig(**config.model.to_dict()), nnx.Rngs(42))
+    if fmt == "orbax":
+        convert.save_checkpoint(initial, tmp_path / "init")
+        source = tmp_path / "init"
+    else:
+        source = tmp_path / "init.pth"
+        convert.save_torch_checkpoint(initial, source)
+    cli.main(["pretrain", "--config", DEMO, "--workdir", str(tmp_path / "run"),
+              "--config.num_steps=0", f"--config.init={source}", "--config.data.clips=4",
+              "--config.batch_size=4", "--config.data.workers=1"])  # fmt: skip
+    expected = convert.to_torch_state_dict(initial)
+    final = convert.to_torch_state_dict(convert.load_checkpoint(tmp_path / "run" / "model"))
+    for name, value in expected.items():
+        np.testing.assert_array_equal(final[name], value)

@@ -23,7 +23,7 @@ from cavmae_jax.models import CAVMAE, ModelConfig
 from cavmae_jax.train import sharding
 from cavmae_jax.train.checkpoint import Checkpointer, PreemptionFlag
 from cavmae_jax.train.metrics import plot_losses
-from cavmae_jax.train.optim import multistep_schedule, official_adam
+from cavmae_jax.train.optim import make_optimizer, multistep_schedule, warmup_cosine
 from cavmae_jax.train.steps import make_pretrain_step
 
 RULES = {"dp": sharding.DATA_PARALLEL_RULES, "fsdp": sharding.FSDP_RULES,
@@ -52,6 +52,28 @@ def training_batches(config: ml_collections.ConfigDict, workdir: Path, start_bat
     return Loader(data_dir, "train", loader_config).iterate_from(start_batch)
 
 
+def learning_rate(config: ml_collections.ConfigDict):
+    """The official per-epoch MultiStep schedule, or warmup + cosine (``config.schedule``)."""
+    if config.schedule == "cosine":
+        return warmup_cosine(config.lr, config.warmup_steps, config.num_steps)
+    return multistep_schedule(
+        config.lr, config.steps_per_epoch, config.lr_decay_start, config.lr_decay_every,
+        config.lr_decay,
+    )  # fmt: skip
+
+
+def load_initial_weights(model: CAVMAE, source: str, mesh, rules) -> None:
+    """Overwrite ``model`` with an official ``.pth`` or a cavmae-jax model directory (the
+    recipes start from IN-initial or a pretrained CAV-MAE), keeping its sharded layout."""
+    if source.endswith(".pth"):
+        loaded = convert.load_torch_checkpoint(source, kind="CAVMAE")
+    else:
+        loaded = convert.load_checkpoint(source)
+    state = nnx.state(loaded)
+    target = sharding.state_shardings(nnx.state(model), mesh, rules)
+    nnx.update(model, jax.device_put(state, target))
+
+
 def _keep_metrics_until(path: Path, step: int) -> None:
     """On resume, drop metric lines logged after the checkpoint (they will be logged again)."""
     if path.exists():
@@ -70,13 +92,15 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = RULES[config.sharding]
     model = sharding.create_sharded(lambda: CAVMAE(cfg, nnx.Rngs(config.seed)), mesh, rules)
+    if config.init:
+        load_initial_weights(model, config.init, mesh, rules)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_shardings = sharding.state_shardings(params, mesh, rules)
-    schedule = multistep_schedule(
-        config.lr, config.steps_per_epoch, config.lr_decay_start, config.lr_decay_every,
-        config.lr_decay,
+    schedule = learning_rate(config)
+    tx = make_optimizer(
+        schedule, params, config.optimizer, config.weight_decay, clip_norm=config.clip_norm,
+        accumulate=config.grad_accum,
     )  # fmt: skip
-    tx = official_adam(schedule, config.weight_decay)
     opt_shardings = sharding.optimizer_shardings(tx, params, param_shardings)
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
     mask_kwargs = dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -35,3 +36,48 @@ def official_adam(
         optax.scale_by_adam(b1=0.95, b2=0.999, eps=1e-8),
         optax.scale_by_learning_rate(schedule),
     )
+
+
+def warmup_cosine(lr: float, warmup_steps: int, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr``, then cosine decay to 0 at ``total_steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps, max(total_steps, warmup_steps + 1)
+    )
+
+
+def head_labels(params) -> object:
+    """'head' for the classifier head (``mlp_head``), 'base' for everything else."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "head" if "mlp_head" in jax.tree_util.keystr(path) else "base", params
+    )
+
+
+def make_optimizer(
+    schedule: optax.ScalarOrSchedule,
+    params,
+    kind: str = "adam_l2",
+    weight_decay: float = 5e-7,
+    head_lr: float = 1.0,
+    freeze_base: bool = False,
+    clip_norm: float | None = None,
+    accumulate: int = 1,
+) -> optax.GradientTransformation:
+    """The training optimizer. ``adam_l2`` is the official coupled-L2 Adam, ``adamw`` decoupled
+    AdamW (same betas). The head's updates are scaled by ``head_lr`` (the official second
+    parameter group); ``freeze_base`` trains the head only (linear probe); ``clip_norm`` clips the
+    global gradient norm first; ``accumulate`` > 1 averages that many micro-batch gradients per
+    update (optax.MultiSteps)."""
+    if kind == "adam_l2":
+        tx = official_adam(schedule, weight_decay)
+    elif kind == "adamw":
+        tx = optax.adamw(schedule, b1=0.95, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; expected 'adam_l2' or 'adamw'")
+    base = optax.set_to_zero() if freeze_base else tx
+    head = optax.chain(tx, optax.scale(head_lr)) if head_lr != 1.0 else tx
+    tx = optax.multi_transform({"base": base, "head": head}, head_labels(params))
+    if clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+    if accumulate > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
+    return tx

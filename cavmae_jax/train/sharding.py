@@ -69,15 +69,24 @@ def create_sharded(
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, params, param_shardings):
-    """Shardings of ``tx.init(params)``: moments like their parameters, counters replicated."""
+    """Shardings of ``tx.init(params)``: every leaf inside a params-shaped subtree (Adam moments,
+    also under masks or multi-transforms) takes its parameter's sharding; counters replicate."""
     abstract = jax.eval_shape(tx.init, params)
-    mesh = jax.tree.leaves(param_shardings)[0].mesh
+    by_path = {
+        jax.tree_util.keystr(path): sharding
+        for path, sharding in jax.tree_util.tree_leaves_with_path(
+            param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+        )
+    }
+    mesh = next(iter(by_path.values())).mesh
     replicated = NamedSharding(mesh, PartitionSpec())
-    return optax.tree_map_params(
-        tx, lambda _, s: s, abstract, param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )  # fmt: skip
+
+    def sharding(path, leaf):
+        name = jax.tree_util.keystr(path)
+        matches = [suffix for suffix in by_path if name.endswith(suffix)]
+        return by_path[max(matches, key=len)] if matches else replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract)
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
