@@ -18,7 +18,7 @@ import ml_collections
 from flax import nnx
 from tqdm import tqdm
 
-from cavmae_jax import convert
+from cavmae_jax import convert, flops
 from cavmae_jax.models import CAVMAE, ModelConfig
 from cavmae_jax.train import sharding
 from cavmae_jax.train.checkpoint import Checkpointer, PreemptionFlag
@@ -120,6 +120,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     key = jax.random.key(config.seed)
     preemption = PreemptionFlag()
     logged: dict[str, float] = {}
+    clip_flops = flops.pretrain_step(cfg, config.mask_ratio_a, config.mask_ratio_v)
     clock, clock_step = time.perf_counter(), start
 
     def save(step: int, force: bool = False) -> None:
@@ -149,12 +150,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
                 if not all(math.isfinite(v) for v in logged.values()):
                     raise FloatingPointError(f"non-finite metrics at step {step}: {logged}")
                 now = time.perf_counter()
-                logged.update(
-                    step=step,
-                    lr=float(schedule(step - 1)),
-                    clips_per_s=(step - clock_step) * config.batch_size / (now - clock),
-                )
-                clock, clock_step = now, step  # fmt: skip
+                clips_per_s = (step - clock_step) * config.batch_size / (now - clock)
+                tflops = clips_per_s * clip_flops / 1e12
+                mfu = tflops / (config.peak_tflops * mesh.size)
+                logged.update(step=step, lr=float(schedule(step - 1)), clips_per_s=clips_per_s,
+                              tflops=tflops, mfu=mfu)  # fmt: skip
+                clock, clock_step = now, step
                 if jax.process_index() == 0:
                     log.write(json.dumps(logged) + "\n")
                     log.flush()
