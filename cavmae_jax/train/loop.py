@@ -86,6 +86,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     Metrics go to ``workdir/metrics.jsonl`` (and ``loss.png``), checkpoints to
     ``workdir/checkpoints`` and the final model to ``workdir/model`` (Orbax). Returns the last
     logged metrics."""
+    if not config.data.dir and not config.data.generate:
+        raise ValueError("no training data: set --config.data.dir to a `cavmae prepare` output")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig(**config.model.to_dict())
