@@ -1,4 +1,4 @@
-"""The ``cavmae`` command: ``pretrain``, ``retrieval``, ``convert``, ``prepare``."""
+"""The ``cavmae`` command: ``pretrain``, ``retrieval``, ``export``, ``convert``, ``prepare``."""
 
 from __future__ import annotations
 
@@ -70,6 +70,16 @@ def _prepare(args, overrides):
         raise SystemExit(1)
 
 
+def _export(args, overrides):
+    from cavmae_jax import convert
+
+    if overrides:
+        raise SystemExit(f"cavmae export: unrecognised arguments {overrides}")
+    model = convert.load_checkpoint(args.model)
+    convert.save_checkpoint(convert.export_encoder(model, args.label_dim, args.seed), args.output)
+    print(f"wrote {args.output} (CAVMAEFT, {args.label_dim} classes)")
+
+
 def _retrieval(args, overrides):
     from pathlib import Path
 
@@ -126,6 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--split", default="train")
     t.add_argument("--batch-size", type=int, default=32)
     t.set_defaults(run=_retrieval)
+    e = sub.add_parser("export", help="pretrained model -> encoder-only finetuning model")
+    e.add_argument("model", help="a model directory (e.g. WORKDIR/model)")
+    e.add_argument("output")
+    e.add_argument("--label-dim", type=int, required=True, help="classes (527 AS, 309 VGG)")
+    e.add_argument("--seed", type=int, default=0, help="for the fresh classification head")
+    e.set_defaults(run=_export)
     args, overrides = parser.parse_known_args(argv)
     args.run(args, overrides)
 

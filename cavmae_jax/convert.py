@@ -258,6 +258,15 @@ def save_torch_checkpoint(model: Model, path: str | Path, module_prefix: bool = 
     torch.save(sd, str(path))
 
 
+def export_encoder(model: CAVMAE, label_dim: int, seed: int = 0) -> CAVMAEFT:
+    """A finetuning model from a pretrained one, as the official finetuning init: the encoder
+    (positions included, now trainable) is copied, the decoder dropped, the head fresh."""
+    return from_torch_state_dict(
+        to_torch_state_dict(model), kind="CAVMAEFT", strict=False, seed=seed,
+        label_dim=label_dim, num_mel_bins=model.cfg.num_mel_bins, num_heads=model.cfg.num_heads,
+    )  # fmt: skip
+
+
 def mae_imagenet_init(mae_state_dict: dict[str, Any], seed: int = 0, **config_overrides) -> CAVMAE:
     """CAV-MAE initialisation from the ImageNet MAE ViT-B checkpoint, as ``adapt_vmae_weights``.
 

@@ -274,3 +274,23 @@ def test_full_size_config_is_inferred_from_the_official_shapes(kind):
         assert cfg == default  # decoder 512 wide, 8 deep, 16 heads of 32; fixed positions
     else:
         assert cfg.label_dim == 527 and cfg.tr_pos
+
+
+def test_export_keeps_the_encoder_and_drops_the_decoder(tmp_path):
+    from cavmae_jax import cli
+
+    pretrained = CAVMAE(tiny(num_heads=4), nnx.Rngs(1))
+    convert.save_checkpoint(pretrained, tmp_path / "pre")
+    cli.main(["export", str(tmp_path / "pre"), str(tmp_path / "ft"), "--label-dim", "7"])
+    exported = convert.load_checkpoint(tmp_path / "ft")
+    assert isinstance(exported, CAVMAEFT) and exported.cfg.label_dim == 7 and exported.cfg.tr_pos
+    ours, theirs = convert.to_torch_state_dict(exported), convert.to_torch_state_dict(pretrained)
+    assert not any(name.startswith("decoder") for name in ours)
+    for name, value in ours.items():
+        if not name.startswith("mlp_head"):
+            np.testing.assert_array_equal(value, theirs[name])
+    audio, image = random_inputs(tiny(), 2)
+    np.testing.assert_allclose(
+        np.asarray(exported.forward_feat(audio, image)[0]),
+        np.asarray(pretrained.forward_feat(audio, image)[0]), rtol=1e-6, atol=1e-6,
+    )  # fmt: skip
