@@ -25,6 +25,16 @@ def test_pretrain_writes_metrics_and_a_model(tmp_path):
     assert all(np.isfinite(x["loss"]) and x["loss"] > 0 for x in lines)
     model = convert.load_checkpoint(tmp_path / "model")
     assert model.cfg.embed_dim == 64
+    import tensorflow as tf
+
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    tags = {
+        (value.tag, event.step)
+        for event in tf.compat.v1.train.summary_iterator(str(events[0]))
+        for value in event.summary.value
+    }
+    assert {("loss", 2), ("loss", 6), ("c_acc", 4), ("mfu", 6)} <= tags
 
 
 def test_overrides_keep_types_and_reject_unknown_fields():

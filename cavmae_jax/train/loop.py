@@ -22,7 +22,7 @@ from cavmae_jax import convert, flops
 from cavmae_jax.models import CAVMAE, ModelConfig
 from cavmae_jax.train import sharding
 from cavmae_jax.train.checkpoint import Checkpointer, PreemptionFlag
-from cavmae_jax.train.metrics import plot_losses
+from cavmae_jax.train.metrics import MetricsWriter, plot_losses
 from cavmae_jax.train.optim import make_optimizer, multistep_schedule, warmup_cosine
 from cavmae_jax.train.steps import make_pretrain_step
 
@@ -129,8 +129,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
         meta = {"step": step, "data_batch": step, "config": config.to_dict()}
         checkpointer.save(step, {"params": params, "opt_state": opt_state}, meta, force=force)
 
+    writer = MetricsWriter(workdir, active=jax.process_index() == 0)
     try:
-        with open(metrics_path, "a") as log, tqdm(initial=start, total=config.num_steps) as bar:
+        with tqdm(initial=start, total=config.num_steps) as bar:
             for step in range(start + 1, config.num_steps + 1):
                 local = next(batches)
                 batch = sharding.global_batch(
@@ -158,11 +159,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
                 logged.update(step=step, lr=float(schedule(step - 1)), clips_per_s=clips_per_s,
                               tflops=tflops, mfu=mfu)  # fmt: skip
                 clock, clock_step = now, step
-                if jax.process_index() == 0:
-                    log.write(json.dumps(logged) + "\n")
-                    log.flush()
+                writer.write(step, logged)
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", c_acc=f"{logged['c_acc']:.2f}")
     finally:
+        writer.close()
         checkpointer.close()
         preemption.restore()
     if not preemption.requested and jax.process_index() == 0:

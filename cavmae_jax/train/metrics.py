@@ -1,4 +1,4 @@
-"""Training metrics on disk: the JSON-lines log and its loss-curve figure."""
+"""Training metrics on disk: the JSON-lines log, TensorBoard scalars and the loss-curve figure."""
 
 from __future__ import annotations
 
@@ -28,3 +28,33 @@ def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and writes the same scalars
+    as TensorBoard summaries under ``tensorboard/`` (process 0 only; others write nothing)."""
+
+    def __init__(self, workdir: Path, active: bool):
+        self.active = active
+        if active:
+            import tensorflow as tf
+
+            self._tf = tf
+            self._log = open(workdir / "metrics.jsonl", "a")
+            self._summary = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        self._log.write(json.dumps(metrics) + "\n")
+        self._log.flush()
+        with self._summary.as_default(step=step):
+            for name, value in metrics.items():
+                if name != "step":
+                    self._tf.summary.scalar(name, value)
+        self._summary.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._log.close()
+            self._summary.close()
