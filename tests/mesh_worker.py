@@ -23,9 +23,6 @@ from cavmae_jax.models import CAVMAE, tiny
 from cavmae_jax.train import sharding
 from cavmae_jax.train.steps import make_pretrain_step
 
-RULES = {"dp": sharding.DATA_PARALLEL_RULES, "fsdp": sharding.FSDP_RULES,
-         "tensor": sharding.TENSOR_RULES}  # fmt: skip
-
 
 def gathered(x: jax.Array) -> np.ndarray:
     """The whole array on every process, float64."""
@@ -43,7 +40,7 @@ def main(shape: dict, rules_name: str, groups: int, steps: int) -> None:
         )
     size = int(np.prod(list(shape.values())))
     mesh = sharding.make_mesh(shape, jax.devices()[:size])
-    rules = RULES[rules_name]
+    rules = sharding.RULES[rules_name]
     cfg = tiny(embed_dim=32, num_heads=4, contrastive_groups=groups, norm_pix_loss=True)
     model = sharding.create_sharded(lambda: CAVMAE(cfg, nnx.Rngs(0)), mesh, rules)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

@@ -26,9 +26,6 @@ from cavmae_jax.train.metrics import MetricsWriter, plot_losses
 from cavmae_jax.train.optim import make_optimizer, multistep_schedule, warmup_cosine
 from cavmae_jax.train.steps import make_pretrain_step
 
-RULES = {"dp": sharding.DATA_PARALLEL_RULES, "fsdp": sharding.FSDP_RULES,
-         "tensor": sharding.TENSOR_RULES}  # fmt: skip
-
 
 def training_batches(config: ml_collections.ConfigDict, workdir: Path, start_batch: int):
     """Batches from the prepared dataset ``config.data.dir``, from batch ``start_batch`` on; with
@@ -92,7 +89,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
     workdir.mkdir(parents=True, exist_ok=True)
     cfg = ModelConfig(**config.model.to_dict())
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    rules = RULES[config.sharding]
+    rules = sharding.RULES[config.sharding]
     model = sharding.create_sharded(lambda: CAVMAE(cfg, nnx.Rngs(config.seed)), mesh, rules)
     if config.init:
         load_initial_weights(model, config.init, mesh, rules)

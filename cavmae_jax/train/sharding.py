@@ -22,6 +22,7 @@ BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data para
 DATA_PARALLEL_RULES: dict[str, str | None] = {}  # every parameter replicated
 FSDP_RULES = {"embed": "fsdp", "decoder": "fsdp", "vocab": "fsdp"}
 TENSOR_RULES = {"mlp": "tensor", "qkv": "tensor", "heads": "tensor"}
+RULES = {"dp": DATA_PARALLEL_RULES, "fsdp": FSDP_RULES, "tensor": TENSOR_RULES}  # by config name
 
 
 def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
