@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from cavmae_jax import convert
 from cavmae_jax.models import ModelConfig, tiny
 
-SHARED = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def random_state_dict(kind: str, cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

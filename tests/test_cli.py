@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from cavmae_jax import cli, convert
 from cavmae_jax.config_loading import apply_overrides, load_config
 from cavmae_jax.models import tiny
 
-DEMO = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 
 
 def test_pretrain_writes_metrics_and_a_model(tmp_path):
