@@ -38,26 +38,37 @@ def matmul_peak_gflops(repeats: int = 5) -> float:
     return best
 
 
-def run_one(mode: str, dtype: str, batch: int, steps: int) -> dict:
-    """Compile and time one configuration in this process."""
+def full_size_pretraining(dtype: str, batch: int):
+    """Full-size CAV-MAE (norm_pix_loss), official Adam, its jitted step and a random batch.
+    Returns (cfg, graphdef, params, rest, opt_state, step, batch dict)."""
     from flax import nnx
 
-    from cavmae_jax import flops
     from cavmae_jax.models import CAVMAE, ModelConfig
     from cavmae_jax.train.optim import official_adam
     from cavmae_jax.train.steps import make_pretrain_step
 
     cfg = ModelConfig(dtype=dtype, norm_pix_loss=True)
     graphdef, params, rest = nnx.split(CAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)
+    tx = official_adam(1e-4)
+    masks = dict(mask_ratio_a=0.75, mask_ratio_v=0.75, mask_mode="unstructured")
+    step = make_pretrain_step(graphdef, tx, masks)
     rng = np.random.default_rng(0)
-    audio = rng.standard_normal((batch, cfg.audio_length, cfg.num_mel_bins), np.float32)
-    image = rng.standard_normal((batch, cfg.img_size, cfg.img_size, 3), np.float32)
+    data = {
+        "audio": rng.standard_normal((batch, cfg.audio_length, cfg.num_mel_bins), np.float32),
+        "image": rng.standard_normal((batch, cfg.img_size, cfg.img_size, 3), np.float32),
+    }
+    return cfg, graphdef, params, rest, tx.init(params), step, data
+
+
+def run_one(mode: str, dtype: str, batch: int, steps: int) -> dict:
+    """Compile and time one configuration in this process."""
+    from flax import nnx
+
+    from cavmae_jax import flops
+
+    cfg, graphdef, params, rest, opt_state, step, batch_data = full_size_pretraining(dtype, batch)
+    audio, image = batch_data["audio"], batch_data["image"]
     if mode == "train":
-        tx = official_adam(1e-4)
-        opt_state = tx.init(params)
-        masks = dict(mask_ratio_a=0.75, mask_ratio_v=0.75, mask_mode="unstructured")
-        step = make_pretrain_step(graphdef, tx, masks)
-        batch_data = {"audio": audio, "image": image}
         start = time.perf_counter()
         compiled = step.lower(params, rest, opt_state, batch_data, jax.random.key(0)).compile()
         compile_s = time.perf_counter() - start

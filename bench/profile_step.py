@@ -18,12 +18,7 @@ import tempfile
 from pathlib import Path
 
 import jax
-import numpy as np
-from flax import nnx
-
-from cavmae_jax.models import CAVMAE, ModelConfig
-from cavmae_jax.train.optim import official_adam
-from cavmae_jax.train.steps import make_pretrain_step
+from model_throughput import full_size_pretraining  # same folder: run as a script
 
 RUNTIME_EVENTS = ("ThunkExecutor", "$", "Slinky", "Pjit", "end:", "Common", "Parse", "Handle")
 
@@ -45,16 +40,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
-    cfg = ModelConfig(dtype=args.dtype, norm_pix_loss=True)
-    graphdef, params, rest = nnx.split(CAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)
-    tx = official_adam(1e-4)
-    opt_state = tx.init(params)
-    step = make_pretrain_step(graphdef, tx, dict(mask_ratio_a=0.75, mask_ratio_v=0.75))
-    rng = np.random.default_rng(0)
-    batch = {
-        "audio": rng.standard_normal((args.batch, 1024, 128), np.float32),
-        "image": rng.standard_normal((args.batch, 224, 224, 3), np.float32),
-    }
+    _, _, params, rest, opt_state, step, batch = full_size_pretraining(args.dtype, args.batch)
     compiled = step.lower(params, rest, opt_state, batch, jax.random.key(0)).compile()
     for i in range(2):  # warm-up
         params, opt_state, metrics = compiled(params, rest, opt_state, batch, jax.random.key(i))
