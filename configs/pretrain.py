@@ -54,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             decoder_depth=8,
             contrastive_groups=1,
             dtype="bfloat16",
+            remat=False,  # True: recompute block activations in backward (larger batches fit)
         )  # fmt: skip
     )
     config.model.update(ABLATIONS.get(name, {}))

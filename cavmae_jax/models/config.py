@@ -40,6 +40,7 @@ class ModelConfig:
     chain_shared_blocks: bool = False
     label_dim: int = 527  # classifier outputs (finetuning models only)
     dtype: str = "float32"  # compute dtype of matmuls; "bfloat16" on accelerators
+    remat: bool = False  # recompute block activations in the backward pass (saves memory)
 
     def __post_init__(self):
         if not 0 <= self.modality_specific_depth <= self.depth:
