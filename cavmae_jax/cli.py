@@ -1,4 +1,5 @@
-"""The ``cavmae`` command: ``pretrain``, ``retrieval``, ``export``, ``convert``, ``prepare``."""
+"""The ``cavmae`` command: ``pretrain``, ``finetune``, ``evaluate``, ``retrieval``, ``export``,
+``convert``, ``prepare``."""
 
 from __future__ import annotations
 
@@ -24,13 +25,51 @@ def _join_processes(args) -> None:
 
 
 def _pretrain(args, overrides):
-    from cavmae_jax.train.loop import pretrain
+    from cavmae_jax.train.pretrain import pretrain
 
     _join_processes(args)
     config = load_config(args.config)
     apply_overrides(config, overrides)
     metrics = pretrain(config, args.workdir)
     print(json.dumps(metrics))
+
+
+def _finetune(args, overrides):
+    from cavmae_jax.train.finetune import finetune
+
+    _join_processes(args)
+    config = load_config(args.config)
+    apply_overrides(config, overrides)
+    result = finetune(config, args.workdir)
+    if result:
+        print(json.dumps({k: v for k, v in result.items() if k not in ("AP", "AUC")}))
+        print(f"mAP {result['mAP']:.4f}, accuracy {result['acc']:.4f} over {result['clips']} clips")
+
+
+def _evaluate(args, overrides):
+    import jax
+
+    from cavmae_jax import convert
+    from cavmae_jax.train.evaluate import EVAL_FRAME, final_evaluation, replicated_logits_fn
+    from cavmae_jax.train.sharding import make_mesh
+
+    if overrides:
+        raise SystemExit(f"cavmae evaluate: unrecognised arguments {overrides}")
+    _join_processes(args)
+    model = convert.load_checkpoint(args.model)
+    mesh = make_mesh({"data": -1})
+    frames = tuple(range(10)) if args.frames == 10 else (EVAL_FRAME,)
+    result = final_evaluation(
+        replicated_logits_fn(model, mesh, args.mode), mesh, args.data, args.split,
+        args.batch_size, model.cfg.label_dim, args.metric == "mAP", frames,
+    )  # fmt: skip
+    if args.output and jax.process_index() == 0:
+        from pathlib import Path
+
+        Path(args.output).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("AP", "AUC")}))
+    print(f"{args.metric} {result[args.metric]:.4f} over {result['clips']} clips, "
+          f"{len(frames)} frame(s)")  # fmt: skip
 
 
 def _convert(args, overrides):
@@ -97,18 +136,35 @@ def _retrieval(args, overrides):
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cavmae", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pretrain CAV-MAE (overrides: --config.x=y)")
-    p.add_argument("--config", required=True, help="config file, optionally path:variant")
-    p.add_argument("--workdir", required=True)
+def _add_process_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", help="host:port of process 0 (multi-host runs)")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--distributed", action="store_true", help="auto-detected multi-host run")
     p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for peers")
-    p.set_defaults(run=_pretrain)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="cavmae", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, run, what in (("pretrain", _pretrain, "pretrain CAV-MAE"),
+                            ("finetune", _finetune, "finetune a classifier")):  # fmt: skip
+        p = sub.add_parser(name, help=f"{what} (overrides: --config.x=y)")
+        p.add_argument("--config", required=True, help="config file, optionally path:variant")
+        p.add_argument("--workdir", required=True)
+        _add_process_arguments(p)
+        p.set_defaults(run=run)
+    v = sub.add_parser("evaluate", help="classification statistics of a finetuned model")
+    v.add_argument("--model", required=True, help="model directory (e.g. WORKDIR/model)")
+    v.add_argument("--data", required=True, help="prepared dataset")
+    v.add_argument("--split", default="eval")
+    v.add_argument("--mode", default="multimodal", help="finetuning mode of the model")
+    v.add_argument("--metric", choices=["mAP", "acc"], default="mAP", help="sigmoid or softmax")
+    v.add_argument("--frames", type=int, choices=[1, 10], default=10, help="10-frame ensemble")
+    v.add_argument("--batch-size", type=int, default=48)
+    v.add_argument("--output", help="write the full statistics (per-class AP/AUC) as JSON")
+    _add_process_arguments(v)
+    v.set_defaults(run=_evaluate)
     c = sub.add_parser("convert", help="official .pth -> Orbax model, or back with --to-torch")
     c.add_argument("input")
     c.add_argument("output")

@@ -58,3 +58,25 @@ def features_forward(cfg: ModelConfig) -> int:
     d, mlp, p = cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size
     total = linear(len_a, p * p, d) + linear(len_v, p * p * cfg.in_chans, d)
     return total + cfg.depth * (block(len_a, d, mlp) + block(len_v, d, mlp))
+
+
+def finetune_forward(cfg: ModelConfig, mode: str = "multimodal") -> int:
+    """One clip through ``CAVMAEFT`` in ``mode`` (unmasked encoder and the classifier head)."""
+    len_a, len_v = _lengths(cfg)
+    d, mlp, p, msd = cfg.embed_dim, cfg.mlp_ratio, cfg.patch_size, cfg.modality_specific_depth
+    audio = linear(len_a, p * p, d) + msd * block(len_a, d, mlp)
+    visual = linear(len_v, p * p * cfg.in_chans, d) + msd * block(len_v, d, mlp)
+    shared = {
+        "multimodal": (audio + visual, block(len_a + len_v, d, mlp)),
+        "audioonly": (audio, block(len_a, d, mlp)),
+        "videoonly": (visual, block(len_v, d, mlp)),
+        "missingaudioonly": (audio, 2 * block(len_a, d, mlp)),
+        "missingvideoonly": (visual, 2 * block(len_v, d, mlp)),
+    }
+    encoders, shared_block = shared[mode]
+    return encoders + cfg.shared_depth * shared_block + linear(1, d, cfg.label_dim)
+
+
+def finetune_step(cfg: ModelConfig, mode: str = "multimodal") -> int:
+    """Forward + backward of one clip in finetuning ``mode``."""
+    return 3 * finetune_forward(cfg, mode)

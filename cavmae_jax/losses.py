@@ -70,3 +70,20 @@ def grouped_contrastive_loss(
     v = video_rep.reshape(groups, batch // groups, dim)
     losses, accs = jax.vmap(lambda x, y: contrastive_loss(x, y, bidirectional))(a, v)
     return jnp.sum(losses), jnp.mean(accs)
+
+
+def binary_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """``BCEWithLogitsLoss``: mean over batch x classes of soft-target binary cross-entropy
+    (the AudioSet finetuning loss). logits, targets: [B, K]."""
+    logits = logits.astype(jnp.float32)
+    return jnp.mean(jax.nn.softplus(logits) - targets * logits)
+
+
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """``CrossEntropyLoss`` with probability targets: batch mean of -sum_k t_k log softmax(z)_k
+    (the VGGSound finetuning loss; the official soft targets need not sum to 1)."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+
+
+CLASSIFICATION_LOSSES = {"bce": binary_cross_entropy, "ce": soft_cross_entropy}

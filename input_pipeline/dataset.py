@@ -46,15 +46,29 @@ class LoaderConfig:
     skip_norm: bool = False
     shuffle_buffer: int = 10_000
     drop_remainder: bool | None = None  # default: True in training, False in evaluation
+    # Balanced sampling (official ``--bal bal``): per-clip weights in split order, or None.
+    sample_weights: tuple[float, ...] | None = None
 
 
 def host_split(split: str, config: LoaderConfig) -> str:
-    """This host's disjoint share of ``split``."""
+    """This host's disjoint share of ``split``: equal shares in training, every clip (shares
+    differing by at most one) in evaluation."""
     if config.process_count == 1:
         return split
-    return tfds.even_splits(split, n=config.process_count, drop_remainder=True)[
-        config.process_index
-    ]
+    shares = tfds.even_splits(split, n=config.process_count, drop_remainder=config.train)
+    return shares[config.process_index]
+
+
+def label_sample_weights(data_dir: str, split: str) -> np.ndarray:
+    """The official balanced-sampling weights (``gen_weight_file.py``) of a prepared split:
+    with ``c_k`` the clips labelled k, a clip weighs the sum of ``1000 / (c_k + 0.01)`` over its
+    labels. Reads every record's labels once (the media are skipped, not decoded)."""
+    builder = tfds.builder_from_directory(str(data_dir))
+    skip = {name: tfds.decode.SkipDecoding() for name in builder.info.features if name != "label"}
+    labels = [r["label"] for r in tfds.as_numpy(builder.as_dataset(split=split, decoders=skip))]
+    counts = np.bincount(np.concatenate(labels), minlength=1) if labels else np.zeros(1)
+    class_weight = 1000.0 / (counts + 0.01)
+    return np.array([class_weight[clip].sum() for clip in labels])
 
 
 def _image(jpeg: tf.Tensor) -> tf.Tensor:
@@ -73,6 +87,12 @@ class Loader:
         self.split = host_split(split, config)
         self.num_examples = self.builder.info.splits[self.split].num_examples
         self.has_waveform = "waveform" in self.builder.info.features
+        weights = config.sample_weights
+        if weights is not None and len(weights) != self.num_examples:
+            raise ValueError(
+                f"{data_dir}: {len(weights)} sample weights for {self.num_examples} clips in "
+                f"split {self.split}"
+            )
         if config.train and self.num_examples < config.batch_size:
             raise ValueError(
                 f"{data_dir}: split {self.split} has {self.num_examples} clips, fewer than one "
@@ -139,10 +159,25 @@ class Loader:
             partner["audio_frames"], lam,
         )  # fmt: skip
 
+    def _weighted(self, records: tf.data.Dataset, epoch: tf.Tensor) -> tf.data.Dataset:
+        """An epoch of ``WeightedRandomSampler(weights, N, replacement=True)``: N draws by
+        weight (seeded per epoch); a clip drawn k times appears k times, before the shuffle."""
+        log_weights = tf.math.log(tf.constant(self.config.sample_weights, tf.float64))
+        seed = tf.stack([tf.cast(self.config.seed, tf.int64) + 104_729, epoch])
+        draws = tf.random.stateless_categorical(
+            log_weights[None], self.num_examples, seed, dtype=tf.int32
+        )[0]
+        counts = tf.math.bincount(draws, minlength=self.num_examples, dtype=tf.int64)
+        pairs = tf.data.Dataset.zip((records, tf.data.Dataset.from_tensor_slices(counts)))
+        return pairs.flat_map(lambda record, k: tf.data.Dataset.from_tensors(record).repeat(k))
+
     def _epoch(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
         cfg = self.config
         shuffle_seed = cfg.seed * 1_000_003 + epoch
-        records = self._records().shuffle(cfg.shuffle_buffer, seed=shuffle_seed)
+        records = self._records()
+        if cfg.sample_weights is not None:
+            records = self._weighted(records, epoch)
+        records = records.shuffle(cfg.shuffle_buffer, seed=shuffle_seed)
         streams = [tf.data.Dataset.range(self.num_examples), records]
         if cfg.mixup:
             partners = self._records().shuffle(cfg.shuffle_buffer, seed=shuffle_seed + 7919)

@@ -165,3 +165,29 @@ def test_float16_storage_error_is_small(tmp_path):
     )
     error = np.abs(batch["audio"][0] - exact)
     assert error.max() <= 0.008  # float16 spacing is 2^-7 for |x| in [8, 16)
+
+
+def test_balanced_sampling_draws_by_weight_with_official_label_weights(data_dir):
+    from input_pipeline.dataset import label_sample_weights
+
+    records = list(Loader(data_dir, "train", LoaderConfig(4, 4, train=False))._records()
+                   .as_numpy_iterator())  # fmt: skip
+    labels = [list(r["label"]) for r in records]
+    counts = {}
+    for clip in labels:
+        for k in clip:
+            counts[k] = counts.get(k, 0) + 1
+    expected = [sum(1000 / (counts[k] + 0.01) for k in clip) for clip in labels]
+    np.testing.assert_allclose(label_sample_weights(data_dir, "train"), expected, rtol=1e-12)
+
+    ids = [r["id"] for r in records]
+    weights = tuple([500.0] + [1.0] * (CLIPS - 1))  # clip 0 is ~98% of the draws
+    loader = Loader(data_dir, "train", train_config(mixup=0.0, sample_weights=weights))
+    epochs = 4
+    drawn = np.concatenate([b["id"] for b in batches(loader, epochs * CLIPS // 4)])
+    assert len(drawn) == epochs * CLIPS
+    assert np.mean(drawn == ids[0]) > 0.9
+    again = np.concatenate([b["id"] for b in batches(loader, epochs * CLIPS // 4)])
+    np.testing.assert_array_equal(drawn, again)
+    with pytest.raises(ValueError, match="2 sample weights for 12 clips"):
+        Loader(data_dir, "train", train_config(sample_weights=(1.0, 2.0)))

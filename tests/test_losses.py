@@ -94,3 +94,21 @@ def test_grouped_loss_is_sum_of_group_losses():
     assert float(acc) == pytest.approx(np.mean([p[1] for p in parts]))
     with pytest.raises(ValueError, match="does not split"):
         losses.grouped_contrastive_loss(a, v, 5)
+
+
+def test_classification_losses_match_numpy_and_torch():
+    import torch
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((6, 5)).astype(np.float32) * 4
+    targets = rng.random((6, 5)).astype(np.float32) * 0.9  # soft, not normalised
+    sigmoid = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    bce = -np.mean(targets * np.log(sigmoid) + (1 - targets) * np.log(1 - sigmoid))
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted.astype(np.float64)).sum(axis=1, keepdims=True))
+    ce = -np.mean(np.sum(targets * log_softmax, axis=1))
+    assert float(losses.binary_cross_entropy(logits, targets)) == pytest.approx(bce, rel=1e-5)
+    assert float(losses.soft_cross_entropy(logits, targets)) == pytest.approx(ce, rel=1e-5)
+    t_logits, t_targets = torch.from_numpy(logits), torch.from_numpy(targets)
+    assert float(torch.nn.BCEWithLogitsLoss()(t_logits, t_targets)) == pytest.approx(bce, rel=1e-5)
+    assert float(torch.nn.CrossEntropyLoss()(t_logits, t_targets)) == pytest.approx(ce, rel=1e-5)

@@ -6,42 +6,60 @@ import json
 from pathlib import Path
 
 
-def plot_losses(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Loss terms and contrastive accuracy against the step, from ``metrics.jsonl``."""
+def _rows(path: Path) -> list[dict]:
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line]
+        if path.exists()
+        else []
+    )
+
+
+def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
+    """Training loss terms (left) and accuracies (right: contrastive ``c_acc``, validation
+    metrics) against the step, from ``metrics.jsonl`` and ``validation.jsonl``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
+    workdir = Path(workdir)
+    rows, valid = _rows(workdir / "metrics.jsonl"), _rows(workdir / "validation.jsonl")
     steps = [r["step"] for r in rows]
     fig, (losses, accuracy) = plt.subplots(1, 2, figsize=(10, 3.5))
     for name in ("loss", "loss_mae_a", "loss_mae_v"):
-        losses.plot(steps, [r[name] for r in rows], label=name)
-    losses.plot(steps, [100 * r["loss_c"] for r in rows], label="100 x loss_c")
-    losses.set_xlabel("step")
-    losses.legend()
-    accuracy.plot(steps, [r["c_acc"] for r in rows], label="c_acc")
-    accuracy.set_xlabel("step")
+        if rows and name in rows[0]:
+            losses.plot(steps, [r[name] for r in rows], label=name)
+    if rows and "loss_c" in rows[0]:
+        losses.plot(steps, [100 * r["loss_c"] for r in rows], label="100 x loss_c")
+    if rows and "c_acc" in rows[0]:
+        accuracy.plot(steps, [r["c_acc"] for r in rows], label="c_acc")
+    for name in ("mAP", "acc"):
+        if valid:
+            accuracy.plot([r["step"] for r in valid], [r[name] for r in valid], "o-",
+                          label=f"validation {name}")  # fmt: skip
+    for axis in (losses, accuracy):
+        axis.set_xlabel("step")
+        axis.legend()
     accuracy.set_ylim(0, 1)
-    accuracy.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` and writes the same scalars
-    as TensorBoard summaries under ``tensorboard/`` (process 0 only; others write nothing)."""
+    """Appends one JSON object per logged step to ``<stem>.jsonl`` and writes the same scalars
+    as TensorBoard summaries under ``tensorboard/`` (``tensorboard/<stem>`` for other logs than
+    the training metrics); process 0 only, others write nothing."""
 
-    def __init__(self, workdir: Path, active: bool):
+    def __init__(self, workdir: Path, active: bool, stem: str = "metrics"):
         self.active = active
         if active:
             import tensorflow as tf
 
             self._tf = tf
-            self._log = open(workdir / "metrics.jsonl", "a")
-            self._summary = tf.summary.create_file_writer(str(workdir / "tensorboard"))
+            self._log = open(workdir / f"{stem}.jsonl", "a")
+            board = workdir / "tensorboard" / ("" if stem == "metrics" else stem)
+            self._summary = tf.summary.create_file_writer(str(board))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:

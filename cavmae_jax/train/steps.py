@@ -1,4 +1,4 @@
-"""Pure, jitted training steps over a split model: (params, rest, opt_state) in, updated out."""
+"""Pure, jitted steps over a split model: (params, rest, opt_state) in, updated out."""
 
 from __future__ import annotations
 
@@ -9,26 +9,20 @@ import jax
 import optax
 from flax import nnx
 
+from cavmae_jax.losses import CLASSIFICATION_LOSSES
+
 SCALARS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
 
 
-def make_pretrain_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    mask_kwargs: dict[str, Any],
-    shardings: tuple | None = None,
+def _jit_train_step(
+    loss_fn: Callable, tx: optax.GradientTransformation, shardings: tuple | None
 ) -> Callable:
-    """A jitted step ``(params, rest, opt_state, batch, key) -> (params, opt_state, metrics)``.
+    """A jitted ``(params, rest, opt_state, batch, key) -> (params, opt_state, metrics)`` from
+    ``loss_fn(params, rest, batch, key) -> (loss, metrics)``.
 
-    ``params`` are the trainable ``nnx.Param`` leaves; ``rest`` holds fixed tables. The params and
-    optimizer state buffers are donated, so a step reuses their memory. ``shardings`` =
-    (param shardings, optimizer-state shardings) keeps the updated state in its mesh layout.
-    """
-
-    def loss_fn(params, rest, batch, key):
-        model = nnx.merge(graphdef, params, rest)
-        out = model(batch["audio"], batch["image"], key=key, **mask_kwargs)
-        return out["loss"], {name: out[name] for name in SCALARS}
+    The params and optimizer state buffers are donated, so a step reuses their memory.
+    ``shardings`` = (param shardings, optimizer-state shardings) keeps the updated state in its
+    mesh layout."""
 
     def step(params, rest, opt_state, batch, key):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params, rest, batch, key)
@@ -39,3 +33,49 @@ def make_pretrain_step(
 
     out_shardings = None if shardings is None else (shardings[0], shardings[1], None)
     return jax.jit(step, donate_argnums=(0, 2), out_shardings=out_shardings)
+
+
+def make_pretrain_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    mask_kwargs: dict[str, Any],
+    shardings: tuple | None = None,
+) -> Callable:
+    """CAV-MAE pretraining step: the model's own loss under fresh random masks (``key``).
+    ``params`` are the trainable ``nnx.Param`` leaves; ``rest`` holds fixed tables."""
+
+    def loss_fn(params, rest, batch, key):
+        model = nnx.merge(graphdef, params, rest)
+        out = model(batch["audio"], batch["image"], key=key, **mask_kwargs)
+        return out["loss"], {name: out[name] for name in SCALARS}
+
+    return _jit_train_step(loss_fn, tx, shardings)
+
+
+def make_finetune_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    mode: str,
+    loss: str,
+    shardings: tuple | None = None,
+) -> Callable:
+    """Classification step: ``loss`` ("bce" or "ce") of the logits in finetuning ``mode``
+    against the batch's soft labels (``key`` is unused: finetuning draws no masks)."""
+    loss_of = CLASSIFICATION_LOSSES[loss]
+
+    def loss_fn(params, rest, batch, key):
+        logits = nnx.merge(graphdef, params, rest)(batch["audio"], batch["image"], mode=mode)
+        value = loss_of(logits, batch["label"])
+        return value, {"loss": value}
+
+    return _jit_train_step(loss_fn, tx, shardings)
+
+
+def make_logits_step(graphdef: nnx.GraphDef, mode: str) -> Callable:
+    """Jitted ``(params, rest, batch) -> {"logits": [B, K]}`` for evaluation."""
+
+    def logits(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        return {"logits": model(batch["audio"], batch["image"], mode=mode)}
+
+    return jax.jit(logits)

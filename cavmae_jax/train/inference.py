@@ -1,0 +1,75 @@
+"""Batched inference on the mesh: host batches in, every host's outputs gathered, in order.
+
+Evaluation must see every clip (no ``drop_last``) while a sharded step needs full, equal batches
+on every host: a short last batch is padded and hosts with fewer batches feed padding batches;
+a ``valid`` mask travels with the batch and padded rows are dropped after the gather.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from cavmae_jax.train.sharding import global_batch
+
+
+def batches_per_host(total: int, local_batch: int, drop_last: bool) -> int:
+    """Batches every host runs over a split of ``total`` clips shared between the hosts:
+    all clips (padded), or only full batches as the official per-epoch validation."""
+    hosts = jax.process_count()
+    if drop_last:
+        return (total // hosts) // local_batch
+    return math.ceil(math.ceil(total / hosts) / local_batch)
+
+
+def _padded(batches: Iterable[Mapping[str, np.ndarray]], keys, local_batch: int, count: int
+            ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+    """Exactly ``count`` batches of ``local_batch`` rows with a ``valid`` mask; short or missing
+    batches are zero-padded (shapes taken from the first batch)."""
+    template = None
+    iterator = iter(batches)
+    for _ in range(count):
+        local = next(iterator, None)
+        if local is not None:
+            template = {k: np.asarray(local[k]) for k in keys}
+            rows = len(template[keys[0]])
+        else:
+            rows = 0
+        if template is None:
+            raise ValueError("no batch to evaluate: the split is empty")
+        out = {}
+        for k in keys:
+            value = template[k] if rows else template[k][:0]
+            pad = np.zeros((local_batch - rows, *value.shape[1:]), value.dtype)
+            out[k] = np.concatenate([value, pad])
+        out["valid"] = np.arange(local_batch) < rows
+        yield out
+
+
+def gather_outputs(
+    apply: Callable[[dict], Mapping[str, jax.Array]],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    mesh: Mesh,
+    local_batch: int,
+    count: int,
+    keys=("audio", "image", "label"),
+) -> dict[str, np.ndarray]:
+    """Run ``apply(global batch) -> {name: [B, ...]}`` over ``count`` padded host batches and
+    return every output, plus the batch's ``label``, for the valid rows of all hosts."""
+    collected: dict[str, list[np.ndarray]] = {}
+    for local in _padded(batches, list(keys), local_batch, count):
+        batch = global_batch(local, mesh)
+        outputs = dict(apply(batch))
+        outputs.update(
+            valid=batch["valid"], **({"label": batch["label"]} if "label" in batch else {})
+        )
+        gathered = multihost_utils.process_allgather(outputs, tiled=True)
+        valid = np.asarray(gathered.pop("valid"), bool)
+        for name, value in gathered.items():
+            collected.setdefault(name, []).append(np.asarray(value)[valid])
+    return {name: np.concatenate(parts) for name, parts in collected.items()}
