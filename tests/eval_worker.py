@@ -1,0 +1,41 @@
+"""Evaluate a small CAVMAEFT on a prepared dataset over a mesh and print the logits as JSON.
+
+Executed in subprocesses by test_finetune.py (fake CPU devices must be set before JAX starts):
+``python tests/eval_worker.py DATA_DIR GLOBAL_BATCH``; with ``CAVMAE_COORDINATOR``,
+``CAVMAE_PROCESSES`` and ``CAVMAE_PROCESS_ID`` it first joins a multi-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+from flax import nnx
+
+from cavmae_jax.models import CAVMAEFT, ModelConfig
+from cavmae_jax.train.evaluate import replicated_logits_fn, split_logits
+from cavmae_jax.train.sharding import make_mesh
+
+SMALL = ModelConfig(embed_dim=32, depth=2, modality_specific_depth=1, num_heads=2, label_dim=4)
+
+
+def main(data_dir: str, batch_size: int) -> None:
+    if "CAVMAE_COORDINATOR" in os.environ:
+        jax.distributed.initialize(
+            coordinator_address=os.environ["CAVMAE_COORDINATOR"],
+            num_processes=int(os.environ["CAVMAE_PROCESSES"]),
+            process_id=int(os.environ["CAVMAE_PROCESS_ID"]),
+            initialization_timeout=60,
+        )
+    mesh = make_mesh({"data": -1})
+    logits_of = replicated_logits_fn(CAVMAEFT(SMALL, nnx.Rngs(0)), mesh, "multimodal")
+    out = split_logits(logits_of, mesh, data_dir, "train", batch_size, SMALL.label_dim)
+    order = out["label"].argmax(1)  # labels travel with their logits
+    print(json.dumps({"devices": len(jax.devices()), "logits": out["logits"].tolist(),
+                      "label": order.tolist()}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

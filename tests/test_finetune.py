@@ -1,0 +1,159 @@
+"""Finetuning and evaluation: the recipe end to end, weight averaging, resume, sharded eval."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from cavmae_jax import convert, evaluation
+from input_pipeline import prepare, synthetic
+from input_pipeline.dataset import Loader, LoaderConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_WORKER = Path(__file__).with_name("eval_worker.py")
+CLIPS, CLASSES, BATCH, EPOCHS = 12, 4, 4, 3  # 3 steps per epoch, 9 steps
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft-data")
+    clips = synthetic.generate(root / "videos", clips=CLIPS, classes=CLASSES, seed=6)
+    prepare.prepare(clips, root / "ds", labels=root / "videos" / "labels.csv", progress=False)
+    return root / "ds"
+
+
+def command(workdir: Path, dataset: Path) -> list[str]:
+    return [sys.executable, "-m", "cavmae_jax.cli", "finetune", "--config",
+            "configs/finetune.py:as20k,tiny", "--workdir", str(workdir),
+            f"--config.data.dir={dataset}", "--config.data.generate=False",
+            f"--config.data.classes={CLASSES}", f"--config.model.label_dim={CLASSES}",
+            f"--config.batch_size={BATCH}", f"--config.epochs={EPOCHS}", "--config.log_every=1",
+            "--config.checkpoint_every=3", "--config.data.balanced=True"]  # fmt: skip
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """Leaves by path, with Orbax's ``value`` wrappers and key quoting removed."""
+    return {re.sub(r"\['value'\]|'", "", jax.tree_util.keystr(path)): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
+
+
+def saved_params(workdir: Path, step: int) -> dict[str, np.ndarray]:
+    with ocp.StandardCheckpointer() as checkpointer:
+        return flat(checkpointer.restore(workdir / "checkpoints" / str(step) / "state")["params"])
+
+
+def model_params(workdir: Path) -> dict[str, np.ndarray]:
+    return flat(nnx.to_pure_dict(nnx.state(convert.load_checkpoint(workdir / "model"), nnx.Param)))
+
+
+@pytest.fixture(scope="module")
+def finetuned(dataset, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("ft")
+    subprocess.run(command(workdir, dataset), cwd=ROOT, check=True, capture_output=True)
+    return workdir
+
+
+def test_finetune_validates_each_epoch_and_averages_the_recipe_epochs(finetuned):
+    rows = [json.loads(x) for x in (finetuned / "validation.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["step"] for r in rows] == [3, 6, 9]
+    assert {"mAP", "mAUC", "d_prime", "acc", "valid_loss"} <= set(rows[0])
+    # tiny recipe: weight averaging over epochs 2..3 = the parameters saved at steps 6 and 9
+    epoch2, epoch3, averaged = (
+        saved_params(finetuned, 6),
+        saved_params(finetuned, 9),
+        model_params(finetuned),
+    )
+    assert averaged.keys() == epoch3.keys()
+    for name, value in averaged.items():
+        np.testing.assert_allclose(value, (epoch2[name] + epoch3[name]) / 2, rtol=1e-6, atol=1e-7)
+    result = json.loads((finetuned / "evaluation.json").read_text())
+    assert [f["frame"] for f in result["per_frame"]] == list(range(10)) and result["clips"] == CLIPS
+    assert len(result["AP"]) == CLASSES and (finetuned / "loss.png").exists()
+
+
+def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, capsys, tmp_path):
+    """One frame: the statistics of logits computed here, batch by batch, without the mesh code;
+    ten frames: the finetuning run's own final evaluation."""
+    from cavmae_jax import cli
+
+    cli.main(["evaluate", "--model", str(finetuned / "model"), "--data", str(dataset),
+              "--split", "train", "--frames", "1", "--batch-size", "8"])  # fmt: skip
+    one = json.loads(capsys.readouterr().out.splitlines()[0])
+    model = convert.load_checkpoint(finetuned / "model")
+    logits, labels = [], []
+    for batch in Loader(dataset, "train", LoaderConfig(5, CLASSES, train=False)):
+        logits.append(np.asarray(model(batch["audio"], batch["image"])))
+        labels.append(batch["label"])
+    expected = evaluation.classification_stats(np.concatenate(logits), np.concatenate(labels))
+    assert one["clips"] == CLIPS
+    for name in ("mAP", "mAUC", "acc"):
+        assert one[name] == pytest.approx(expected[name], abs=1e-6)
+    cli.main(["evaluate", "--model", str(finetuned / "model"), "--data", str(dataset),
+              "--split", "train", "--batch-size", "8", "--output", str(tmp_path / "e.json")])  # fmt: skip
+    ten = json.loads((tmp_path / "e.json").read_text())
+    final = json.loads((finetuned / "evaluation.json").read_text())
+    assert ten["mAP"] == pytest.approx(final["mAP"], abs=1e-6)
+    np.testing.assert_allclose(ten["AP"], final["AP"], atol=1e-6)
+
+
+def test_sigkill_during_finetuning_resumes_to_the_same_model(finetuned, dataset, tmp_path):
+    """Killed after the epoch-2 checkpoint (which holds the averaging sum), then restarted."""
+    process = subprocess.Popen(command(tmp_path, dataset), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    metrics = tmp_path / "metrics.jsonl"
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 7:
+        assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    subprocess.run(command(tmp_path, dataset), cwd=ROOT, check=True, capture_output=True)
+    resumed, straight = model_params(tmp_path), model_params(finetuned)
+    for name, value in straight.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+    validation = (tmp_path / "validation.jsonl").read_text()
+    assert validation == (finetuned / "validation.jsonl").read_text()
+
+
+def run_eval_worker(dataset: Path, devices: int, extra_env=None, batch: int = 8):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               **(extra_env or {}))  # fmt: skip
+    return subprocess.Popen([sys.executable, str(EVAL_WORKER), str(dataset), str(batch)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def result_of(process) -> dict:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    order = np.lexsort(np.asarray(result["logits"]).T)  # hosts interleave rows: compare as sets
+    return {"devices": result["devices"], "logits": np.asarray(result["logits"])[order],
+            "label": np.asarray(result["label"])[order]}  # fmt: skip
+
+
+def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset):
+    """12 clips, global batch 8: one device, 8 fake devices and 2 processes x 2 devices give the
+    same logits for every clip (the short last batches are padded, then dropped)."""
+    single = result_of(run_eval_worker(dataset, 1))
+    assert len(single["logits"]) == CLIPS
+    eight = result_of(run_eval_worker(dataset, 8))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hosts = [run_eval_worker(dataset, 2, dict(CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
+                                              CAVMAE_PROCESSES="2", CAVMAE_PROCESS_ID=str(pid)))
+             for pid in range(2)]  # fmt: skip
+    for result in [eight] + [result_of(p) for p in hosts]:
+        assert result["devices"] in (8, 4)
+        np.testing.assert_allclose(result["logits"], single["logits"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(result["label"], single["label"])
