@@ -76,6 +76,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.mode = mode or recipe["mode"]
     config.loss = recipe["loss"]  # bce (mAP tasks) | ce (accuracy tasks)
+    # final evaluation: 10 = mean over frames 0..9 (official); 1 = frame 5 (audio-only models)
+    config.eval_frames = 1 if config.mode == "audioonly" else 10
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding = "dp"
     config.init = ""  # pretrained .pth / model dir ("" = random init)

@@ -100,9 +100,10 @@ def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, ca
     assert one["clips"] == CLIPS
     for name in ("mAP", "mAUC", "acc"):
         assert one[name] == pytest.approx(expected[name], abs=1e-6)
+    output = tmp_path / "e.json"
     cli.main(["evaluate", "--model", str(finetuned / "model"), "--data", str(dataset),
-              "--split", "train", "--batch-size", "8", "--output", str(tmp_path / "e.json")])  # fmt: skip
-    ten = json.loads((tmp_path / "e.json").read_text())
+              "--split", "train", "--batch-size", "8", "--output", str(output)])  # fmt: skip
+    ten = json.loads(output.read_text())
     final = json.loads((finetuned / "evaluation.json").read_text())
     assert ten["mAP"] == pytest.approx(final["mAP"], abs=1e-6)
     np.testing.assert_allclose(ten["AP"], final["AP"], atol=1e-6)

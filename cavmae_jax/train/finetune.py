@@ -67,11 +67,9 @@ def training_loader(config: ml_collections.ConfigDict, data_dir: Path, workdir: 
     return Loader(data_dir, data.train_split, loader_config)
 
 
-def finetune(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
-    """Finetune ``CAVMAEFT`` for ``config.epochs`` epochs in ``workdir`` (resuming if possible)
-    and return the final evaluation (``evaluation.json``)."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+def finetuning_setup(config: ml_collections.ConfigDict, workdir: Path, validation: MetricsWriter):
+    """(sharded state, jitted step, loop hooks, evaluation dataset) of a finetuning run; the
+    hooks validate each epoch into ``validation`` and keep the weight-averaging sum."""
     data_dir = prepared_dataset(config, workdir)
     eval_dir = Path(config.data.eval_dir) if config.data.eval_dir else data_dir
     loader = training_loader(config, data_dir, workdir)
@@ -86,7 +84,6 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     shardings = (ts.param_shardings, ts.opt_shardings)
     step_fn = make_finetune_step(ts.graphdef, ts.tx, config.mode, config.loss, shardings)
     logits_step = make_logits_step(ts.graphdef, config.mode)
-    validation = MetricsWriter(workdir, active=jax.process_index() == 0, stem="validation")
     wa_sum = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p), out_shardings=ts.param_shardings)
 
     def end_of_epoch(step: int, state: dict) -> None:
@@ -110,7 +107,17 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         extra_state={"wa_sum": wa_sum(ts.params), "wa_count": jnp.zeros((), jnp.int32)},
         after_step=end_of_epoch,
     )
+    return ts, step_fn, hooks, eval_dir
+
+
+def finetune(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Finetune ``CAVMAEFT`` for ``config.epochs`` epochs in ``workdir`` (resuming if possible)
+    and return the final evaluation (``evaluation.json``)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    validation = MetricsWriter(workdir, active=jax.process_index() == 0, stem="validation")
     try:
+        ts, step_fn, hooks, eval_dir = finetuning_setup(config, workdir, validation)
         state, _, finished = train(config, workdir, ts, step_fn, hooks)
     finally:
         validation.close()
@@ -120,10 +127,12 @@ def finetune(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if config.wa and int(state["wa_count"]):
         params = jax.tree.map(lambda s: s / state["wa_count"], state["wa_sum"])
     model = ts.model(params)
-    frames = (EVAL_FRAME,) if config.mode == "audioonly" else tuple(range(10))
+    logits_step = make_logits_step(ts.graphdef, config.mode)
+    frames = tuple(range(10)) if config.eval_frames == 10 else (EVAL_FRAME,)
     result = final_evaluation(
         lambda batch: logits_step(params, ts.rest, batch), ts.mesh, eval_dir,
-        config.data.eval_split, config.batch_size, cfg.label_dim, config.loss == "bce", frames,
+        config.data.eval_split, config.batch_size, config.model.label_dim, config.loss == "bce",
+        frames,
     )  # fmt: skip
     if jax.process_index() == 0:
         convert.save_checkpoint(model, workdir / "model")

@@ -109,6 +109,7 @@ def build_state(
     """Model created sharded on the mesh of ``config.mesh`` (then overwritten with
     ``load_init(config.init)`` if set), optimizer state created in the parameters' layout."""
     mesh = sharding.make_mesh(config.mesh.to_dict())
+    sharding.check_batch_size(config.batch_size, mesh)
     rules = sharding.RULES[config.sharding]
     model = sharding.create_sharded(make_model, mesh, rules)
     if config.init:

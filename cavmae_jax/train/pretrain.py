@@ -27,13 +27,8 @@ def training_batches(config: ml_collections.ConfigDict, data_dir: Path):
     return Loader(data_dir, "train", loader_config).iterate_from
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
-    """Pretrain ``CAVMAE`` for ``config.num_steps`` steps in ``workdir`` (resuming if possible).
-    Metrics go to ``workdir/metrics.jsonl`` (and ``loss.png``), checkpoints to
-    ``workdir/checkpoints`` and the final model to ``workdir/model`` (Orbax). Returns the last
-    logged metrics."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+def pretraining_setup(config: ml_collections.ConfigDict, workdir: Path):
+    """(sharded state, jitted step, loop hooks) of a pretraining run."""
     data_dir = prepared_dataset(config, workdir)
     cfg = ModelConfig(**config.model.to_dict())
     ts = build_state(
@@ -54,6 +49,17 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str
         clip_flops=flops.pretrain_step(cfg, config.mask_ratio_a, config.mask_ratio_v),
         shown=("loss", "c_acc"),
     )
+    return ts, step_fn, hooks
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, float]:
+    """Pretrain ``CAVMAE`` for ``config.num_steps`` steps in ``workdir`` (resuming if possible).
+    Metrics go to ``workdir/metrics.jsonl`` (and ``loss.png``), checkpoints to
+    ``workdir/checkpoints`` and the final model to ``workdir/model`` (Orbax). Returns the last
+    logged metrics."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ts, step_fn, hooks = pretraining_setup(config, workdir)
     state, logged, finished = train(config, workdir, ts, step_fn, hooks)
     if finished and jax.process_index() == 0:
         convert.save_checkpoint(ts.model(state["params"]), workdir / "model")

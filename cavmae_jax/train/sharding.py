@@ -90,6 +90,16 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, param_sharding
     return jax.tree_util.tree_map_with_path(sharding, abstract)
 
 
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over the batch axes (and over the hosts)."""
+    shards = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
+    if batch_size % shards or batch_size % jax.process_count():
+        raise ValueError(
+            f"global batch {batch_size} does not split over {shards} batch shards "
+            f"(mesh data x fsdp) and {jax.process_count()} host(s)"
+        )
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This host's part of the batch -> global arrays split over the batch axes of ``mesh``."""
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
