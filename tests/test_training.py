@@ -65,25 +65,18 @@ def uninterrupted(dataset, tmp_path_factory):
     return final_parameters(workdir)
 
 
-@pytest.mark.parametrize("kill_at", [3, 6])
-def test_sigkill_and_restart_ends_with_the_same_parameters(
-    dataset, uninterrupted, tmp_path, kill_at
-):
-    start_and_stop(tmp_path, dataset, kill_at, signal.SIGKILL)
+def test_killed_and_preempted_runs_end_with_the_same_parameters(dataset, uninterrupted, tmp_path):
+    """One workdir, three interruptions: SIGKILL after step 2 (losing the steps since the last
+    checkpoint), SIGTERM after step 4 (saves where it stands, exits 0), SIGKILL after step 6."""
+    start_and_stop(tmp_path, dataset, 2, signal.SIGKILL)
+    process = start_and_stop(tmp_path, dataset, 4, signal.SIGTERM)
+    assert process.returncode == 0
+    saved = int(process.stdout.read().split("SIGTERM: saved step ")[1].split(",")[0])
+    assert saved >= 4 and (tmp_path / "checkpoints" / str(saved)).is_dir()
+    start_and_stop(tmp_path, dataset, 6, signal.SIGKILL)
     assert not (tmp_path / "model").exists()
     subprocess.run(command(tmp_path, dataset), cwd=ROOT, check=True, capture_output=True)
     assert logged_steps(tmp_path) == list(range(1, STEPS + 1))
-    resumed = final_parameters(tmp_path)
-    for name, value in uninterrupted.items():
-        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
-
-
-def test_sigterm_saves_and_exits_cleanly(dataset, uninterrupted, tmp_path):
-    process = start_and_stop(tmp_path, dataset, 3, signal.SIGTERM)
-    assert process.returncode == 0
-    saved = int(process.stdout.read().split("SIGTERM: saved step ")[1].split(",")[0])
-    assert saved >= 3 and (tmp_path / "checkpoints" / str(saved)).is_dir()
-    subprocess.run(command(tmp_path, dataset), cwd=ROOT, check=True, capture_output=True)
     resumed = final_parameters(tmp_path)
     for name, value in uninterrupted.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)

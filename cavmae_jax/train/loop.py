@@ -166,6 +166,23 @@ def train(config: ml_collections.ConfigDict, workdir: Path, ts: TrainState, step
     logged: dict[str, float] = {}
     clock, clock_step = time.perf_counter(), start
     writer = MetricsWriter(workdir, active=jax.process_index() == 0)
+
+    def log_metrics(step: int, metrics: dict) -> dict[str, float]:
+        """Write the step's metrics with rates since the last log; stop on a non-finite one."""
+        nonlocal clock, clock_step
+        values = {name: float(value) for name, value in metrics.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"non-finite metrics at step {step}: {values}")
+        now = time.perf_counter()
+        clips_per_s = (step - clock_step) * config.batch_size / (now - clock)
+        tflops = clips_per_s * hooks.clip_flops / 1e12
+        mfu = tflops / (config.peak_tflops * ts.mesh.size)
+        values.update(step=step, lr=float(ts.schedule(step - 1)), clips_per_s=clips_per_s,
+                      tflops=tflops, mfu=mfu)  # fmt: skip
+        clock, clock_step = now, step
+        writer.write(step, values)
+        return values
+
     try:
         with tqdm(initial=start, total=config.num_steps, disable=jax.process_index()) as bar:
             for step in range(start + 1, config.num_steps + 1):
@@ -178,27 +195,16 @@ def train(config: ml_collections.ConfigDict, workdir: Path, ts: TrainState, step
                 bar.update()
                 if hooks.after_step:
                     hooks.after_step(step, state)
-                periodic = step % config.checkpoint_every == 0 or step == config.num_steps
-                if periodic or preemption.requested:
+                stop = preemption.requested  # read once: log, save and exit agree
+                if step % config.log_every == 0 or step == config.num_steps:
+                    logged = log_metrics(step, metrics)
+                    bar.set_postfix({name: f"{logged[name]:.4f}" for name in hooks.shown})
+                if step % config.checkpoint_every == 0 or step == config.num_steps or stop:
                     meta = {"step": step, "data_batch": step, "config": config.to_dict()}
-                    checkpointer.save(step, state, meta, force=preemption.requested)
-                if preemption.requested:
+                    checkpointer.save(step, state, meta, force=stop)
+                if stop:
                     print(f"SIGTERM: saved step {step}, exiting")
                     break
-                if step % config.log_every and step != config.num_steps:
-                    continue
-                logged = {name: float(value) for name, value in metrics.items()}
-                if not all(math.isfinite(v) for v in logged.values()):
-                    raise FloatingPointError(f"non-finite metrics at step {step}: {logged}")
-                now = time.perf_counter()
-                clips_per_s = (step - clock_step) * config.batch_size / (now - clock)
-                tflops = clips_per_s * hooks.clip_flops / 1e12
-                mfu = tflops / (config.peak_tflops * ts.mesh.size)
-                logged.update(step=step, lr=float(ts.schedule(step - 1)), clips_per_s=clips_per_s,
-                              tflops=tflops, mfu=mfu)  # fmt: skip
-                clock, clock_step = now, step
-                writer.write(step, logged)
-                bar.set_postfix({name: f"{logged[name]:.4f}" for name in hooks.shown})
     finally:
         writer.close()
         checkpointer.close()
