@@ -66,7 +66,9 @@ def setup(kind: str, config, workdir: Path, steps: int):
 
 def bare_rate(ts, step_fn, hooks, batch: int, steps: int) -> float:
     """clips/s of the jitted step alone, repeated on one device-resident batch."""
-    local = next(hooks.batches_from(0))
+    stream = hooks.batches_from(0)
+    local = next(stream)
+    del stream  # stops the loader's prefetching threads: the bare step runs alone
     data = sharding.global_batch({k: local[k] for k in hooks.batch_keys}, ts.mesh)
     params, opt_state = ts.params, ts.opt_state
     for i in range(WARMUP + steps):
