@@ -1,0 +1,160 @@
+"""Prototype discovery on a memory bank of clip embeddings (PCAV-MAE, docs/pcavmae.md).
+
+Two ways to find prototypes, both deterministic given a seed:
+  * density peaks (the paper's reading of xDNN): a clip is a prototype when its kernel density
+    is the highest among its ``neighbours`` nearest clips; each prototype is a real clip, and a
+    larger neighbourhood gives fewer, coarser prototypes (granularity);
+  * k-means (Prototypical Contrastive Learning): k-means++ seeding and Lloyd iterations, one
+    clustering per granularity ``k``.
+Every clip is then assigned to its nearest prototype, and each prototype gets the concentration
+gamma of eq. (2). All distance work is chunked (``chunk`` bank rows at a time): memory grows
+with N x chunk, never N x N, so AS-2M-size banks fit; the query axis of every chunked pass can be
+sharded over a mesh (the bank is replicated).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CHUNK = 4096
+
+
+def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
+    extra = (-x.shape[0]) % multiple
+    return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
+
+
+def _over_bank_chunks(fn, init, bank: jax.Array, chunk: int):
+    """Fold ``fn(carry, bank_chunk, valid)`` over row chunks of ``bank`` (zero rows padded,
+    ``valid`` marks the real ones)."""
+    n = bank.shape[0]
+    chunk = min(chunk, n)
+    padded = _pad_rows(bank, chunk).reshape(-1, chunk, bank.shape[1])
+    valid = (jnp.arange(padded.shape[0] * chunk) < n).reshape(-1, chunk)
+    return jax.lax.scan(lambda c, xs: (fn(c, *xs), None), init, (padded, valid))[0]
+
+
+def _per_query_chunk(fn, queries: jax.Array, chunk: int):
+    """``fn(query_chunk)`` over row chunks of ``queries``, results concatenated: with the
+    inner bank chunks, one pass holds a chunk x chunk block of distances at a time."""
+    n = queries.shape[0]
+    chunk = min(chunk, n)
+    blocks = _pad_rows(queries, chunk).reshape(-1, chunk, queries.shape[1])
+    out = jax.lax.map(fn, blocks)
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:n], out)
+
+
+def _sq_dists(queries: jax.Array, rows: jax.Array) -> jax.Array:
+    """Squared Euclidean distances [Q, R] (clamped at 0 against rounding)."""
+    q2 = jnp.sum(queries**2, axis=1, keepdims=True)
+    r2 = jnp.sum(rows**2, axis=1)
+    return jnp.maximum(q2 - 2 * queries @ rows.T + r2, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def kernel_density(queries: jax.Array, bank: jax.Array, bandwidth: float, chunk: int = CHUNK):
+    """Gaussian kernel density of each query [Q] over the bank [N, D]."""
+
+    def density(block):
+        def add(total, rows, valid):
+            weights = jnp.exp(-_sq_dists(block, rows) / (2 * bandwidth**2))
+            return total + jnp.sum(jnp.where(valid, weights, 0.0), axis=1)
+
+        return _over_bank_chunks(add, jnp.zeros(block.shape[0]), bank, chunk)
+
+    return _per_query_chunk(density, queries, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("neighbours", "chunk"))
+def nearest_neighbours(queries: jax.Array, bank: jax.Array, neighbours: int, chunk: int = CHUNK):
+    """Indices [Q, neighbours] of each query's nearest bank rows (itself included)."""
+
+    def nearest(block):
+        q = block.shape[0]
+        init = (jnp.full((q, neighbours), jnp.inf), jnp.zeros((q, neighbours), jnp.int32), 0)
+
+        def merge(carry, rows, valid):
+            best_d, best_i, offset = carry
+            d = jnp.where(valid, _sq_dists(block, rows), jnp.inf)
+            index = offset + jnp.arange(rows.shape[0], dtype=jnp.int32)
+            all_d = jnp.concatenate([best_d, d], axis=1)
+            all_i = jnp.concatenate([best_i, jnp.broadcast_to(index, d.shape)], axis=1)
+            top = jax.lax.top_k(-all_d, neighbours)[1]
+            return (jnp.take_along_axis(all_d, top, 1), jnp.take_along_axis(all_i, top, 1),
+                    offset + rows.shape[0])  # fmt: skip
+
+        return _over_bank_chunks(merge, init, bank, chunk)[1]
+
+    return _per_query_chunk(nearest, queries, chunk)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def assign(queries: jax.Array, centres: jax.Array, chunk: int = CHUNK) -> jax.Array:
+    """Index [Q] of each query's nearest centre (Euclidean)."""
+
+    def nearest(block):
+        return jnp.argmin(_sq_dists(block, centres), axis=1).astype(jnp.int32)
+
+    return _per_query_chunk(nearest, queries, chunk)
+
+
+def density_peaks(bank, neighbours: int, bandwidth: float | None = None, chunk: int = CHUNK):
+    """Bank indices of the density peaks (sorted by decreasing density).
+
+    ``bandwidth`` defaults to the median distance to the ``neighbours``-th neighbour: the kernel
+    then sees about one neighbourhood, whatever the scale of the embeddings."""
+    bank = jnp.asarray(bank, jnp.float32)
+    near = nearest_neighbours(bank, bank, neighbours, chunk)
+    if bandwidth is None:
+        far = jnp.sqrt(jnp.sum((bank - bank[near[:, -1]]) ** 2, axis=1))
+        bandwidth = float(jnp.maximum(jnp.median(far), 1e-6))
+    density = kernel_density(bank, bank, bandwidth, chunk)
+    # ties: the lower index wins, so exactly one of two equal neighbours is a peak
+    order = jnp.argsort(-density, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+    is_peak = jnp.all(rank[:, None] <= rank[near], axis=1)
+    peaks = np.nonzero(np.asarray(is_peak))[0]
+    return peaks[np.argsort(np.asarray(rank)[peaks])]
+
+
+def kmeans(bank, k: int, iterations: int = 20, seed: int = 0, chunk: int = CHUNK):
+    """Centres [k, D] by k-means++ seeding and Lloyd iterations (deterministic given ``seed``)."""
+    bank = jnp.asarray(bank, jnp.float32)
+    key = jax.random.key(seed)
+    first = jax.random.randint(jax.random.fold_in(key, 0), (), 0, bank.shape[0])
+    centres = [bank[first]]
+    closest = _sq_dists(bank, centres[0][None])[:, 0]
+    for i in range(1, k):
+        pick = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(closest + 1e-12))
+        centres.append(bank[pick])
+        closest = jnp.minimum(closest, _sq_dists(bank, bank[pick][None])[:, 0])
+    centres = jnp.stack(centres)
+    for _ in range(iterations):
+        labels = assign(bank, centres, chunk)
+        sums = jax.ops.segment_sum(bank, labels, num_segments=k)
+        counts = jax.ops.segment_sum(jnp.ones(bank.shape[0]), labels, num_segments=k)
+        centres = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centres)
+    return centres
+
+
+def concentration(
+    audio: jax.Array, visual: jax.Array, proto_audio: jax.Array, proto_visual: jax.Array,
+    labels: jax.Array, beta: float = 10.0,
+) -> jax.Array:  # fmt: skip
+    """Eq. (2): gamma_k = (mean_i ||p_k - z_v,i|| + mean_j ||p_k - z_a,j||) / log(I + J + beta)
+    over the I = J = n_k clips of prototype k (each modality against the prototype clip's own
+    embedding of that modality). A prototype with at most one member gets the largest gamma
+    of the others (PCL's rule: no sharper than any real cluster). [K]"""
+    k = proto_audio.shape[0]
+    dist_a = jnp.linalg.norm(audio - proto_audio[labels], axis=1)
+    dist_v = jnp.linalg.norm(visual - proto_visual[labels], axis=1)
+    n = jax.ops.segment_sum(jnp.ones(labels.shape[0]), labels, num_segments=k)
+    mean_a = jax.ops.segment_sum(dist_a, labels, num_segments=k) / jnp.maximum(n, 1)
+    mean_v = jax.ops.segment_sum(dist_v, labels, num_segments=k) / jnp.maximum(n, 1)
+    gamma = (mean_a + mean_v) / jnp.log(2 * n + beta)
+    largest = jnp.max(jnp.where(n > 1, gamma, 0.0))
+    return jnp.where(n > 1, gamma, largest)
