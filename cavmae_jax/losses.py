@@ -87,3 +87,41 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 CLASSIFICATION_LOSSES = {"bce": binary_cross_entropy, "ce": soft_cross_entropy}
+
+
+# PCAV-MAE prototype losses (docs/pcavmae.md) ----------------------------------------------------
+
+
+def prototype_nce(similarity: jax.Array, gamma: jax.Array, targets: jax.Array,
+                  valid: jax.Array | None = None) -> jax.Array:  # fmt: skip
+    """ProtoNCE of one granularity: mean over clips of -log softmax_k(s_bk / gamma_k) at the
+    clip's prototype. similarity [B, K], gamma [K], targets [B] (int), valid [K] (padding)."""
+    logits = similarity.astype(jnp.float32) / gamma
+    if valid is not None:
+        logits = jnp.where(valid, logits, -jnp.inf)
+    positive = jnp.take_along_axis(logits, targets[:, None], axis=1)[:, 0]
+    return jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive)
+
+
+def pje_loss(audio: jax.Array, proto_visual: jax.Array, gamma: jax.Array, targets: jax.Array,
+             valid: jax.Array, tau: float) -> jax.Array:  # fmt: skip
+    """Eq. (1), L_PJE: each clip's visible-audio representation [B, D] against the visual
+    prototypes [G, K, D], positive = the prototype of the clip's own video; mean over the G
+    granularities, scaled by 1 / tau."""
+    audio = _l2_normalize(audio.astype(jnp.float32))
+    per_level = jax.vmap(lambda p, g, t, m: prototype_nce(audio @ p.T, g, t, m))
+    return jnp.mean(per_level(proto_visual, gamma, targets, valid)) / tau
+
+
+def pcpe_loss(masked_audio: jax.Array, masked_visual: jax.Array, proto_audio: jax.Array,
+              proto_visual: jax.Array, gamma: jax.Array, targets: jax.Array, valid: jax.Array,
+              tau: float) -> jax.Array:  # fmt: skip
+    """Eq. (3), L_PCPE: the decoder's masked-patch features of both modalities [B, D], audio
+    against audio prototypes plus visual against visual prototypes, summed in the exponent."""
+    masked_audio = _l2_normalize(masked_audio.astype(jnp.float32))
+    masked_visual = _l2_normalize(masked_visual.astype(jnp.float32))
+
+    def level(pa, pv, g, t, m):
+        return prototype_nce(masked_audio @ pa.T + masked_visual @ pv.T, g, t, m)
+
+    return jnp.mean(jax.vmap(level)(proto_audio, proto_visual, gamma, targets, valid)) / tau

@@ -112,3 +112,36 @@ def test_classification_losses_match_numpy_and_torch():
     t_logits, t_targets = torch.from_numpy(logits), torch.from_numpy(targets)
     assert float(torch.nn.BCEWithLogitsLoss()(t_logits, t_targets)) == pytest.approx(bce, rel=1e-5)
     assert float(torch.nn.CrossEntropyLoss()(t_logits, t_targets)) == pytest.approx(ce, rel=1e-5)
+
+
+def np_proto_nce(similarity, gamma, targets, valid):
+    out = []
+    for s, t in zip(similarity, targets, strict=True):
+        logits = [s[k] / gamma[k] for k in range(len(s)) if valid[k]]
+        positive = s[t] / gamma[t]
+        out.append(np.log(np.sum(np.exp(np.array(logits, np.float64)))) - positive)
+    return np.mean(out)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_prototype_losses_match_numpy():
+    rng = np.random.default_rng(5)
+    b, g, k, d = 6, 2, 5, 8
+    za, ha, hv = rng.standard_normal((3, b, d))
+    pa, pv = unit(rng.standard_normal((2, g, k, d)))
+    gamma = rng.uniform(0.05, 0.3, (g, k))
+    valid = np.ones((g, k), bool)
+    valid[1, 4] = False  # granularity 1 has 4 prototypes
+    targets = rng.integers(0, 4, (g, b))
+    tau = 0.1
+    pje = np.mean([np_proto_nce(unit(za) @ pv[i].T, gamma[i], targets[i], valid[i])
+                   for i in range(g)]) / tau  # fmt: skip
+    got = losses.pje_loss(za, pv, gamma, targets, valid, tau)
+    assert float(got) == pytest.approx(pje, rel=1e-5)
+    pcpe = np.mean([np_proto_nce(unit(ha) @ pa[i].T + unit(hv) @ pv[i].T, gamma[i], targets[i],
+                                 valid[i]) for i in range(g)]) / tau  # fmt: skip
+    got = losses.pcpe_loss(ha, hv, pa, pv, gamma, targets, valid, tau)
+    assert float(got) == pytest.approx(pcpe, rel=1e-5)
