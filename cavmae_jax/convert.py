@@ -22,10 +22,12 @@ import numpy as np
 from flax import nnx
 
 from cavmae_jax.models import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelConfig
+from cavmae_jax.models.pcav_mae import PCAVMAE
 from cavmae_jax.pth import CheckpointError, load_pth
 
 Model = CAVMAE | CAVMAEFT | CAVMAEFTAudio
 MODEL_KINDS = {"CAVMAE": CAVMAE, "CAVMAEFT": CAVMAEFT, "CAVMAEFTAudio": CAVMAEFTAudio}
+SAVED_KINDS = {**MODEL_KINDS, "PCAVMAE": PCAVMAE}  # ours: Orbax only, no official counterpart
 log = logging.getLogger(__name__)
 
 # Official state-dict order: top-level tokens and tables, then modules in construction order.
@@ -178,7 +180,7 @@ def _brief(names: list[str]) -> str:
 
 
 def _abstract(kind: str, cfg: ModelConfig) -> Model:
-    return nnx.eval_shape(lambda: MODEL_KINDS[kind](cfg, nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: SAVED_KINDS[kind](cfg, nnx.Rngs(0)))
 
 
 def from_torch_state_dict(

@@ -64,6 +64,12 @@ class CAVMAE(AudioVisualEncoder):
 
     def forward_decoder(self, latent, masked_a, masked_v) -> tuple[jax.Array, jax.Array]:
         """Joint latent [B, Ka+Kv, D] -> predictions [B, 512, 256] and [B, 196, 768]."""
+        xa, xv = self.decoder_tokens(latent, masked_a, masked_v)
+        return self.decoder_pred_a(xa), self.decoder_pred_v(xv)
+
+    def decoder_tokens(self, latent, masked_a, masked_v) -> tuple[jax.Array, jax.Array]:
+        """Normalised decoder outputs in positional order: audio [B, 512, Dd], visual
+        [B, 196, Dd] (mask tokens filled in, decoder positions and modality tokens added)."""
         x = self.decoder_embed(latent)
         keep_a = masked_a.kept.shape[1]
         token = self.mask_token[...]
@@ -80,7 +86,7 @@ class CAVMAE(AudioVisualEncoder):
             axis=1,
         )
         x = self.decoder_norm(self.decoder_blocks(x))
-        return self.decoder_pred_a(x[:, :len_a]), self.decoder_pred_v(x[:, len_a:])
+        return x[:, :len_a], x[:, len_a:]
 
     def __call__(
         self,

@@ -1,0 +1,107 @@
+"""PCAV-MAE model: the paper's sizes, losses from prototypes, momentum encoder, assignments."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import random_inputs
+from flax import nnx
+
+from cavmae_jax import convert, losses
+from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config, unit
+
+
+def small(**changes):
+    base = dict(img_size=16, audio_length=32, num_mel_bins=16, patch_size=4, embed_dim=32,
+                depth=3, modality_specific_depth=2, num_heads=4, decoder_embed_dim=16,
+                decoder_num_heads=2)  # fmt: skip
+    base.update(changes)
+    return pcav_config(**base)
+
+
+def prototypes_for(model, audio, image, g=2, k=3):
+    za, zv = model.embed(audio, image)
+    idx = np.array([[0, 1, 2], [3, 0, 1]])[:g, :k]
+    protos = {"audio": za[idx], "visual": zv[idx], "gamma": jnp.full((g, k), 0.1),
+              "valid": jnp.ones((g, k), bool)}  # fmt: skip
+    return protos, clip_prototypes(za, zv, protos["audio"], protos["visual"], protos["valid"])
+
+
+def test_paper_sizes():
+    cfg = pcav_config()
+    assert (cfg.embed_dim, cfg.modality_specific_depth, cfg.depth) == (768, 11, 12)
+    assert (cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == (384, 4, 6)
+    assert int(cfg.decoder_embed_dim * cfg.mlp_ratio) == 1536
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = PCAVMAE(small(), nnx.Rngs(0))
+    audio, image = random_inputs(model.cfg, 4)
+    protos, targets = prototypes_for(model, audio, image)
+    graphdef, state = nnx.split(model)
+    run = jax.jit(
+        lambda state, key, use_decoder: nnx.merge(graphdef, state)(
+            audio, image, protos, targets, key=key, use_decoder=use_decoder
+        ),
+        static_argnums=2,
+    )
+    return model, state, run, audio, image, protos, targets
+
+
+def test_losses_are_the_sum_of_the_three_equations_and_masks_follow_the_ratios(setup):
+    model, state, run, audio, image, protos, targets = setup
+    key = jax.random.key(1)
+    out = run(state, key, True)
+    assert out["mask_a"].sum(1).tolist() == [16] * 4  # 50% of 32 audio tokens
+    assert out["mask_v"].sum(1).tolist() == [12] * 4  # 75% of 16 visual tokens
+    total = out["loss_pje"] + out["loss_pcpe"] + out["loss_r"]
+    np.testing.assert_allclose(out["loss"], total, rtol=1e-6)
+    assert all(np.isfinite(float(out[k])) for k in ("loss_pje", "loss_pcpe", "loss_r"))
+    # clips 0..2 are the prototypes of granularity 0: their targets point at themselves
+    np.testing.assert_array_equal(targets[0, :3], [0, 1, 2])
+    encoder_only = run(state, key, False)
+    assert float(encoder_only["loss_r"]) == 0 and float(encoder_only["loss_pcpe"]) == 0
+    assert float(encoder_only["loss"]) == pytest.approx(float(out["loss_pje"]), rel=1e-6)
+    # eq. (1) is the visible-audio stream against the visual prototypes
+    key_a, key_v = jax.random.split(key)
+    noise_a = jax.random.uniform(key_a, (4, 32))
+    noise_v = jax.random.uniform(key_v, (4, 16))
+    _, stream_a, _, _, _ = model.forward_encoder(model.audio_patches(audio),
+                                                 model.visual_patches(image), noise_a, noise_v,
+                                                 0.5, 0.75)  # fmt: skip
+    expected = losses.pje_loss(stream_a.mean(1), protos["visual"], protos["gamma"], targets,
+                               protos["valid"], 0.1)  # fmt: skip
+    assert float(out["loss_pje"]) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_gradients_reach_encoder_decoder_and_projections(setup):
+    model, _, _, audio, image, protos, targets = setup
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def grads(params):
+        def loss(params):
+            return nnx.merge(graphdef, params, rest)(audio, image, protos, targets,
+                                                     key=jax.random.key(0))["loss"]  # fmt: skip
+
+        return jax.grad(loss)(params)
+
+    g = grads(params)
+    for name in ("proto_proj_a", "proto_proj_v", "blocks_a", "decoder_blocks"):
+        assert float(jnp.abs(jax.tree.leaves(g[name])[0]).sum()) > 0, name
+
+
+def test_momentum_update_and_saved_model_round_trip(tmp_path):
+    ema = {"w": jnp.ones(3)}
+    new = ema_update(ema, {"w": jnp.zeros(3)}, 0.99)
+    np.testing.assert_allclose(new["w"], 0.99)
+    model = PCAVMAE(small(), nnx.Rngs(0))
+    convert.save_checkpoint(model, tmp_path / "m")
+    loaded = convert.load_checkpoint(tmp_path / "m")
+    assert isinstance(loaded, PCAVMAE)
+    audio, image = random_inputs(model.cfg, 2)
+    np.testing.assert_allclose(unit(loaded.embed(audio, image)[0]), model.embed(audio, image)[0],
+                               rtol=1e-6)  # fmt: skip
