@@ -25,12 +25,14 @@ def _join_processes(args) -> None:
 
 
 def _pretrain(args, overrides):
+    from cavmae_jax.train.pcav import pcav_pretrain
     from cavmae_jax.train.pretrain import pretrain
 
     _join_processes(args)
     config = load_config(args.config)
     apply_overrides(config, overrides)
-    metrics = pretrain(config, args.workdir)
+    run = pcav_pretrain if "pcav" in config else pretrain  # PCAV-MAE configs have a pcav section
+    metrics = run(config, args.workdir)
     print(json.dumps(metrics))
 
 
@@ -147,7 +149,7 @@ def _add_process_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cavmae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, run, what in (("pretrain", _pretrain, "pretrain CAV-MAE"),
+    for name, run, what in (("pretrain", _pretrain, "pretrain CAV-MAE or PCAV-MAE"),
                             ("finetune", _finetune, "finetune a classifier")):  # fmt: skip
         p = sub.add_parser(name, help=f"{what} (overrides: --config.x=y)")
         p.add_argument("--config", required=True, help="config file, optionally path:variant")

@@ -158,3 +158,54 @@ def concentration(
     gamma = (mean_a + mean_v) / jnp.log(2 * n + beta)
     largest = jnp.max(jnp.where(n > 1, gamma, 0.0))
     return jnp.where(n > 1, gamma, largest)
+
+
+def _unit(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def discover(
+    audio, visual, method: str, granularities, max_prototypes: int, beta: float = 10.0,
+    gamma_mean: float = 0.1, seed: int = 0, chunk: int = CHUNK,
+) -> tuple[dict[str, np.ndarray], list[dict]]:  # fmt: skip
+    """Prototypes of a memory bank at every granularity, padded to ``max_prototypes``.
+
+    audio, visual: [N, D] unit momentum embeddings; clips are clustered on their joint
+    embedding unit(a + v). ``method`` "density": granularity = neighbourhood size, prototypes are
+    the density-peak clips (their audio and visual embeddings; the densest ``max_prototypes``
+    kept); "kmeans": granularity = k, prototypes are the members' mean embeddings. Each clip goes
+    to its nearest prototype; gamma follows eq. (2), then (``gamma_mean`` > 0) is rescaled to that
+    mean, as PCL does. Returns the arrays {audio, visual [G, K, D], gamma, valid [G, K]} and per
+    granularity ``{"clips": bank indices of the prototype clips (density), "labels", "sizes"}``.
+    """
+    audio = jnp.asarray(audio, jnp.float32)
+    visual = jnp.asarray(visual, jnp.float32)
+    joint = _unit(audio + visual)
+    k_max = max_prototypes
+    out = {name: [] for name in ("audio", "visual", "gamma", "valid")}
+    levels = []
+    for granularity in granularities:
+        if method == "density":
+            clips = density_peaks(joint, int(granularity), chunk=chunk)[:k_max]
+            proto_a, proto_v = audio[clips], visual[clips]
+            labels = assign(joint, _unit(proto_a + proto_v), chunk)
+        elif method == "kmeans":
+            k = min(int(granularity), k_max)
+            labels = assign(joint, kmeans(joint, k, seed=seed, chunk=chunk), chunk)
+            sums_a = jax.ops.segment_sum(audio, labels, num_segments=k)
+            sums_v = jax.ops.segment_sum(visual, labels, num_segments=k)
+            proto_a, proto_v, clips = _unit(sums_a), _unit(sums_v), np.full(k, -1)
+        else:
+            raise ValueError(f"unknown prototype method {method!r}; expected density or kmeans")
+        k = proto_a.shape[0]
+        gamma = concentration(audio, visual, proto_a, proto_v, labels, beta)
+        if gamma_mean:
+            gamma = gamma_mean * gamma / jnp.mean(gamma)
+        pad = ((0, k_max - k), (0, 0))
+        out["audio"].append(np.pad(np.asarray(proto_a), pad))
+        out["visual"].append(np.pad(np.asarray(proto_v), pad))
+        out["gamma"].append(np.pad(np.asarray(gamma), (0, k_max - k), constant_values=1.0))
+        out["valid"].append(np.arange(k_max) < k)
+        sizes = np.bincount(np.asarray(labels), minlength=k)
+        levels.append({"clips": np.asarray(clips), "labels": np.asarray(labels), "sizes": sizes})
+    return {name: np.stack(values) for name, values in out.items()}, levels

@@ -144,6 +144,10 @@ class Hooks:
     clip_flops: float  # training FLOPs per clip, for TFLOP/s and MFU
     extra_state: dict = dataclasses.field(default_factory=dict)  # checkpointed with params
     after_step: Callable[[int, dict], None] | None = None  # (step, state); may update state
+    on_start: Callable[[int, dict], None] | None = None  # (start step, state) after any restore
+    # a step over the whole state, (state, rest, batch, key, step) -> (state, metrics), for runs
+    # that train more than params and optimizer state (PCAV-MAE's momentum encoder)
+    state_step: Callable | None = None
     shown: tuple[str, ...] = ("loss",)  # metrics on the progress bar
 
 
@@ -160,6 +164,8 @@ def train(config: ml_collections.ConfigDict, workdir: Path, ts: TrainState, step
         state, _ = checkpointer.restore(start, state)
     for name in ("metrics.jsonl", "validation.jsonl"):
         keep_lines_until(workdir / name, start)
+    if hooks.on_start:
+        hooks.on_start(start, state)
     batches = hooks.batches_from(start)
     key = jax.random.key(config.seed)
     preemption = PreemptionFlag()
@@ -188,10 +194,13 @@ def train(config: ml_collections.ConfigDict, workdir: Path, ts: TrainState, step
             for step in range(start + 1, config.num_steps + 1):
                 local = next(batches)
                 batch = sharding.global_batch({k: local[k] for k in hooks.batch_keys}, ts.mesh)
-                state["params"], state["opt_state"], metrics = step_fn(
-                    state["params"], ts.rest, state["opt_state"], batch,
-                    jax.random.fold_in(key, step),
-                )  # fmt: skip
+                step_key = jax.random.fold_in(key, step)
+                if hooks.state_step:
+                    state, metrics = hooks.state_step(state, ts.rest, batch, step_key, step)
+                else:
+                    state["params"], state["opt_state"], metrics = step_fn(
+                        state["params"], ts.rest, state["opt_state"], batch, step_key
+                    )
                 bar.update()
                 if hooks.after_step:
                     hooks.after_step(step, state)

@@ -39,7 +39,8 @@ def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
                           label=f"validation {name}")  # fmt: skip
     for axis in (losses, accuracy):
         axis.set_xlabel("step")
-        axis.legend()
+        if axis.lines:
+            axis.legend()
     accuracy.set_ylim(0, 1)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

@@ -61,16 +61,17 @@ def make_optimizer(
     freeze_base: bool = False,
     clip_norm: float | None = None,
     accumulate: int = 1,
+    b1: float = 0.95,
 ) -> optax.GradientTransformation:
     """The training optimizer. ``adam_l2`` is the official coupled-L2 Adam, ``adamw`` decoupled
-    AdamW (same betas). The head's updates are scaled by ``head_lr`` (the official second
-    parameter group); ``freeze_base`` trains the head only (linear probe); ``clip_norm`` clips the
-    global gradient norm first; ``accumulate`` > 1 averages that many micro-batch gradients per
-    update (optax.MultiSteps)."""
+    AdamW with first-moment decay ``b1`` (0.95 as the official Adam unless set). The head's
+    updates are scaled by ``head_lr`` (the official second parameter group); ``freeze_base``
+    trains the head only (linear probe); ``clip_norm`` clips the global gradient norm first;
+    ``accumulate`` > 1 averages that many micro-batch gradients per update (optax.MultiSteps)."""
     if kind == "adam_l2":
         tx = official_adam(schedule, weight_decay)
     elif kind == "adamw":
-        tx = optax.adamw(schedule, b1=0.95, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+        tx = optax.adamw(schedule, b1=b1, b2=0.999, eps=1e-8, weight_decay=weight_decay)
     else:
         raise ValueError(f"unknown optimizer {kind!r}; expected 'adam_l2' or 'adamw'")
     base = optax.set_to_zero() if freeze_base else tx

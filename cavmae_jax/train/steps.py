@@ -79,3 +79,46 @@ def make_logits_step(graphdef: nnx.GraphDef, mode: str) -> Callable:
         return {"logits": model(batch["audio"], batch["image"], mode=mode)}
 
     return jax.jit(logits)
+
+
+PCAV_SCALARS = ("loss", "loss_pje", "loss_pcpe", "loss_r", "loss_mae_a", "loss_mae_v", "p_acc")
+
+
+def make_pcav_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    model_kwargs: dict[str, Any],
+    ema_momentum: float,
+    use_decoder: bool,
+    state_shardings: dict | None = None,
+) -> Callable:
+    """PCAV-MAE step over the whole state ``{params, opt_state, ema, protos, ...}``:
+    ``(state, rest, batch, key) -> (state, metrics)``. The momentum (EMA) encoder embeds the
+    unmasked batch to find each clip's prototypes; after the update, the EMA follows the
+    parameters. The state is donated."""
+    from cavmae_jax.models.pcav_mae import clip_prototypes, ema_update
+
+    def loss_fn(params, rest, batch, key, ema, protos):
+        momentum = nnx.merge(graphdef, ema, rest)
+        audio_m, visual_m = jax.lax.stop_gradient(momentum.embed(batch["audio"], batch["image"]))
+        targets = clip_prototypes(
+            audio_m, visual_m, protos["audio"], protos["visual"], protos["valid"]
+        )
+        out = nnx.merge(graphdef, params, rest)(
+            batch["audio"], batch["image"], protos, targets, key=key, use_decoder=use_decoder,
+            **model_kwargs,
+        )  # fmt: skip
+        return out["loss"], {name: out[name] for name in PCAV_SCALARS}
+
+    def step(state, rest, batch, key):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(
+            state["params"], rest, batch, key, state["ema"], state["protos"]
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        ema = ema_update(state["ema"], params, ema_momentum)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return {**state, "params": params, "opt_state": opt_state, "ema": ema}, metrics
+
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)
