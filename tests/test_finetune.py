@@ -138,11 +138,12 @@ def test_sigkill_during_finetuning_resumes_to_the_same_model(finetuned, dataset,
     assert validation == (finetuned / "validation.jsonl").read_text()
 
 
-def run_eval_worker(dataset: Path, devices: int, extra_env=None, batch: int = 8):
+def run_eval_worker(dataset: Path, devices: int, extra_env=None, batch: int = 8, *args: str):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                **(extra_env or {}))  # fmt: skip
-    return subprocess.Popen([sys.executable, str(EVAL_WORKER), str(dataset), str(batch)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    command = [sys.executable, str(EVAL_WORKER), str(dataset), str(batch), *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
 
 
 def result_of(process) -> dict:
@@ -170,3 +171,22 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
         assert result["devices"] in (8, 4)
         np.testing.assert_allclose(result["logits"], single["logits"], rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(result["label"], single["label"])
+
+
+def test_memory_bank_refresh_on_8_devices_equals_one_device(dataset):
+    """PCAV-MAE's memory bank (momentum embeddings of every clip, batches split over the mesh)
+    and the prototypes found on it are the same on 8 fake devices as on one."""
+    results = []
+    for devices in (1, 8):
+        process = run_eval_worker(dataset, devices, None, 8, "bank")
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    one, eight = results
+    assert eight["devices"] == 8 and len(one["audio"]) == CLIPS
+    order = [np.lexsort(np.asarray(r["audio"]).T) for r in results]  # same clips, any order
+    for name in ("audio", "visual"):
+        got, expected = np.asarray(eight[name])[order[1]], np.asarray(one[name])[order[0]]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(eight["gamma"], one["gamma"], rtol=1e-4)
+    assert sorted(eight["sizes"]) == sorted(one["sizes"])

@@ -29,11 +29,10 @@ from cavmae_jax.train.pretrain import training_batches
 from cavmae_jax.train.steps import make_pcav_step
 
 
-def memory_bank(ts, ema, data_dir: Path, batch_size: int) -> dict[str, np.ndarray]:
-    """Momentum embeddings ``audio``, ``visual`` [N, D] of every training clip."""
+def memory_bank(graphdef, ema, rest, mesh, data_dir: Path, batch_size: int) -> dict:
+    """Momentum embeddings ``audio``, ``visual`` [N, D] of every training clip, the batches
+    split over the mesh (``ema``: the momentum parameters)."""
     from input_pipeline.dataset import Loader, LoaderConfig
-
-    graphdef = ts.graphdef
 
     @jax.jit
     def embed(ema, rest, batch):
@@ -45,7 +44,7 @@ def memory_bank(ts, ema, data_dir: Path, batch_size: int) -> dict[str, np.ndarra
     config = LoaderConfig(batch_size=local, num_classes=1, train=False, **hosts)
     loader = Loader(data_dir, "train", config)
     count = batches_per_host(loader.builder.info.splits["train"].num_examples, local, False)
-    out = gather_outputs(lambda b: embed(ema, ts.rest, b), loader, ts.mesh, local, count,
+    out = gather_outputs(lambda b: embed(ema, rest, b), loader, mesh, local, count,
                          keys=("audio", "image"))  # fmt: skip
     return {"audio": out["audio"], "visual": out["visual"]}
 
@@ -88,7 +87,8 @@ def pcav_pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
     decoder_steps = pcav.decoder_epochs * config.steps_per_epoch
 
     def refresh(state: dict) -> None:
-        bank = memory_bank(ts, state["ema"], data_dir, config.batch_size)
+        bank = memory_bank(ts.graphdef, state["ema"], ts.rest, ts.mesh, data_dir,
+                           config.batch_size)  # fmt: skip
         arrays, _ = find_prototypes(bank, pcav, config.seed)
         state["protos"] = jax.device_put(arrays, replicated)
 
