@@ -1,11 +1,13 @@
-"""The ``cavmae`` command: ``pretrain``, ``finetune``, ``evaluate``, ``retrieval``, ``export``,
-``convert``, ``prepare``."""
+"""The ``cavmae`` command: ``pretrain``, ``finetune``, ``evaluate``, ``retrieval``, ``explain``,
+``export``, ``convert``, ``prepare``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+import numpy as np
 
 from cavmae_jax.config_loading import apply_overrides, load_config
 
@@ -111,6 +113,20 @@ def _prepare(args, overrides):
         raise SystemExit(1)
 
 
+def _explain(args, overrides):
+    from cavmae_jax.explain import explain
+
+    if overrides:
+        raise SystemExit(f"cavmae explain: unrecognised arguments {overrides}")
+    result = explain(args.workdir, args.output, args.data, args.split, args.clips)
+    for level in result["levels"]:
+        known = [p["purity"] for p in level["prototypes"] if p["purity"] is not None]
+        mean_purity = f", mean purity {np.mean(known):.3f}" if known else ""
+        print(f"granularity {level['granularity']}: {len(level['prototypes'])} prototypes"
+              f"{mean_purity}")  # fmt: skip
+    print(f"wrote {args.output}/prototypes.json, tsne.png and {args.clips} clip figures")
+
+
 def _export(args, overrides):
     from cavmae_jax import convert
 
@@ -194,6 +210,13 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--split", default="train")
     t.add_argument("--batch-size", type=int, default=32)
     t.set_defaults(run=_retrieval)
+    x = sub.add_parser("explain", help="PCAV-MAE prototypes: report, t-SNE, per-clip figures")
+    x.add_argument("--workdir", required=True, help="a finished PCAV-MAE pretraining run")
+    x.add_argument("--output", required=True)
+    x.add_argument("--data", help="prepared dataset (default: the run's)")
+    x.add_argument("--split", default="train")
+    x.add_argument("--clips", type=int, default=4, help="clips to explain one by one")
+    x.set_defaults(run=_explain)
     e = sub.add_parser("export", help="pretrained model -> encoder-only finetuning model")
     e.add_argument("model", help="a model directory (e.g. WORKDIR/model)")
     e.add_argument("output")

@@ -176,7 +176,8 @@ def discover(
     kept); "kmeans": granularity = k, prototypes are the members' mean embeddings. Each clip goes
     to its nearest prototype; gamma follows eq. (2), then (``gamma_mean`` > 0) is rescaled to that
     mean, as PCL does. Returns the arrays {audio, visual [G, K, D], gamma, valid [G, K]} and per
-    granularity ``{"clips": bank indices of the prototype clips (density), "labels", "sizes"}``.
+    granularity ``{"clips", "labels", "sizes"}``: the bank index of each prototype's clip (the
+    clip nearest the centre for k-means), each clip's prototype and the prototype sizes.
     """
     audio = jnp.asarray(audio, jnp.float32)
     visual = jnp.asarray(visual, jnp.float32)
@@ -194,7 +195,8 @@ def discover(
             labels = assign(joint, kmeans(joint, k, seed=seed, chunk=chunk), chunk)
             sums_a = jax.ops.segment_sum(audio, labels, num_segments=k)
             sums_v = jax.ops.segment_sum(visual, labels, num_segments=k)
-            proto_a, proto_v, clips = _unit(sums_a), _unit(sums_v), np.full(k, -1)
+            proto_a, proto_v = _unit(sums_a), _unit(sums_v)
+            clips = nearest_neighbours(_unit(proto_a + proto_v), joint, 1, chunk)[:, 0]
         else:
             raise ValueError(f"unknown prototype method {method!r}; expected density or kmeans")
         k = proto_a.shape[0]

@@ -105,3 +105,31 @@ def test_momentum_update_and_saved_model_round_trip(tmp_path):
     audio, image = random_inputs(model.cfg, 2)
     np.testing.assert_allclose(unit(loaded.embed(audio, image)[0]), model.embed(audio, image)[0],
                                rtol=1e-6)  # fmt: skip
+
+
+def test_pcav_pretraining_and_explanations_end_to_end(tmp_path, capsys):
+    """A few tiny PCAV-MAE steps on generated data (prototype refresh before the first step and
+    after step 2), then ``cavmae explain``: report, t-SNE and one figure per explained clip."""
+    import json
+
+    from cavmae_jax import cli
+
+    cli.main(["pretrain", "--config", "configs/pcav.py:demo", "--workdir", str(tmp_path),
+              "--config.data.clips=24", "--config.batch_size=8", "--config.num_steps=4",
+              "--config.log_every=2", "--config.pcav.refresh_every=2",
+              "--config.data.workers=1"])  # fmt: skip
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert {"loss_pje", "loss_pcpe", "loss_r", "p_acc"} <= set(rows[0])
+    assert isinstance(convert.load_checkpoint(tmp_path / "momentum_model"), PCAVMAE)
+    capsys.readouterr()
+    out = tmp_path / "explain"
+    cli.main(["explain", "--workdir", str(tmp_path), "--output", str(out), "--clips", "2"])
+    report = json.loads((out / "prototypes.json").read_text())
+    assert [level["granularity"] for level in report] == [5, 15]
+    for level in report:
+        assert sum(p["size"] for p in level["prototypes"]) == 24
+        assert all(0 < p["purity"] <= 1 and p["gamma"] > 0 for p in level["prototypes"])
+    assert (out / "tsne.png").stat().st_size > 10_000
+    assert len(list(out.glob("explain_*.png"))) == 2
+    assert "mean purity" in capsys.readouterr().out

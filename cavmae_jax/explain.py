@@ -1,0 +1,169 @@
+"""Explanations of a PCAV-MAE run through its prototypes (``cavmae explain``).
+
+For a dataset: the prototypes of every granularity on the momentum encoder's embeddings, each
+with its clip, size, gamma and (when the data has labels) purity (``prototypes.json``), and a
+t-SNE map of the clip embeddings coloured by label with the prototypes marked (``tsne.png``, the
+paper's figure 2). For a clip: its nearest prototypes at each granularity with their cosine
+similarity, drawn as the prototype clips' frame and spectrogram (``explain_<id>.png``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from cavmae_jax import convert, prototypes
+
+SHOWN_PER_LEVEL = 3
+
+
+def dataset_embeddings(model, data_dir: Path, split: str, batch_size: int = 32) -> dict:
+    """Unit audio and visual embeddings [N, D], ids and label indices of every clip, in order."""
+    from input_pipeline.dataset import Loader, LoaderConfig
+
+    graphdef, state = nnx.split(model)
+    embed = jax.jit(lambda state, a, v: nnx.merge(graphdef, state).embed(a, v))
+    loader = Loader(data_dir, split, LoaderConfig(batch_size, num_classes=1, train=False))
+    audio, visual, ids = [], [], []
+    for batch in loader:
+        a, v = embed(state, batch["audio"], batch["image"])
+        audio.append(np.asarray(a))
+        visual.append(np.asarray(v))
+        ids.extend(x.decode() for x in batch["id"])
+    labels = [list(r["label"]) for r in loader._records().as_numpy_iterator()]
+    return {"audio": np.concatenate(audio), "visual": np.concatenate(visual), "ids": ids,
+            "labels": labels}  # fmt: skip
+
+
+def purity(members: np.ndarray, labels: list[list[int]]) -> float | None:
+    """Share of a prototype's clips that carry its most common label (None without labels)."""
+    first = [labels[i][0] for i in members if labels[i]]
+    if not first:
+        return None
+    return float(np.bincount(first).max() / len(members))
+
+
+def prototype_report(levels, arrays, data: dict, granularities) -> list[dict]:
+    report = []
+    for g, (level, granularity) in enumerate(zip(levels, granularities, strict=True)):
+        entries = []
+        for k, size in enumerate(level["sizes"]):
+            members = np.nonzero(level["labels"] == k)[0]
+            entries.append({
+                "prototype": k, "clip": data["ids"][int(level["clips"][k])],
+                "size": int(size), "gamma": float(arrays["gamma"][g, k]),
+                "purity": purity(members, data["labels"]),
+            })  # fmt: skip
+        report.append({"granularity": granularity, "prototypes": entries})
+    return report
+
+
+def clip_media(data_dir: Path, split: str, ids: set[str]) -> dict[str, dict]:
+    """Frame 5 (RGB uint8) and the fbank [1024, 128] of the clips ``ids``."""
+    import tensorflow_datasets as tfds
+
+    from input_pipeline.video import decode_jpeg
+
+    builder = tfds.builder_from_directory(str(data_dir))
+    media = {}
+    records = builder.as_dataset(split=split, decoders={"frames": tfds.decode.SkipDecoding()})
+    for record in tfds.as_numpy(records):
+        clip = record["id"].decode()
+        if clip in ids:
+            media[clip] = {"frame": decode_jpeg(record["frames"][5]), "fbank": record["fbank"]}
+    return media
+
+
+def draw_media(axes, media: dict, title: str) -> None:
+    frame_axis, spec_axis = axes
+    frame_axis.imshow(media["frame"])
+    frame_axis.set_title(title, fontsize=8)
+    spec_axis.imshow(np.asarray(media["fbank"], np.float32).T, origin="lower", aspect="auto")
+    for axis in axes:
+        axis.set_xticks([])
+        axis.set_yticks([])
+
+
+def explain_clip(index: int, data: dict, arrays: dict, levels, media: dict, path: Path) -> None:
+    """The clip and its nearest prototypes per granularity (frame above spectrogram)."""
+    import matplotlib.pyplot as plt
+
+    joint = prototypes._unit(data["audio"][index] + data["visual"][index])
+    fig, axes = plt.subplots(2, 1 + SHOWN_PER_LEVEL * len(levels), figsize=(
+        2.2 * (1 + SHOWN_PER_LEVEL * len(levels)), 4.4), squeeze=False)  # fmt: skip
+    draw_media(axes[:, 0], media[data["ids"][index]], f"clip {data['ids'][index]}")
+    column = 1
+    for g, level in enumerate(levels):
+        centres = prototypes._unit(arrays["audio"][g] + arrays["visual"][g])
+        sims = np.where(arrays["valid"][g], np.asarray(centres @ joint), -np.inf)
+        for slot, k in enumerate(np.argsort(-sims)[:SHOWN_PER_LEVEL]):
+            axes_pair = axes[:, column + slot]
+            if k >= len(level["clips"]):  # fewer prototypes than columns
+                for axis in axes_pair:
+                    axis.axis("off")
+                continue
+            clip = data["ids"][int(level["clips"][k])]
+            draw_media(axes_pair, media[clip], f"level {g} #{k}: {clip}\nsim {sims[k]:.3f}")
+        column += SHOWN_PER_LEVEL
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def tsne_figure(data: dict, levels, path: Path, seed: int = 0) -> None:
+    """t-SNE of the joint embeddings, coloured by first label; each granularity's prototype
+    clips marked in black (level 0 filled stars)."""
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    joint = np.asarray(prototypes._unit(data["audio"] + data["visual"]))
+    perplexity = min(30.0, (len(joint) - 1) / 3)
+    xy = TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(joint)
+    colour = [labels[0] if labels else -1 for labels in data["labels"]]
+    fig, axis = plt.subplots(figsize=(6, 5))
+    points = axis.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10", s=12)
+    for g, (level, marker) in enumerate(zip(levels, "*PXD^v", strict=False)):
+        clips = level["clips"]
+        axis.scatter(xy[clips, 0], xy[clips, 1], marker=marker, s=180 - 40 * g,
+                     edgecolors="black", facecolors="none" if g else "black",
+                     label=f"prototypes, level {g}")  # fmt: skip
+    labels = axis.legend(*points.legend_elements(), title="label", fontsize=7, loc="upper right")
+    axis.add_artist(labels)
+    axis.legend(fontsize=7, loc="lower left")
+    axis.set_title("clip embeddings (t-SNE) and prototypes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def explain(workdir: str | Path, output: str | Path, data_dir: str | Path | None = None,
+            split: str = "train", clips: int = 4) -> dict:  # fmt: skip
+    """Write ``prototypes.json``, ``tsne.png`` and ``explain_<id>.png`` for the first ``clips``
+    clips of a finished PCAV-MAE run in ``workdir``; returns the prototype report."""
+    workdir, output = Path(workdir), Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    config = json.loads((workdir / "config.json").read_text())
+    pcav = config["pcav"]
+    data_dir = Path(data_dir or config["data"]["dir"] or workdir / "data" / "dataset")
+    model = convert.load_checkpoint(workdir / "momentum_model")
+    data = dataset_embeddings(model, data_dir, split)
+    granularities = tuple(pcav["granularities"])
+    arrays, levels = prototypes.discover(
+        data["audio"], data["visual"], pcav["method"], granularities, pcav["max_prototypes"],
+        pcav["beta"], pcav["gamma_mean"], config["seed"],
+    )  # fmt: skip
+    report = prototype_report(levels, arrays, data, granularities)
+    (output / "prototypes.json").write_text(json.dumps(report, indent=1))
+    tsne_figure(data, levels, output / "tsne.png", config["seed"])
+    shown = range(min(clips, len(data["ids"])))
+    needed = {data["ids"][i] for i in shown}
+    for level in levels:
+        needed |= {data["ids"][int(c)] for c in level["clips"]}
+    media = clip_media(data_dir, split, needed)
+    for i in shown:
+        explain_clip(i, data, arrays, levels, media, output / f"explain_{data['ids'][i]}.png")
+    return {"levels": report, "clips": len(data["ids"])}
