@@ -37,6 +37,7 @@ _TOP_ORDER = [
     "patch_embed_a", "patch_embed_v", "blocks_a", "blocks_v", "blocks_u", "norm_a", "norm_v",
     "norm", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred_a",
     "decoder_pred_v", "mlp_head",
+    "proto_proj_a", "proto_proj_v",  # PCAV-MAE's own, after the official names
 ]  # fmt: skip
 _BLOCK_ORDER = ["norm1", "norm1_a", "norm1_v", "attn", "norm2", "norm2_a", "norm2_v", "mlp"]
 _LEAF_ORDER = ["qkv", "proj", "fc1", "fc2", "weight", "bias"]

@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             shuffle_buffer=10_000,
         )  # fmt: skip
     )
-    config.mode = mode or recipe["mode"]
+    config.mode = mode or recipe["mode"]  # or "multimodal_sum" (PCAV-MAE: + both streams)
     config.loss = recipe["loss"]  # bce (mAP tasks) | ce (accuracy tasks)
     # final evaluation: 10 = mean over frames 0..9 (official); 1 = frame 5 (audio-only models)
     config.eval_frames = 1 if config.mode == "audioonly" else 10

@@ -121,11 +121,15 @@ def test_jitted_gradients_are_finite_and_skip_fixed_positions(cfg):
     assert float(jnp.abs(grads["modality_a"]).sum()) > 0
 
 
-def test_unknown_finetuning_mode_is_an_error(cfg):
+def test_unknown_finetuning_mode_is_an_error_and_the_sum_mode_adds_the_streams(cfg):
     model = CAVMAEFT(cfg, nnx.Rngs(0))
-    audio, image = random_inputs(cfg, 1)
+    audio, image = random_inputs(cfg, 2)
     with pytest.raises(ValueError, match="unknown finetuning mode 'audio'"):
         model(audio, image, mode="audio")
+    summed = model.pooled(audio, image, "multimodal_sum")
+    parts = model.pooled(audio, image, "multimodal") + model.pooled(audio, image, "audioonly")
+    parts += model.pooled(audio, image, "videoonly")
+    np.testing.assert_allclose(summed, parts, rtol=1e-5, atol=1e-6)
 
 
 def test_config_validation():

@@ -133,3 +133,6 @@ def test_pcav_pretraining_and_explanations_end_to_end(tmp_path, capsys):
     assert (out / "tsne.png").stat().st_size > 10_000
     assert len(list(out.glob("explain_*.png"))) == 2
     assert "mean purity" in capsys.readouterr().out
+    # the encoder goes on to finetuning like a CAV-MAE one
+    cli.main(["export", str(tmp_path / "model"), str(tmp_path / "ft"), "--label-dim", "8"])
+    assert type(convert.load_checkpoint(tmp_path / "ft")).__name__ == "CAVMAEFT"

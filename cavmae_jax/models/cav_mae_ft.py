@@ -11,6 +11,8 @@ from cavmae_jax.models.encoder import AudioVisualEncoder
 from cavmae_jax.models.layers import dense, layer_norm
 
 FT_MODES = ("multimodal", "audioonly", "videoonly", "missingaudioonly", "missingvideoonly")
+# PCAV-MAE's option (no official counterpart): multimodal plus both single-modality streams
+SUM_MODE = "multimodal_sum"
 
 
 def classifier_head(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.List:
@@ -37,9 +39,13 @@ class CAVMAEFT(AudioVisualEncoder):
 
     def pooled(self, audio: jax.Array, image: jax.Array, mode: str = "multimodal") -> jax.Array:
         """Mean-pooled representation [B, D] that feeds the head, for each official mode."""
-        if mode == "multimodal":
+        if mode in ("multimodal", SUM_MODE):
             a, v = self.encode_audio(audio), self.encode_visual(image)
-            return self.joint_stream(jnp.concatenate([a, v], axis=1)).mean(axis=1)
+            pooled = self.joint_stream(jnp.concatenate([a, v], axis=1)).mean(axis=1)
+            if mode == SUM_MODE:
+                pooled += self.modality_stream(a, "a").mean(axis=1)
+                pooled += self.modality_stream(v, "v").mean(axis=1)
+            return pooled
         if mode == "audioonly":
             return self.modality_stream(self.encode_audio(audio), "a").mean(axis=1)
         if mode == "videoonly":
@@ -50,7 +56,9 @@ class CAVMAEFT(AudioVisualEncoder):
             joint = self.joint_stream(x).mean(axis=1)
             specific = self.modality_stream(x, present).mean(axis=1)
             return (joint + specific) / 2
-        raise ValueError(f"unknown finetuning mode {mode!r}; expected one of {FT_MODES}")
+        raise ValueError(
+            f"unknown finetuning mode {mode!r}; expected one of {(*FT_MODES, SUM_MODE)}"
+        )
 
     def __call__(self, audio: jax.Array, image: jax.Array, mode: str = "multimodal") -> jax.Array:
         """Logits [B, label_dim]."""
