@@ -1,8 +1,7 @@
-"""Evaluate a small CAVMAEFT on a prepared dataset over a mesh and print the logits as JSON.
+"""Evaluate a small CAVMAEFT and a PCAV-MAE memory bank on a mesh; print the results as JSON.
 
 Executed in subprocesses by test_finetune.py (fake CPU devices must be set before JAX starts):
-``python tests/eval_worker.py DATA_DIR GLOBAL_BATCH [bank]`` (bank: a PCAV-MAE memory bank and
-its prototypes instead of classifier logits); with ``CAVMAE_COORDINATOR``,
+``python tests/eval_worker.py DATA_DIR GLOBAL_BATCH``; with ``CAVMAE_COORDINATOR``,
 ``CAVMAE_PROCESSES`` and ``CAVMAE_PROCESS_ID`` it first joins a multi-process run.
 """
 
@@ -15,14 +14,19 @@ import sys
 import jax
 from flax import nnx
 
+from cavmae_jax import prototypes
 from cavmae_jax.models import CAVMAEFT, ModelConfig
+from cavmae_jax.models.pcav_mae import PCAVMAE, pcav_config
 from cavmae_jax.train.evaluate import replicated_logits_fn, split_logits
+from cavmae_jax.train.pcav import memory_bank
 from cavmae_jax.train.sharding import make_mesh
 
 SMALL = ModelConfig(embed_dim=32, depth=2, modality_specific_depth=1, num_heads=2, label_dim=4)
+SMALL_PCAV = pcav_config(embed_dim=32, depth=2, modality_specific_depth=1, num_heads=2,
+                         decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
 
 
-def main(data_dir: str, batch_size: int, bank: bool) -> None:
+def main(data_dir: str, batch_size: int) -> None:
     if "CAVMAE_COORDINATOR" in os.environ:
         jax.distributed.initialize(
             coordinator_address=os.environ["CAVMAE_COORDINATOR"],
@@ -31,26 +35,19 @@ def main(data_dir: str, batch_size: int, bank: bool) -> None:
             initialization_timeout=60,
         )
     mesh = make_mesh({"data": -1})
-    if bank:
-        from cavmae_jax import prototypes
-        from cavmae_jax.models.pcav_mae import PCAVMAE, pcav_config
-        from cavmae_jax.train.pcav import memory_bank
-
-        cfg = pcav_config(embed_dim=32, depth=2, modality_specific_depth=1, num_heads=2,
-                          decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
-        graphdef, params, rest = nnx.split(PCAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)
-        out = memory_bank(graphdef, params, rest, mesh, data_dir, batch_size)
-        arrays, levels = prototypes.discover(out["audio"], out["visual"], "density", (3,), 8)
-        print(json.dumps({"devices": len(jax.devices()), "audio": out["audio"].tolist(),
-                          "visual": out["visual"].tolist(), "gamma": arrays["gamma"].tolist(),
-                          "sizes": levels[0]["sizes"].tolist()}))  # fmt: skip
-        return
     logits_of = replicated_logits_fn(CAVMAEFT(SMALL, nnx.Rngs(0)), mesh, "multimodal")
     out = split_logits(logits_of, mesh, data_dir, "train", batch_size, SMALL.label_dim)
-    order = out["label"].argmax(1)  # labels travel with their logits
-    print(json.dumps({"devices": len(jax.devices()), "logits": out["logits"].tolist(),
-                      "label": order.tolist()}))  # fmt: skip
+    # labels travel with their logits
+    result = {"devices": len(jax.devices()), "logits": out["logits"].tolist(),
+              "label": out["label"].argmax(1).tolist()}  # fmt: skip
+    # PCAV-MAE's memory bank (batched the same way) and the prototypes found on it
+    graphdef, params, rest = nnx.split(PCAVMAE(SMALL_PCAV, nnx.Rngs(0)), nnx.Param, ...)
+    bank = memory_bank(graphdef, params, rest, mesh, data_dir, batch_size)
+    arrays, levels = prototypes.discover(bank["audio"], bank["visual"], "density", (3,), 8)
+    result.update(audio=bank["audio"].tolist(), visual=bank["visual"].tolist(),
+                  gamma=arrays["gamma"].tolist(), sizes=levels[0]["sizes"].tolist())  # fmt: skip
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:] == ["bank"])
+    main(sys.argv[1], int(sys.argv[2]))

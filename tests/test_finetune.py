@@ -84,13 +84,18 @@ def test_finetune_validates_each_epoch_and_averages_the_recipe_epochs(finetuned)
     assert len(result["AP"]) == CLASSES and (finetuned / "loss.png").exists()
 
 
-def direct_logits(model, dataset: Path, frame: int) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of every clip, batch by batch on one device, without the mesh code."""
+def direct_logits(model, dataset: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [10 frames, N, K] and labels of every clip, batch by batch on one device, without
+    the mesh code (one pass reading all ten frames of each clip)."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, a, v: nnx.merge(graphdef, state)(a, v))
+    config = LoaderConfig(6, CLASSES, train=False, all_frames=True)
     logits, labels = [], []
-    for batch in Loader(dataset, "train", LoaderConfig(5, CLASSES, train=False, frame=frame)):
-        logits.append(np.asarray(model(batch["audio"], batch["image"])))
+    for batch in Loader(dataset, "train", config):
+        frames = [forward(state, batch["audio"], batch["image"][:, f]) for f in range(10)]
+        logits.append(np.stack(frames))
         labels.append(batch["label"])
-    return np.concatenate(logits), np.concatenate(labels)
+    return np.concatenate(logits, axis=1), np.concatenate(labels)
 
 
 def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, capsys, tmp_path):
@@ -102,8 +107,8 @@ def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, ca
               "--split", "train", "--frames", "1", "--batch-size", "8"])  # fmt: skip
     one = json.loads(capsys.readouterr().out.splitlines()[0])
     model = convert.load_checkpoint(finetuned / "model")
-    logits, labels = direct_logits(model, dataset, 5)
-    expected = evaluation.classification_stats(logits, labels)
+    logits, labels = direct_logits(model, dataset)
+    expected = evaluation.classification_stats(logits[5], labels)
     assert one["clips"] == CLIPS
     for name in ("mAP", "mAUC", "acc"):
         assert one[name] == pytest.approx(expected[name], abs=1e-6)
@@ -113,8 +118,7 @@ def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, ca
     cli.main(["evaluate", "--model", str(finetuned / "model"), "--data", str(dataset),
               "--split", "train", "--batch-size", "8", "--output", str(output)])  # fmt: skip
     ten = json.loads(output.read_text())
-    frames = [direct_logits(model, dataset, f)[0].astype(np.float64) for f in range(10)]
-    mean_sigmoid = np.mean([1 / (1 + np.exp(-x)) for x in frames], axis=0)
+    mean_sigmoid = np.mean(1 / (1 + np.exp(-logits.astype(np.float64))), axis=0)
     expected = evaluation.classification_stats(mean_sigmoid, labels)
     assert [f["frame"] for f in ten["per_frame"]] == list(range(10))
     assert ten["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
@@ -138,26 +142,32 @@ def test_sigkill_during_finetuning_resumes_to_the_same_model(finetuned, dataset,
     assert validation == (finetuned / "validation.jsonl").read_text()
 
 
-def run_eval_worker(dataset: Path, devices: int, extra_env=None, batch: int = 8, *args: str):
+def run_eval_worker(dataset: Path, devices: int, extra_env=None, batch: int = 8):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                **(extra_env or {}))  # fmt: skip
-    command = [sys.executable, str(EVAL_WORKER), str(dataset), str(batch), *args]
+    command = [sys.executable, str(EVAL_WORKER), str(dataset), str(batch)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
 
 
 def result_of(process) -> dict:
+    """The worker's JSON with rows in a canonical order (hosts interleave rows: compare sets)."""
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-2000:]
     result = json.loads(out.strip().splitlines()[-1])
-    order = np.lexsort(np.asarray(result["logits"]).T)  # hosts interleave rows: compare as sets
-    return {"devices": result["devices"], "logits": np.asarray(result["logits"])[order],
-            "label": np.asarray(result["label"])[order]}  # fmt: skip
+    by_logits = np.lexsort(np.asarray(result["logits"]).T)
+    by_audio = np.lexsort(np.asarray(result["audio"]).T)
+    return {"devices": result["devices"], "logits": np.asarray(result["logits"])[by_logits],
+            "label": np.asarray(result["label"])[by_logits],
+            "audio": np.asarray(result["audio"])[by_audio],
+            "visual": np.asarray(result["visual"])[by_audio],
+            "gamma": np.asarray(result["gamma"]), "sizes": sorted(result["sizes"])}  # fmt: skip
 
 
 def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset):
     """12 clips, global batch 8: one device, 8 fake devices and 2 processes x 2 devices give the
-    same logits for every clip (the short last batches are padded, then dropped)."""
+    same logits for every clip (the short last batches are padded, then dropped), and the same
+    PCAV-MAE memory bank and prototypes (its refresh runs through the same batched path)."""
     single = result_of(run_eval_worker(dataset, 1))
     assert len(single["logits"]) == CLIPS
     eight = result_of(run_eval_worker(dataset, 8))
@@ -171,22 +181,7 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
         assert result["devices"] in (8, 4)
         np.testing.assert_allclose(result["logits"], single["logits"], rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(result["label"], single["label"])
-
-
-def test_memory_bank_refresh_on_8_devices_equals_one_device(dataset):
-    """PCAV-MAE's memory bank (momentum embeddings of every clip, batches split over the mesh)
-    and the prototypes found on it are the same on 8 fake devices as on one."""
-    results = []
-    for devices in (1, 8):
-        process = run_eval_worker(dataset, devices, None, 8, "bank")
-        out, err = process.communicate(timeout=600)
-        assert process.returncode == 0, err[-2000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    one, eight = results
-    assert eight["devices"] == 8 and len(one["audio"]) == CLIPS
-    order = [np.lexsort(np.asarray(r["audio"]).T) for r in results]  # same clips, any order
-    for name in ("audio", "visual"):
-        got, expected = np.asarray(eight[name])[order[1]], np.asarray(one[name])[order[0]]
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(eight["gamma"], one["gamma"], rtol=1e-4)
-    assert sorted(eight["sizes"]) == sorted(one["sizes"])
+        for name in ("audio", "visual"):
+            np.testing.assert_allclose(result[name], single[name], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(result["gamma"], single["gamma"], rtol=1e-4)
+        assert result["sizes"] == single["sizes"]

@@ -108,18 +108,19 @@ def test_momentum_update_and_saved_model_round_trip(tmp_path):
 
 
 def test_pcav_pretraining_and_explanations_end_to_end(tmp_path, capsys):
-    """A few tiny PCAV-MAE steps on generated data (prototype refresh before the first step and
-    after step 2), then ``cavmae explain``: report, t-SNE and one figure per explained clip."""
+    """Two tiny PCAV-MAE steps on generated data (prototypes found before the first step and
+    refreshed after step 1), then ``cavmae explain``: report, t-SNE and one figure per explained
+    clip; then the encoder is exported for finetuning."""
     import json
 
     from cavmae_jax import cli
 
     cli.main(["pretrain", "--config", "configs/pcav.py:demo", "--workdir", str(tmp_path),
-              "--config.data.clips=24", "--config.batch_size=8", "--config.num_steps=4",
-              "--config.log_every=2", "--config.pcav.refresh_every=2",
+              "--config.data.clips=24", "--config.batch_size=8", "--config.num_steps=2",
+              "--config.log_every=1", "--config.pcav.refresh_every=1",
               "--config.data.workers=1"])  # fmt: skip
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [2, 4]
+    assert [r["step"] for r in rows] == [1, 2]
     assert {"loss_pje", "loss_pcpe", "loss_r", "p_acc"} <= set(rows[0])
     assert isinstance(convert.load_checkpoint(tmp_path / "momentum_model"), PCAVMAE)
     capsys.readouterr()
