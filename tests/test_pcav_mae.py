@@ -137,3 +137,26 @@ def test_pcav_pretraining_and_explanations_end_to_end(tmp_path, capsys):
     # the encoder goes on to finetuning like a CAV-MAE one
     cli.main(["export", str(tmp_path / "model"), str(tmp_path / "ft"), "--label-dim", "8"])
     assert type(convert.load_checkpoint(tmp_path / "ft")).__name__ == "CAVMAEFT"
+
+
+def test_training_step_moves_the_momentum_encoder_towards_the_new_parameters(setup):
+    """ema' = m * ema + (1 - m) * params' after the optimizer update, and the clustered features
+    (hence the targets) come from the momentum encoder, not from the trained one."""
+    import optax
+
+    from cavmae_jax.train.steps import make_pcav_step
+
+    model, _, _, audio, image, protos, _ = setup
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(jnp.copy, params)  # the step donates its state
+    tx = optax.sgd(0.1)
+    ema = jax.tree.map(lambda p: p + 0.01, params)
+    state = {"params": params, "opt_state": tx.init(params), "ema": ema, "protos": protos}
+    step = make_pcav_step(graphdef, tx, {}, 0.9, True)
+    keep = jax.tree.map(np.array, {"params": params, "ema": ema})
+    new, metrics = step(state, rest, {"audio": audio, "image": image}, jax.random.key(0))
+    moved = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, keep["ema"], new["params"])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 new["ema"], moved)  # fmt: skip
+    changed = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), new["params"], keep["params"])
+    assert max(jax.tree.leaves(changed)) > 0 and 0 <= float(metrics["p_acc"]) <= 1
