@@ -7,9 +7,9 @@ Two ways to find prototypes, both deterministic given a seed:
   * k-means (Prototypical Contrastive Learning): k-means++ seeding and Lloyd iterations, one
     clustering per granularity ``k``.
 Every clip is then assigned to its nearest prototype, and each prototype gets the concentration
-gamma of eq. (2). All distance work is chunked (``chunk`` bank rows at a time): memory grows
-with N x chunk, never N x N, so AS-2M-size banks fit; the query axis of every chunked pass can be
-sharded over a mesh (the bank is replicated).
+gamma of eq. (2). All distance work is chunked (``chunk`` rows of queries and of the bank at a
+time): memory grows with chunk x chunk, never N x N, so AS-2M-size banks fit; with a mesh the
+query rows of every pass are split over its devices (``over_mesh``; the bank is replicated).
 """
 
 from __future__ import annotations
@@ -46,6 +46,27 @@ def _per_query_chunk(fn, queries: jax.Array, chunk: int):
     blocks = _pad_rows(queries, chunk).reshape(-1, chunk, queries.shape[1])
     out = jax.lax.map(fn, blocks)
     return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:n], out)
+
+
+def over_mesh(fn, queries: jax.Array, *args, mesh=None):
+    """``fn(queries, *args)`` with the query rows split over every device of ``mesh`` (the
+    other arguments replicated): each device runs its own chunked pass. No mesh: one device."""
+    if mesh is None or mesh.size == 1:
+        return fn(queries, *args)
+    from jax.sharding import PartitionSpec
+
+    rows = PartitionSpec(mesh.axis_names)
+    n = queries.shape[0]
+    padded = _pad_rows(jnp.asarray(queries), mesh.size)
+    # check_vma off: the chunk loops start from replicated constants and read the local rows
+    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(rows, *[PartitionSpec()] * len(args)),
+                            out_specs=rows, check_vma=False)  # fmt: skip
+    out = jax.jit(sharded)(padded, *args)
+    if jax.process_count() > 1:  # every host needs every row
+        from jax.experimental import multihost_utils
+
+        out = multihost_utils.process_allgather(out, tiled=True)
+    return jax.tree.map(lambda x: jnp.asarray(x)[:n], out)
 
 
 def _sq_dists(queries: jax.Array, rows: jax.Array) -> jax.Array:
@@ -102,17 +123,21 @@ def assign(queries: jax.Array, centres: jax.Array, chunk: int = CHUNK) -> jax.Ar
     return _per_query_chunk(nearest, queries, chunk)
 
 
-def density_peaks(bank, neighbours: int, bandwidth: float | None = None, chunk: int = CHUNK):
+def density_peaks(
+    bank, neighbours: int, bandwidth: float | None = None, chunk: int = CHUNK, mesh=None
+):
     """Bank indices of the density peaks (sorted by decreasing density).
 
     ``bandwidth`` defaults to the median distance to the ``neighbours``-th neighbour: the kernel
     then sees about one neighbourhood, whatever the scale of the embeddings."""
     bank = jnp.asarray(bank, jnp.float32)
-    near = nearest_neighbours(bank, bank, neighbours, chunk)
+    near = over_mesh(
+        lambda q, b: nearest_neighbours(q, b, neighbours, chunk), bank, bank, mesh=mesh
+    )
     if bandwidth is None:
         far = jnp.sqrt(jnp.sum((bank - bank[near[:, -1]]) ** 2, axis=1))
         bandwidth = float(jnp.maximum(jnp.median(far), 1e-6))
-    density = kernel_density(bank, bank, bandwidth, chunk)
+    density = over_mesh(lambda q, b: kernel_density(q, b, bandwidth, chunk), bank, bank, mesh=mesh)
     # ties: the lower index wins, so exactly one of two equal neighbours is a peak
     order = jnp.argsort(-density, stable=True)
     rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
@@ -121,7 +146,7 @@ def density_peaks(bank, neighbours: int, bandwidth: float | None = None, chunk: 
     return peaks[np.argsort(np.asarray(rank)[peaks])]
 
 
-def kmeans(bank, k: int, iterations: int = 20, seed: int = 0, chunk: int = CHUNK):
+def kmeans(bank, k: int, iterations: int = 20, seed: int = 0, chunk: int = CHUNK, mesh=None):
     """Centres [k, D] by k-means++ seeding and Lloyd iterations (deterministic given ``seed``)."""
     bank = jnp.asarray(bank, jnp.float32)
     key = jax.random.key(seed)
@@ -134,7 +159,7 @@ def kmeans(bank, k: int, iterations: int = 20, seed: int = 0, chunk: int = CHUNK
         closest = jnp.minimum(closest, _sq_dists(bank, bank[pick][None])[:, 0])
     centres = jnp.stack(centres)
     for _ in range(iterations):
-        labels = assign(bank, centres, chunk)
+        labels = over_mesh(lambda q, c: assign(q, c, chunk), bank, centres, mesh=mesh)
         sums = jax.ops.segment_sum(bank, labels, num_segments=k)
         counts = jax.ops.segment_sum(jnp.ones(bank.shape[0]), labels, num_segments=k)
         centres = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centres)
@@ -166,7 +191,7 @@ def _unit(x: jax.Array) -> jax.Array:
 
 def discover(
     audio, visual, method: str, granularities, max_prototypes: int, beta: float = 10.0,
-    gamma_mean: float = 0.1, seed: int = 0, chunk: int = CHUNK,
+    gamma_mean: float = 0.1, seed: int = 0, chunk: int = CHUNK, mesh=None,
 ) -> tuple[dict[str, np.ndarray], list[dict]]:  # fmt: skip
     """Prototypes of a memory bank at every granularity, padded to ``max_prototypes``.
 
@@ -175,7 +200,8 @@ def discover(
     the density-peak clips (their audio and visual embeddings; the densest ``max_prototypes``
     kept); "kmeans": granularity = k, prototypes are the members' mean embeddings. Each clip goes
     to its nearest prototype; gamma follows eq. (2), then (``gamma_mean`` > 0) is rescaled to that
-    mean, as PCL does. Returns the arrays {audio, visual [G, K, D], gamma, valid [G, K]} and per
+    mean, as PCL does. With ``mesh`` every pass over the bank is split over its devices.
+    Returns the arrays {audio, visual [G, K, D], gamma, valid [G, K]} and per
     granularity ``{"clips", "labels", "sizes"}``: the bank index of each prototype's clip (the
     clip nearest the centre for k-means), each clip's prototype and the prototype sizes.
     """
@@ -183,16 +209,20 @@ def discover(
     visual = jnp.asarray(visual, jnp.float32)
     joint = _unit(audio + visual)
     k_max = max_prototypes
+
+    def nearest(queries, centres):
+        return over_mesh(lambda q, c: assign(q, c, chunk), queries, centres, mesh=mesh)
+
     out = {name: [] for name in ("audio", "visual", "gamma", "valid")}
     levels = []
     for granularity in granularities:
         if method == "density":
-            clips = density_peaks(joint, int(granularity), chunk=chunk)[:k_max]
+            clips = density_peaks(joint, int(granularity), chunk=chunk, mesh=mesh)[:k_max]
             proto_a, proto_v = audio[clips], visual[clips]
-            labels = assign(joint, _unit(proto_a + proto_v), chunk)
+            labels = nearest(joint, _unit(proto_a + proto_v))
         elif method == "kmeans":
             k = min(int(granularity), k_max)
-            labels = assign(joint, kmeans(joint, k, seed=seed, chunk=chunk), chunk)
+            labels = nearest(joint, kmeans(joint, k, seed=seed, chunk=chunk, mesh=mesh))
             sums_a = jax.ops.segment_sum(audio, labels, num_segments=k)
             sums_v = jax.ops.segment_sum(visual, labels, num_segments=k)
             proto_a, proto_v = _unit(sums_a), _unit(sums_v)

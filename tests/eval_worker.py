@@ -43,9 +43,14 @@ def main(data_dir: str, batch_size: int) -> None:
     # PCAV-MAE's memory bank (batched the same way) and the prototypes found on it
     graphdef, params, rest = nnx.split(PCAVMAE(SMALL_PCAV, nnx.Rngs(0)), nnx.Param, ...)
     bank = memory_bank(graphdef, params, rest, mesh, data_dir, batch_size)
-    arrays, levels = prototypes.discover(bank["audio"], bank["visual"], "density", (3,), 8)
+    arrays, levels = prototypes.discover(
+        bank["audio"], bank["visual"], "density", (3,), 8, mesh=mesh, chunk=4
+    )  # every device runs several chunks
+    _, (kmeans,) = prototypes.discover(bank["audio"], bank["visual"], "kmeans", (3,), 8,
+                                       mesh=mesh, chunk=4)  # fmt: skip
     result.update(audio=bank["audio"].tolist(), visual=bank["visual"].tolist(),
-                  gamma=arrays["gamma"].tolist(), sizes=levels[0]["sizes"].tolist())  # fmt: skip
+                  gamma=arrays["gamma"].tolist(),
+                  sizes=levels[0]["sizes"].tolist() + kmeans["sizes"].tolist())  # fmt: skip
     print(json.dumps(result))
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -49,11 +48,11 @@ def memory_bank(graphdef, ema, rest, mesh, data_dir: Path, batch_size: int) -> d
     return {"audio": out["audio"], "visual": out["visual"]}
 
 
-def find_prototypes(bank: dict[str, np.ndarray], pcav: ml_collections.ConfigDict, seed: int):
-    """The prototype arrays of a memory bank under the run's settings."""
+def find_prototypes(bank: dict, pcav: ml_collections.ConfigDict, seed: int, mesh=None):
+    """The prototype arrays of a memory bank under the run's settings, computed over ``mesh``."""
     return prototypes.discover(
         bank["audio"], bank["visual"], pcav.method, tuple(pcav.granularities),
-        pcav.max_prototypes, pcav.beta, pcav.gamma_mean, seed,
+        pcav.max_prototypes, pcav.beta, pcav.gamma_mean, seed, mesh=mesh,
     )  # fmt: skip
 
 
@@ -89,7 +88,7 @@ def pcav_pretrain(config: ml_collections.ConfigDict, workdir: str | Path) -> dic
     def refresh(state: dict) -> None:
         bank = memory_bank(ts.graphdef, state["ema"], ts.rest, ts.mesh, data_dir,
                            config.batch_size)  # fmt: skip
-        arrays, _ = find_prototypes(bank, pcav, config.seed)
+        arrays, _ = find_prototypes(bank, pcav, config.seed, ts.mesh)
         state["protos"] = jax.device_put(arrays, replicated)
 
     def state_step(state, rest, batch, key, step):
