@@ -15,8 +15,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
-    """Training loss terms (left) and accuracies (right: contrastive ``c_acc``, validation
-    metrics) against the step, from ``metrics.jsonl`` and ``validation.jsonl``."""
+    """Training loss terms (left) and accuracies (right: contrastive ``c_acc``, prototype
+    ``p_acc``, validation metrics) against the step, from ``metrics.jsonl`` and
+    ``validation.jsonl``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,13 +27,14 @@ def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
     rows, valid = _rows(workdir / "metrics.jsonl"), _rows(workdir / "validation.jsonl")
     steps = [r["step"] for r in rows]
     fig, (losses, accuracy) = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name in ("loss", "loss_mae_a", "loss_mae_v"):
+    for name in ("loss", "loss_mae_a", "loss_mae_v", "loss_pje", "loss_pcpe"):
         if rows and name in rows[0]:
             losses.plot(steps, [r[name] for r in rows], label=name)
     if rows and "loss_c" in rows[0]:
         losses.plot(steps, [100 * r["loss_c"] for r in rows], label="100 x loss_c")
-    if rows and "c_acc" in rows[0]:
-        accuracy.plot(steps, [r["c_acc"] for r in rows], label="c_acc")
+    for name in ("c_acc", "p_acc"):  # contrastive / prototype accuracy
+        if rows and name in rows[0]:
+            accuracy.plot(steps, [r[name] for r in rows], label=name)
     for name in ("mAP", "acc"):
         if valid:
             accuracy.plot([r["step"] for r in valid], [r[name] for r in valid], "o-",
