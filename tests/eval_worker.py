@@ -8,11 +8,11 @@ Executed in subprocesses by test_finetune.py (fake CPU devices must be set befor
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
 from flax import nnx
+from worker_env import join_from_env
 
 from cavmae_jax import prototypes
 from cavmae_jax.models import CAVMAEFT, ModelConfig
@@ -27,13 +27,7 @@ SMALL_PCAV = pcav_config(embed_dim=32, depth=2, modality_specific_depth=1, num_h
 
 
 def main(data_dir: str, batch_size: int) -> None:
-    if "CAVMAE_COORDINATOR" in os.environ:
-        jax.distributed.initialize(
-            coordinator_address=os.environ["CAVMAE_COORDINATOR"],
-            num_processes=int(os.environ["CAVMAE_PROCESSES"]),
-            process_id=int(os.environ["CAVMAE_PROCESS_ID"]),
-            initialization_timeout=60,
-        )
+    join_from_env()
     mesh = make_mesh({"data": -1})
     logits_of = replicated_logits_fn(CAVMAEFT(SMALL, nnx.Rngs(0)), mesh, "multimodal")
     out = split_logits(logits_of, mesh, data_dir, "train", batch_size, SMALL.label_dim)

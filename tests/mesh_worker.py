@@ -10,7 +10,6 @@ the same global batch.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
@@ -18,6 +17,7 @@ import jax.experimental.multihost_utils
 import numpy as np
 import optax
 from flax import nnx
+from worker_env import join_from_env
 
 from cavmae_jax.models import CAVMAE, tiny
 from cavmae_jax.train import sharding
@@ -31,13 +31,7 @@ def gathered(x: jax.Array) -> np.ndarray:
 
 
 def main(shape: dict, rules_name: str, groups: int, steps: int) -> None:
-    if "CAVMAE_COORDINATOR" in os.environ:
-        jax.distributed.initialize(
-            coordinator_address=os.environ["CAVMAE_COORDINATOR"],
-            num_processes=int(os.environ["CAVMAE_PROCESSES"]),
-            process_id=int(os.environ["CAVMAE_PROCESS_ID"]),
-            initialization_timeout=60,
-        )
+    join_from_env()
     size = int(np.prod(list(shape.values())))
     mesh = sharding.make_mesh(shape, jax.devices()[:size])
     rules = sharding.RULES[rules_name]
