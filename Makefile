@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[data,test]"
 	touch $(STAMP)
 
-# pytest exits 5 when it collected no test: that is a failure here too.
+# pytest exits 5 when it collected no test: that is a failure here too. Two workers, one test
+# file each at a time (module fixtures are built once): XLA compiles and process start-ups are
+# mostly single-threaded, so the two cores overlap them.
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 demo: install
 	$(BIN)/cavmae pretrain --config configs/demo.py --workdir workdir/demo
