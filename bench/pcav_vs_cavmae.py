@@ -50,6 +50,7 @@ def measure(model_dir: Path, data_dir: Path) -> dict[str, float]:
 
     from cavmae_jax import convert, evaluation, prototypes
     from cavmae_jax.explain import purity
+    from cavmae_jax.losses import l2_normalize
     from cavmae_jax.retrieval import embed
     from input_pipeline.dataset import Loader, LoaderConfig
 
@@ -59,7 +60,7 @@ def measure(model_dir: Path, data_dir: Path) -> dict[str, float]:
     labels = [list(r["label"]) for r in loader._records().as_numpy_iterator()]
     audio = audio / np.linalg.norm(audio, axis=1, keepdims=True)
     visual = visual / np.linalg.norm(visual, axis=1, keepdims=True)
-    joint = np.asarray(prototypes._unit(audio + visual))
+    joint = np.asarray(l2_normalize(audio + visual))
     result = {}
     for name, method, granularity in (("density5", "density", 5), ("density15", "density", 15),
                                       ("kmeans8", "kmeans", 8)):  # fmt: skip

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from cavmae_jax import convert, prototypes
+from cavmae_jax.losses import l2_normalize
 
 SHOWN_PER_LEVEL = 3
 
@@ -92,13 +93,13 @@ def explain_clip(index: int, data: dict, arrays: dict, levels, media: dict, path
     """The clip and its nearest prototypes per granularity (frame above spectrogram)."""
     import matplotlib.pyplot as plt
 
-    joint = prototypes._unit(data["audio"][index] + data["visual"][index])
+    joint = l2_normalize(data["audio"][index] + data["visual"][index])
     fig, axes = plt.subplots(2, 1 + SHOWN_PER_LEVEL * len(levels), figsize=(
         2.2 * (1 + SHOWN_PER_LEVEL * len(levels)), 4.4), squeeze=False)  # fmt: skip
     draw_media(axes[:, 0], media[data["ids"][index]], f"clip {data['ids'][index]}")
     column = 1
     for g, level in enumerate(levels):
-        centres = prototypes._unit(arrays["audio"][g] + arrays["visual"][g])
+        centres = l2_normalize(arrays["audio"][g] + arrays["visual"][g])
         sims = np.where(arrays["valid"][g], np.asarray(centres @ joint), -np.inf)
         for slot, k in enumerate(np.argsort(-sims)[:SHOWN_PER_LEVEL]):
             axes_pair = axes[:, column + slot]
@@ -120,7 +121,7 @@ def tsne_figure(data: dict, levels, path: Path, seed: int = 0) -> None:
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
 
-    joint = np.asarray(prototypes._unit(data["audio"] + data["visual"]))
+    joint = np.asarray(l2_normalize(data["audio"] + data["visual"]))
     perplexity = min(30.0, (len(joint) - 1) / 3)
     xy = TSNE(2, perplexity=perplexity, random_state=seed, init="pca").fit_transform(joint)
     colour = [labels[0] if labels else -1 for labels in data["labels"]]

@@ -24,7 +24,7 @@ def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, norm_pix: bool
     return jnp.sum(per_patch * mask) / jnp.sum(mask)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
+def l2_normalize(x: jax.Array) -> jax.Array:
     """Rows divided by max(||x||, 1e-12), as torch.nn.functional.normalize."""
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -46,8 +46,8 @@ def contrastive_loss(
     among the batch's audios (softmax over axis 0). Bidirectional averages both directions.
     Returns (loss, accuracy).
     """
-    a = _l2_normalize(audio_rep.astype(jnp.float32))
-    v = _l2_normalize(video_rep.astype(jnp.float32))
+    a = l2_normalize(audio_rep.astype(jnp.float32))
+    v = l2_normalize(video_rep.astype(jnp.float32))
     sim = a @ v.T / CONTRAST_TEMPERATURE
     loss, acc = _nce_columns(sim)
     if bidirectional:
@@ -108,7 +108,7 @@ def pje_loss(audio: jax.Array, proto_visual: jax.Array, gamma: jax.Array, target
     """Eq. (1), L_PJE: each clip's visible-audio representation [B, D] against the visual
     prototypes [G, K, D], positive = the prototype of the clip's own video; mean over the G
     granularities, scaled by 1 / tau."""
-    audio = _l2_normalize(audio.astype(jnp.float32))
+    audio = l2_normalize(audio.astype(jnp.float32))
     per_level = jax.vmap(lambda p, g, t, m: prototype_nce(audio @ p.T, g, t, m))
     return jnp.mean(per_level(proto_visual, gamma, targets, valid)) / tau
 
@@ -118,8 +118,8 @@ def pcpe_loss(masked_audio: jax.Array, masked_visual: jax.Array, proto_audio: ja
               tau: float) -> jax.Array:  # fmt: skip
     """Eq. (3), L_PCPE: the decoder's masked-patch features of both modalities [B, D], audio
     against audio prototypes plus visual against visual prototypes, summed in the exponent."""
-    masked_audio = _l2_normalize(masked_audio.astype(jnp.float32))
-    masked_visual = _l2_normalize(masked_visual.astype(jnp.float32))
+    masked_audio = l2_normalize(masked_audio.astype(jnp.float32))
+    masked_visual = l2_normalize(masked_visual.astype(jnp.float32))
 
     def level(pa, pv, g, t, m):
         return prototype_nce(masked_audio @ pa.T + masked_visual @ pv.T, g, t, m)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cavmae_jax.losses import l2_normalize
+
 CHUNK = 4096
 
 
@@ -185,10 +187,6 @@ def concentration(
     return jnp.where(n > 1, gamma, largest)
 
 
-def _unit(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def discover(
     audio, visual, method: str, granularities, max_prototypes: int, beta: float = 10.0,
     gamma_mean: float = 0.1, seed: int = 0, chunk: int = CHUNK, mesh=None,
@@ -207,7 +205,7 @@ def discover(
     """
     audio = jnp.asarray(audio, jnp.float32)
     visual = jnp.asarray(visual, jnp.float32)
-    joint = _unit(audio + visual)
+    joint = l2_normalize(audio + visual)
     k_max = max_prototypes
 
     def nearest(queries, centres):
@@ -219,14 +217,14 @@ def discover(
         if method == "density":
             clips = density_peaks(joint, int(granularity), chunk=chunk, mesh=mesh)[:k_max]
             proto_a, proto_v = audio[clips], visual[clips]
-            labels = nearest(joint, _unit(proto_a + proto_v))
+            labels = nearest(joint, l2_normalize(proto_a + proto_v))
         elif method == "kmeans":
             k = min(int(granularity), k_max)
             labels = nearest(joint, kmeans(joint, k, seed=seed, chunk=chunk, mesh=mesh))
             sums_a = jax.ops.segment_sum(audio, labels, num_segments=k)
             sums_v = jax.ops.segment_sum(visual, labels, num_segments=k)
-            proto_a, proto_v = _unit(sums_a), _unit(sums_v)
-            clips = nearest_neighbours(_unit(proto_a + proto_v), joint, 1, chunk)[:, 0]
+            proto_a, proto_v = l2_normalize(sums_a), l2_normalize(sums_v)
+            clips = nearest_neighbours(l2_normalize(proto_a + proto_v), joint, 1, chunk)[:, 0]
         else:
             raise ValueError(f"unknown prototype method {method!r}; expected density or kmeans")
         k = proto_a.shape[0]

@@ -10,7 +10,8 @@ from conftest import random_inputs
 from flax import nnx
 
 from cavmae_jax import convert, losses
-from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config, unit
+from cavmae_jax.losses import l2_normalize as unit
+from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config
 
 
 def small(**changes):

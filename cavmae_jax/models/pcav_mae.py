@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cavmae_jax import losses
+from cavmae_jax.losses import l2_normalize
 from cavmae_jax.models.cav_mae import CAVMAE
 from cavmae_jax.models.config import ModelConfig
 from cavmae_jax.models.layers import dense
@@ -34,11 +35,6 @@ def pcav_config(**changes) -> ModelConfig:
     )
     base.update(changes)
     return ModelConfig(**base)
-
-
-def unit(x: jax.Array) -> jax.Array:
-    """Rows scaled to unit L2 norm."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def masked_mean(tokens: jax.Array, mask: jax.Array) -> jax.Array:
@@ -63,7 +59,7 @@ class PCAVMAE(CAVMAE):
         """Unmasked clip embeddings (modality streams, mean over tokens, unit norm): the
         features that are clustered. [B, D] each."""
         feat_a, feat_v = self.forward_feat(audio, image)
-        return unit(feat_a.mean(axis=1).astype(jnp.float32)), unit(
+        return l2_normalize(feat_a.mean(axis=1).astype(jnp.float32)), l2_normalize(
             feat_v.mean(axis=1).astype(jnp.float32)
         )
 
@@ -133,7 +129,9 @@ def clip_prototypes(
 ) -> jax.Array:  # fmt: skip
     """Each clip's prototype per granularity [G, B]: the nearest prototype of its joint
     (audio + visual) momentum embedding. Inputs: [B, D] x2, [G, K, D] x2, [G, K]."""
-    sims = jnp.einsum("bd,gkd->gbk", unit(audio + visual), unit(proto_audio + proto_visual))
+    sims = jnp.einsum(
+        "bd,gkd->gbk", l2_normalize(audio + visual), l2_normalize(proto_audio + proto_visual)
+    )
     return jnp.argmax(jnp.where(valid[:, None], sims, -jnp.inf), axis=-1).astype(jnp.int32)
 
 
