@@ -57,7 +57,7 @@ def measure(model_dir: Path, data_dir: Path) -> dict[str, float]:
     model = convert.load_checkpoint(model_dir)
     loader = Loader(data_dir, "train", LoaderConfig(32, num_classes=1, train=False))
     audio, visual = embed(model, loader)
-    labels = [list(r["label"]) for r in loader._records().as_numpy_iterator()]
+    labels = loader.labels()
     audio = audio / np.linalg.norm(audio, axis=1, keepdims=True)
     visual = visual / np.linalg.norm(visual, axis=1, keepdims=True)
     joint = np.asarray(l2_normalize(audio + visual))

@@ -35,7 +35,7 @@ def dataset_embeddings(model, data_dir: Path, split: str, batch_size: int = 32) 
         audio.append(np.asarray(a))
         visual.append(np.asarray(v))
         ids.extend(x.decode() for x in batch["id"])
-    labels = [list(r["label"]) for r in loader._records().as_numpy_iterator()]
+    labels = loader.labels()
     return {"audio": np.concatenate(audio), "visual": np.concatenate(visual), "ids": ids,
             "labels": labels}  # fmt: skip
 

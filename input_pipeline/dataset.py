@@ -59,13 +59,17 @@ def host_split(split: str, config: LoaderConfig) -> str:
     return shares[config.process_index]
 
 
+def _split_labels(builder, split: str) -> list[np.ndarray]:
+    """Every clip's label indices in a split, in order; the media are skipped, not decoded."""
+    skip = {name: tfds.decode.SkipDecoding() for name in builder.info.features if name != "label"}
+    return [r["label"] for r in tfds.as_numpy(builder.as_dataset(split=split, decoders=skip))]
+
+
 def label_sample_weights(data_dir: str, split: str) -> np.ndarray:
     """The official balanced-sampling weights (``gen_weight_file.py``) of a prepared split:
     with ``c_k`` the clips labelled k, a clip weighs the sum of ``1000 / (c_k + 0.01)`` over its
     labels. Reads every record's labels once (the media are skipped, not decoded)."""
-    builder = tfds.builder_from_directory(str(data_dir))
-    skip = {name: tfds.decode.SkipDecoding() for name in builder.info.features if name != "label"}
-    labels = [r["label"] for r in tfds.as_numpy(builder.as_dataset(split=split, decoders=skip))]
+    labels = _split_labels(tfds.builder_from_directory(str(data_dir)), split)
     counts = np.bincount(np.concatenate(labels), minlength=1) if labels else np.zeros(1)
     class_weight = 1000.0 / (counts + 0.01)
     return np.array([class_weight[clip].sum() for clip in labels])
@@ -102,6 +106,10 @@ class Loader:
     @property
     def batches_per_epoch(self) -> int:
         return self.num_examples // self.config.batch_size
+
+    def labels(self) -> list[list[int]]:
+        """Every clip's label indices, in the order evaluation batches read them."""
+        return [r.tolist() for r in _split_labels(self.builder, self.split)]
 
     def _records(self) -> tf.data.Dataset:
         decoders = {"frames": tfds.decode.SkipDecoding()}

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
-import jax
+# Compiled XLA executables are reused across the test processes (the subprocess runs of the
+# trainer compile the same steps again and again): set before JAX is imported, inherited by
+# every subprocess. Results are unchanged: a cached executable is the one that was compiled.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "cavmae-jax-tests-xla-cache")
+)
+
+import jax  # noqa: E402
 import numpy as np
 import pytest
 

@@ -1,7 +1,8 @@
 """Evaluate a small CAVMAEFT and a PCAV-MAE memory bank on a mesh; print the results as JSON.
 
 Executed in subprocesses by test_finetune.py (fake CPU devices must be set before JAX starts):
-``python tests/eval_worker.py DATA_DIR GLOBAL_BATCH``; with ``CAVMAE_COORDINATOR``,
+``python tests/eval_worker.py DATA_DIR GLOBAL_BATCH [DEVICES ...]``: one result per mesh over the
+first DEVICES devices (default: all), printed as one JSON list. With ``CAVMAE_COORDINATOR``,
 ``CAVMAE_PROCESSES`` and ``CAVMAE_PROCESS_ID`` it first joins a multi-process run.
 """
 
@@ -26,13 +27,13 @@ SMALL_PCAV = pcav_config(embed_dim=32, depth=2, modality_specific_depth=1, num_h
                          decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
 
 
-def main(data_dir: str, batch_size: int) -> None:
-    join_from_env()
-    mesh = make_mesh({"data": -1})
+def evaluate(data_dir: str, batch_size: int, devices: int) -> dict:
+    """Logits, memory bank and prototypes of every clip on a mesh over ``devices`` devices."""
+    mesh = make_mesh({"data": -1}, jax.devices()[:devices])
     logits_of = replicated_logits_fn(CAVMAEFT(SMALL, nnx.Rngs(0)), mesh, "multimodal")
     out = split_logits(logits_of, mesh, data_dir, "train", batch_size, SMALL.label_dim)
     # labels travel with their logits
-    result = {"devices": len(jax.devices()), "logits": out["logits"].tolist(),
+    result = {"devices": devices, "logits": out["logits"].tolist(),
               "label": out["label"].argmax(1).tolist()}  # fmt: skip
     # PCAV-MAE's memory bank (batched the same way) and the prototypes found on it
     graphdef, params, rest = nnx.split(PCAVMAE(SMALL_PCAV, nnx.Rngs(0)), nnx.Param, ...)
@@ -45,8 +46,10 @@ def main(data_dir: str, batch_size: int) -> None:
     result.update(audio=bank["audio"].tolist(), visual=bank["visual"].tolist(),
                   gamma=arrays["gamma"].tolist(),
                   sizes=levels[0]["sizes"].tolist() + kmeans["sizes"].tolist())  # fmt: skip
-    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    join_from_env()
+    counts = [int(n) for n in sys.argv[3:]] or [len(jax.devices())]
+    print(json.dumps([evaluate(sys.argv[1], int(sys.argv[2]), n) for n in counts]))

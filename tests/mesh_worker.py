@@ -1,7 +1,9 @@
-"""Run pretraining steps of a tiny CAV-MAE on a mesh and print the results as JSON.
+"""Run pretraining steps of a tiny CAV-MAE on meshes and print the results as JSON.
 
 Executed in subprocesses by test_sharding.py (the fake CPU devices must be configured before JAX
-starts): ``python tests/mesh_worker.py '{"data": 2, "fsdp": 4}' fsdp [groups [steps]]``. With
+starts): ``python tests/mesh_worker.py RUNS`` with RUNS a JSON list of
+``{"shape": {"data": 2, "fsdp": 4}, "rules": "fsdp", "groups": 1, "steps": 1}``; each run uses
+the first devices its mesh needs, and one JSON list of results is printed. With
 ``CAVMAE_COORDINATOR``, ``CAVMAE_PROCESSES`` and ``CAVMAE_PROCESS_ID`` set, it first joins a
 multi-process run with ``jax.distributed.initialize``; each process then supplies its rows of
 the same global batch.
@@ -30,11 +32,11 @@ def gathered(x: jax.Array) -> np.ndarray:
     return np.asarray(full).astype(np.float64)
 
 
-def main(shape: dict, rules_name: str, groups: int, steps: int) -> None:
-    join_from_env()
+def run(shape: dict, rules: str, groups: int = 1, steps: int = 1) -> dict:
+    """``steps`` SGD steps on a fixed batch of 8 clips over a mesh of ``shape``."""
     size = int(np.prod(list(shape.values())))
     mesh = sharding.make_mesh(shape, jax.devices()[:size])
-    rules = sharding.RULES[rules_name]
+    rules = sharding.RULES[rules]
     cfg = tiny(embed_dim=32, num_heads=4, contrastive_groups=groups, norm_pix_loss=True)
     model = sharding.create_sharded(lambda: CAVMAE(cfg, nnx.Rngs(0)), mesh, rules)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -57,17 +59,17 @@ def main(shape: dict, rules_name: str, groups: int, steps: int) -> None:
             params, rest, opt_state, sharding.global_batch(local, mesh), jax.random.key(i)
         )
     kernel = params["blocks_a"]["layers"]["mlp"]["fc1"]["kernel"]
-    print(json.dumps({
-        "devices": len(jax.devices()),
+    return {
+        "devices": size,
         "loss": float(metrics["loss"]),
         "loss_c": float(metrics["loss_c"]),
         "params": [float(gathered(x).sum()) for x in jax.tree.leaves(params)],
         "kernel_spec": str(kernel[...].sharding.spec),
         "moment_spec": [str(x.sharding.spec) for x in jax.tree.leaves(opt_state)
                         if x.shape == kernel.shape][0],
-    }))  # fmt: skip
+    }  # fmt: skip
 
 
 if __name__ == "__main__":
-    extra = [int(x) for x in sys.argv[3:]] + [1, 1][len(sys.argv[3:]) :]
-    main(json.loads(sys.argv[1]), sys.argv[2], *extra)
+    join_from_env()
+    print(json.dumps([run(**spec) for spec in json.loads(sys.argv[1])]))

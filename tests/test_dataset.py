@@ -173,6 +173,7 @@ def test_balanced_sampling_draws_by_weight_with_official_label_weights(data_dir)
     records = list(Loader(data_dir, "train", LoaderConfig(4, 4, train=False))._records()
                    .as_numpy_iterator())  # fmt: skip
     labels = [list(r["label"]) for r in records]
+    assert Loader(data_dir, "train", LoaderConfig(4, 4, train=False)).labels() == labels
     counts = {}
     for clip in labels:
         for k in clip:

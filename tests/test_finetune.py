@@ -142,19 +142,22 @@ def test_sigkill_during_finetuning_resumes_to_the_same_model(finetuned, dataset,
     assert validation == (finetuned / "validation.jsonl").read_text()
 
 
-def run_eval_worker(dataset: Path, devices: int, extra_env=None, batch: int = 8):
+def run_eval_worker(dataset: Path, devices: int, extra_env=None, meshes=()):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                **(extra_env or {}))  # fmt: skip
-    command = [sys.executable, str(EVAL_WORKER), str(dataset), str(batch)]
+    command = [sys.executable, str(EVAL_WORKER), str(dataset), "8", *map(str, meshes)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
 
 
-def result_of(process) -> dict:
+def results_of(process) -> list[dict]:
     """The worker's JSON with rows in a canonical order (hosts interleave rows: compare sets)."""
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, err[-2000:]
-    result = json.loads(out.strip().splitlines()[-1])
+    return [canonical(result) for result in json.loads(out.strip().splitlines()[-1])]
+
+
+def canonical(result: dict) -> dict:
     by_logits = np.lexsort(np.asarray(result["logits"]).T)
     by_audio = np.lexsort(np.asarray(result["audio"]).T)
     return {"devices": result["devices"], "logits": np.asarray(result["logits"])[by_logits],
@@ -168,16 +171,15 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
     """12 clips, global batch 8: one device, 8 fake devices and 2 processes x 2 devices give the
     same logits for every clip (the short last batches are padded, then dropped), and the same
     PCAV-MAE memory bank and prototypes (its refresh runs through the same batched path)."""
-    single = result_of(run_eval_worker(dataset, 1))
-    assert len(single["logits"]) == CLIPS
-    eight = result_of(run_eval_worker(dataset, 8))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     hosts = [run_eval_worker(dataset, 2, dict(CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
                                               CAVMAE_PROCESSES="2", CAVMAE_PROCESS_ID=str(pid)))
              for pid in range(2)]  # fmt: skip
-    for result in [eight] + [result_of(p) for p in hosts]:
+    single, eight = results_of(run_eval_worker(dataset, 8, meshes=(1, 8)))
+    assert single["devices"] == 1 and len(single["logits"]) == CLIPS
+    for result in [eight] + [results_of(p)[0] for p in hosts]:
         assert result["devices"] in (8, 4)
         np.testing.assert_allclose(result["logits"], single["logits"], rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(result["label"], single["label"])
