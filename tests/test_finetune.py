@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -16,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from worker_env import fake_devices_env
 
 from cavmae_jax import convert, evaluation
 from input_pipeline import prepare, synthetic
@@ -142,9 +142,8 @@ def test_sigkill_during_finetuning_resumes_to_the_same_model(finetuned, dataset,
     assert validation == (finetuned / "validation.jsonl").read_text()
 
 
-def run_eval_worker(dataset: Path, devices: int, extra_env=None, meshes=()):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               **(extra_env or {}))  # fmt: skip
+def run_eval_worker(dataset: Path, devices: int, meshes=(), **extra_env: str):
+    env = fake_devices_env(devices, **extra_env)
     command = [sys.executable, str(EVAL_WORKER), str(dataset), "8", *map(str, meshes)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)  # fmt: skip
@@ -174,8 +173,8 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    hosts = [run_eval_worker(dataset, 2, dict(CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
-                                              CAVMAE_PROCESSES="2", CAVMAE_PROCESS_ID=str(pid)))
+    hosts = [run_eval_worker(dataset, 2, CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
+                             CAVMAE_PROCESSES="2", CAVMAE_PROCESS_ID=str(pid))
              for pid in range(2)]  # fmt: skip
     single, eight = results_of(run_eval_worker(dataset, 8, meshes=(1, 8)))
     assert single["devices"] == 1 and len(single["logits"]) == CLIPS

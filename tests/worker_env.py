@@ -1,4 +1,5 @@
-"""Joining a multi-process test run from the environment (shared by the subprocess workers)."""
+"""The environment of the subprocess test workers on fake CPU devices, and joining a
+multi-process run from it (shared by the workers and the tests that start them)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,11 @@ def join_from_env() -> None:
             process_id=int(os.environ["CAVMAE_PROCESS_ID"]),
             initialization_timeout=60,
         )
+
+
+def fake_devices_env(devices: int, **extra: str) -> dict[str, str]:
+    """This environment with ``devices`` fake CPU devices, plus ``extra``. Without the shared
+    compilation cache: an 8-device executable loaded from it once stalled in a CPU all-reduce
+    (XLA's rendezvous timed out), and each worker compiles its configurations once anyway."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    return dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
