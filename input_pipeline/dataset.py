@@ -65,13 +65,18 @@ def _split_labels(builder, split: str) -> list[np.ndarray]:
     return [r["label"] for r in tfds.as_numpy(builder.as_dataset(split=split, decoders=skip))]
 
 
-def label_sample_weights(data_dir: str, split: str) -> np.ndarray:
+def label_sample_weights(data_dir: str, split: str, share: str | None = None) -> np.ndarray:
     """The official balanced-sampling weights (``gen_weight_file.py``) of a prepared split:
-    with ``c_k`` the clips labelled k, a clip weighs the sum of ``1000 / (c_k + 0.01)`` over its
-    labels. Reads every record's labels once (the media are skipped, not decoded)."""
-    labels = _split_labels(tfds.builder_from_directory(str(data_dir)), split)
+    with ``c_k`` the clips of ``split`` labelled k, a clip weighs the sum of
+    ``1000 / (c_k + 0.01)`` over its labels. Returns the weights of the clips of ``share`` (a
+    host's part of ``split``, counts still over the whole split), by default of every clip.
+    Reads the labels only (the media are skipped, not decoded)."""
+    builder = tfds.builder_from_directory(str(data_dir))
+    labels = _split_labels(builder, split)
     counts = np.bincount(np.concatenate(labels), minlength=1) if labels else np.zeros(1)
     class_weight = 1000.0 / (counts + 0.01)
+    if share not in (None, split):
+        labels = _split_labels(builder, share)
     return np.array([class_weight[clip].sum() for clip in labels])
 
 

@@ -168,7 +168,7 @@ def test_float16_storage_error_is_small(tmp_path):
 
 
 def test_balanced_sampling_draws_by_weight_with_official_label_weights(data_dir):
-    from input_pipeline.dataset import label_sample_weights
+    from input_pipeline.dataset import host_split, label_sample_weights
 
     records = list(Loader(data_dir, "train", LoaderConfig(4, 4, train=False))._records()
                    .as_numpy_iterator())  # fmt: skip
@@ -180,6 +180,10 @@ def test_balanced_sampling_draws_by_weight_with_official_label_weights(data_dir)
             counts[k] = counts.get(k, 0) + 1
     expected = [sum(1000 / (counts[k] + 0.01) for k in clip) for clip in labels]
     np.testing.assert_allclose(label_sample_weights(data_dir, "train"), expected, rtol=1e-12)
+    # on 5 hosts: each host's 2 clips weigh what they weigh on one machine (counts over all 12)
+    shares = [host_split("train", train_config(process_index=i, process_count=5)) for i in range(5)]
+    on_hosts = np.concatenate([label_sample_weights(data_dir, "train", s) for s in shares])
+    np.testing.assert_allclose(on_hosts, expected[:10], rtol=1e-12)
 
     ids = [r["id"] for r in records]
     weights = tuple([500.0] + [1.0] * (CLIPS - 1))  # clip 0 is ~98% of the draws

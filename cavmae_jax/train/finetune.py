@@ -35,16 +35,17 @@ def initial_model(source: str, label_dim: int, seed: int) -> CAVMAEFT:
     return model
 
 
-def balanced_weights(data_dir: Path, split: str, workdir: Path) -> tuple[float, ...]:
-    """The official label-balanced sampling weights of the training split, computed once and
-    kept in ``workdir/sample_weights.npy`` (reading every label of AS-2M takes a while)."""
+def balanced_weights(data_dir: Path, split: str, share: str, workdir: Path) -> tuple[float, ...]:
+    """The official label-balanced sampling weights of this host's ``share`` of the training
+    split (label counts over the whole split, as on one machine), computed once and kept in
+    ``workdir/sample_weights_<process>.npy`` (reading every label of AS-2M takes a while)."""
     import numpy as np
 
     from input_pipeline.dataset import label_sample_weights
 
     cache = workdir / f"sample_weights_{jax.process_index()}.npy"
     if not cache.exists():
-        np.save(cache, label_sample_weights(data_dir, split))
+        np.save(cache, label_sample_weights(data_dir, split, share))
     return tuple(np.load(cache).tolist())
 
 
@@ -56,7 +57,8 @@ def training_loader(config: ml_collections.ConfigDict, data_dir: Path, workdir: 
     if data.balanced:
         hosts = LoaderConfig(1, 1, process_index=jax.process_index(),
                              process_count=jax.process_count())  # fmt: skip
-        weights = balanced_weights(data_dir, host_split(data.train_split, hosts), workdir)
+        share = host_split(data.train_split, hosts)
+        weights = balanced_weights(data_dir, data.train_split, share, workdir)
     loader_config = LoaderConfig(
         batch_size=config.batch_size // jax.process_count(), num_classes=config.model.label_dim,
         seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
