@@ -13,6 +13,11 @@ os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "cavmae-jax-tests-xla-cache")
 )
 
+# Tests run tiny models for a few steps, so their time is XLA compilation: the backend's
+# optimisation is off (the same results to float rounding; the code under test is unchanged).
+# The demo learning test, which is about speed, runs its training without this flag.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
+
 import jax  # noqa: E402
 import numpy as np
 import pytest
