@@ -55,7 +55,10 @@ def test_empty_mel_filter_is_log_eps():
 @pytest.mark.parametrize("name", ["chirp_10s", "tone_2s_dc", "noise_12s", "am_10s_int16"])
 def test_jax_fbank_equals_numpy(name):
     wav = FIXTURES[f"{name}__waveform"]
-    ours = np.asarray(jax.jit(audio.jax_fbank)(wav))
+    # compiled at XLA's default backend optimisation (level 3), as a user's run is: the suite
+    # compiles at level 0 (conftest.py), where the log-mel values move by up to 0.0065
+    default = {"xla_backend_optimization_level": 3}
+    ours = np.asarray(jax.jit(audio.jax_fbank).lower(wav).compile(default)(wav))
     reference = audio.compute_fbank(wav)
     assert ours.shape == reference.shape == (1024, 128)
     assert_close_to_torchaudio(ours, reference)
