@@ -24,8 +24,8 @@ def fake_devices_env(devices: int, **extra: str) -> dict[str, str]:
     """This environment with ``devices`` fake CPU devices, plus ``extra``. Without the shared
     compilation cache: an 8-device executable loaded from it once stalled in a CPU all-reduce
     (XLA's rendezvous timed out), and each worker compiles its configurations once anyway.
-    The workers run a few steps of tiny models, so their time is compilation: XLA's backend
-    optimisation is off there (a sharded run and its one-device reference compile alike)."""
+    The suite's XLA_FLAGS (conftest.py) are kept: a sharded run and its one-device reference
+    compile alike."""
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    flags = f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     return dict(env, XLA_FLAGS=flags, **extra)

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cavmae_jax import losses
-from cavmae_jax.losses import l2_normalize
 from cavmae_jax.models.cav_mae import CAVMAE
 from cavmae_jax.models.config import ModelConfig
 from cavmae_jax.models.layers import dense
@@ -59,7 +58,7 @@ class PCAVMAE(CAVMAE):
         """Unmasked clip embeddings (modality streams, mean over tokens, unit norm): the
         features that are clustered. [B, D] each."""
         feat_a, feat_v = self.forward_feat(audio, image)
-        return l2_normalize(feat_a.mean(axis=1).astype(jnp.float32)), l2_normalize(
+        return losses.l2_normalize(feat_a.mean(axis=1).astype(jnp.float32)), losses.l2_normalize(
             feat_v.mean(axis=1).astype(jnp.float32)
         )
 
@@ -130,7 +129,9 @@ def clip_prototypes(
     """Each clip's prototype per granularity [G, B]: the nearest prototype of its joint
     (audio + visual) momentum embedding. Inputs: [B, D] x2, [G, K, D] x2, [G, K]."""
     sims = jnp.einsum(
-        "bd,gkd->gbk", l2_normalize(audio + visual), l2_normalize(proto_audio + proto_visual)
+        "bd,gkd->gbk",
+        losses.l2_normalize(audio + visual),
+        losses.l2_normalize(proto_audio + proto_visual),
     )
     return jnp.argmax(jnp.where(valid[:, None], sims, -jnp.inf), axis=-1).astype(jnp.int32)
 
