@@ -39,25 +39,27 @@ def matmul_peak_gflops(repeats: int = 5) -> float:
 
 
 def full_size_pretraining(dtype: str, batch: int):
-    """Full-size CAV-MAE (norm_pix_loss), official Adam, its jitted step and a random batch.
-    Returns (cfg, graphdef, params, rest, opt_state, step, batch dict)."""
+    """Full-size CAV-MAE (norm_pix_loss), official Adam, the trainers' jitted step and a random
+    batch. Returns (cfg, graphdef, params, rest, train state, step, batch dict)."""
     from flax import nnx
 
     from cavmae_jax.models import CAVMAE, ModelConfig
     from cavmae_jax.train.optim import official_adam
-    from cavmae_jax.train.steps import make_pretrain_step
+    from cavmae_jax.train.steps import make_train_step, pretrain_loss
 
     cfg = ModelConfig(dtype=dtype, norm_pix_loss=True)
     graphdef, params, rest = nnx.split(CAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)
     tx = official_adam(1e-4)
     masks = dict(mask_ratio_a=0.75, mask_ratio_v=0.75, mask_mode="unstructured")
-    step = make_pretrain_step(graphdef, tx, masks)
+    step = make_train_step(pretrain_loss(graphdef, masks), tx, lambda count: 1e-4, seed=0)
     rng = np.random.default_rng(0)
     data = {
         "audio": rng.standard_normal((batch, cfg.audio_length, cfg.num_mel_bins), np.float32),
         "image": rng.standard_normal((batch, cfg.img_size, cfg.img_size, 3), np.float32),
     }
-    return cfg, graphdef, params, rest, tx.init(params), step, data
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+             "opt_state": tx.init(params)}  # fmt: skip
+    return cfg, graphdef, params, rest, state, step, data
 
 
 def run_one(mode: str, dtype: str, batch: int, steps: int) -> dict:
@@ -66,18 +68,16 @@ def run_one(mode: str, dtype: str, batch: int, steps: int) -> dict:
 
     from cavmae_jax import flops
 
-    cfg, graphdef, params, rest, opt_state, step, batch_data = full_size_pretraining(dtype, batch)
+    cfg, graphdef, params, rest, state, step, batch_data = full_size_pretraining(dtype, batch)
     audio, image = batch_data["audio"], batch_data["image"]
     if mode == "train":
         start = time.perf_counter()
-        compiled = step.lower(params, rest, opt_state, batch_data, jax.random.key(0)).compile()
+        step = step.compile(state, batch_data)
         compile_s = time.perf_counter() - start
-        state = (params, opt_state)
 
         def call(i):
             nonlocal state
-            p, o, metrics = compiled(state[0], rest, state[1], batch_data, jax.random.key(i))
-            state = (p, o)
+            state, metrics = step(state, batch_data)
             jax.block_until_ready(metrics)
 
         clip_flops = flops.pretrain_step(cfg)

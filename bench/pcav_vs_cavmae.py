@@ -48,16 +48,19 @@ def measure(model_dir: Path, data_dir: Path) -> dict[str, float]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    from cavmae_jax import convert, evaluation, prototypes
+    from cavmae_jax import convert, prototypes, retrieval
     from cavmae_jax.explain import purity
     from cavmae_jax.losses import l2_normalize
-    from cavmae_jax.retrieval import embed
+    from cavmae_jax.train.evaluators import Retrieval
+    from cavmae_jax.train.inference import replicated_state
+    from cavmae_jax.train.sharding import make_mesh
     from input_pipeline.dataset import Loader, LoaderConfig
 
-    model = convert.load_checkpoint(model_dir)
-    loader = Loader(data_dir, "train", LoaderConfig(32, num_classes=1, train=False))
-    audio, visual = embed(model, loader)
-    labels = loader.labels()
+    mesh = make_mesh({"data": -1})
+    graphdef, state = replicated_state(convert.load_checkpoint(model_dir), mesh)
+    emb = Retrieval(graphdef, mesh, data_dir, "train", 32).embeddings(state)
+    audio, visual = emb["audio"], emb["visual"]
+    labels = Loader(data_dir, "train", LoaderConfig(32, num_classes=1, train=False)).labels()
     audio = audio / np.linalg.norm(audio, axis=1, keepdims=True)
     visual = visual / np.linalg.norm(visual, axis=1, keepdims=True)
     joint = np.asarray(l2_normalize(audio + visual))
@@ -73,7 +76,7 @@ def measure(model_dir: Path, data_dir: Path) -> dict[str, float]:
     probe = LogisticRegression(max_iter=2000)
     folds = StratifiedKFold(5, shuffle=True, random_state=0)
     result["linear_probe_acc"] = float(cross_val_score(probe, joint, target, cv=folds).mean())
-    recall = evaluation.retrieval_recall(audio, visual)
+    recall = retrieval.recall(audio, visual, mesh)
     result.update(a2v_r1=recall["a2v_r1"], v2a_r1=recall["v2a_r1"], chance_r1=1 / len(joint))
     return result
 

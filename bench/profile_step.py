@@ -40,17 +40,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args()
-    _, _, params, rest, opt_state, step, batch = full_size_pretraining(args.dtype, args.batch)
-    compiled = step.lower(params, rest, opt_state, batch, jax.random.key(0)).compile()
-    for i in range(2):  # warm-up
-        params, opt_state, metrics = compiled(params, rest, opt_state, batch, jax.random.key(i))
+    *_, state, step, batch = full_size_pretraining(args.dtype, args.batch)
+    for _ in range(2):  # warm-up (compiles)
+        state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
-        params, opt_state, metrics = compiled(params, rest, opt_state, batch, jax.random.key(9))
+        state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         jax.profiler.stop_trace()
         times = op_times(Path(trace_dir))
+    compiled = step.lower(state, batch).compile()
     shapes = dict(re.findall(r"%([\w.\-]+) = (\w+\[[\d,]*\])", compiled.as_text()))
     kinds: collections.Counter = collections.Counter()
     for name, us in times.items():

@@ -27,7 +27,7 @@ import jax
 from cavmae_jax.config_loading import load_config
 from cavmae_jax.train import sharding
 from cavmae_jax.train.loop import train
-from cavmae_jax.train.metrics import MetricsWriter
+from cavmae_jax.train.setup import build
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 2  # logged steps left out: compilation and loader start-up
@@ -42,8 +42,8 @@ def full_size_config(kind: str, data_dir: Path, batch: int, steps: int):
                        else config.data.classes, shuffle_buffer=64)  # fmt: skip
     if kind != "pretrain":
         config.data.update(eval_dir=str(data_dir), eval_split="train", balanced=False)
+        config.evals = {}  # no epoch ends in this run
     config.batch_size = batch
-    config.steps_per_epoch = 10_000
     config.num_steps = WARMUP + steps
     config.log_every = 1
     config.checkpoint_every = 10_000  # one save, at the end
@@ -51,32 +51,19 @@ def full_size_config(kind: str, data_dir: Path, batch: int, steps: int):
     return config
 
 
-def setup(kind: str, config, workdir: Path, steps: int):
-    if kind == "pretrain":
-        from cavmae_jax.train.pretrain import pretraining_setup
-
-        return pretraining_setup(config, workdir)
-    from cavmae_jax.train.finetune import finetuning_setup
-
-    validation = MetricsWriter(workdir, active=False, stem="validation")
-    ts, step_fn, hooks, _ = finetuning_setup(config, workdir, validation)
-    config.num_steps = WARMUP + steps  # finetuning derived it from the epochs
-    return ts, step_fn, hooks
-
-
-def bare_rate(ts, step_fn, hooks, batch: int, steps: int) -> float:
+def bare_rate(setup, batch: int, steps: int) -> float:
     """clips/s of the jitted step alone, repeated on one device-resident batch."""
-    stream = hooks.batches_from(0)
+    stream = setup.batches_from(0)
     local = next(stream)
     del stream  # stops the loader's prefetching threads: the bare step runs alone
-    data = sharding.global_batch({k: local[k] for k in hooks.batch_keys}, ts.mesh)
-    params, opt_state = ts.params, ts.opt_state
+    data = sharding.global_batch({k: local[k] for k in setup.trainer.batch_keys}, setup.mesh)
+    state = setup.state
     for i in range(WARMUP + steps):
         if i == WARMUP:
             start = time.perf_counter()
-        params, opt_state, metrics = step_fn(params, ts.rest, opt_state, data, jax.random.key(i))
+        state, metrics = setup.step_at(i + 1)(state, data)
         jax.block_until_ready(metrics)
-    ts.params, ts.opt_state = params, opt_state
+    setup.state = state
     return steps * batch / (time.perf_counter() - start)
 
 
@@ -84,9 +71,9 @@ def measure(kind: str, data_dir: Path, batch: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         config = full_size_config(kind, data_dir, batch, steps)
-        ts, step_fn, hooks = setup(kind, config, workdir, steps)
-        bare = bare_rate(ts, step_fn, hooks, batch, steps)
-        train(config, workdir, ts, step_fn, hooks)
+        setup = build(config, workdir)
+        bare = bare_rate(setup, batch, steps)
+        train(setup, workdir)
         rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     trainer = statistics.median(r["clips_per_s"] for r in rows[WARMUP:])
     return {"kind": kind, "batch": batch, "bare_clips_per_s": round(bare, 4),

@@ -1,5 +1,5 @@
-"""The ``cavmae`` command: ``pretrain``, ``finetune``, ``evaluate``, ``retrieval``, ``explain``,
-``export``, ``convert``, ``prepare``."""
+"""The ``cavmae`` command: ``train`` (``pretrain``, ``finetune``), ``evaluate``, ``retrieval``,
+``explain``, ``export``, ``convert``, ``prepare``."""
 
 from __future__ import annotations
 
@@ -26,27 +26,21 @@ def _join_processes(args) -> None:
         jax.distributed.initialize(initialization_timeout=args.init_timeout)
 
 
-def _pretrain(args, overrides):
-    from cavmae_jax.train.pcav import pcav_pretrain
-    from cavmae_jax.train.pretrain import pretrain
+def _train(args, overrides):
+    """``cavmae train`` (and ``pretrain`` / ``finetune``): the trainer the config names."""
+    from cavmae_jax.train.loop import run
 
     _join_processes(args)
     config = load_config(args.config)
     apply_overrides(config, overrides)
-    run = pcav_pretrain if "pcav" in config else pretrain  # PCAV-MAE configs have a pcav section
-    metrics = run(config, args.workdir)
-    print(json.dumps(metrics))
-
-
-def _finetune(args, overrides):
-    from cavmae_jax.train.finetune import finetune
-
-    _join_processes(args)
-    config = load_config(args.config)
-    apply_overrides(config, overrides)
-    result = finetune(config, args.workdir)
-    if result:
-        print(json.dumps({k: v for k, v in result.items() if k not in ("AP", "AUC")}))
+    expected = {"pretrain": ("pretrain", "pcav"), "finetune": ("finetune",)}.get(args.command)
+    if expected and config.trainer not in expected:
+        raise SystemExit(
+            f"cavmae {args.command}: {args.config} trains {config.trainer!r}; use cavmae train"
+        )
+    result = run(config, args.workdir)
+    print(json.dumps({k: v for k, v in result.items() if isinstance(v, int | float)}))
+    if "mAP" in result:
         print(f"mAP {result['mAP']:.4f}, accuracy {result['acc']:.4f} over {result['clips']} clips")
 
 
@@ -54,7 +48,8 @@ def _evaluate(args, overrides):
     import jax
 
     from cavmae_jax import convert
-    from cavmae_jax.train.evaluate import EVAL_FRAME, final_evaluation, replicated_logits_fn
+    from cavmae_jax.train.evaluators import EVAL_FRAME, Classification
+    from cavmae_jax.train.inference import replicated_state
     from cavmae_jax.train.sharding import make_mesh
 
     if overrides:
@@ -63,10 +58,11 @@ def _evaluate(args, overrides):
     model = convert.load_checkpoint(args.model)
     mesh = make_mesh({"data": -1})
     frames = tuple(range(10)) if args.frames == 10 else (EVAL_FRAME,)
-    result = final_evaluation(
-        replicated_logits_fn(model, mesh, args.mode), mesh, args.data, args.split,
-        args.batch_size, model.cfg.label_dim, args.metric == "mAP", frames,
-    )  # fmt: skip
+    graphdef, state = replicated_state(model, mesh)
+    loss = "bce" if args.metric == "mAP" else "ce"
+    evaluator = Classification(graphdef, mesh, args.data, args.split, args.batch_size,
+                               model.cfg.label_dim, args.mode, loss, frames)  # fmt: skip
+    result = evaluator.run(state)
     if args.output and jax.process_index() == 0:
         from pathlib import Path
 
@@ -140,13 +136,18 @@ def _export(args, overrides):
 def _retrieval(args, overrides):
     from pathlib import Path
 
-    from cavmae_jax.retrieval import dataset_retrieval
+    from cavmae_jax import convert
+    from cavmae_jax.train.evaluators import Retrieval
+    from cavmae_jax.train.inference import replicated_state
+    from cavmae_jax.train.sharding import make_mesh
 
     if overrides:
         raise SystemExit(f"cavmae retrieval: unrecognised arguments {overrides}")
     workdir = Path(args.workdir)
     data = args.data or workdir / "data" / "dataset"
-    result = dataset_retrieval(workdir / "model", data, args.split, args.batch_size)
+    mesh = make_mesh({"data": -1})
+    graphdef, state = replicated_state(convert.load_checkpoint(workdir / "model"), mesh)
+    result = Retrieval(graphdef, mesh, data, args.split, args.batch_size).run(state)
     print(json.dumps(result))
     print(
         f"audio->visual R@1 {result['a2v_r1']:.3f}, visual->audio R@1 {result['v2a_r1']:.3f} "
@@ -165,13 +166,14 @@ def _add_process_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cavmae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, run, what in (("pretrain", _pretrain, "pretrain CAV-MAE or PCAV-MAE"),
-                            ("finetune", _finetune, "finetune a classifier")):  # fmt: skip
+    for name, what in (("train", "run the trainer the config names"),
+                       ("pretrain", "pretrain CAV-MAE or PCAV-MAE"),
+                       ("finetune", "finetune a classifier")):  # fmt: skip
         p = sub.add_parser(name, help=f"{what} (overrides: --config.x=y)")
         p.add_argument("--config", required=True, help="config file, optionally path:variant")
         p.add_argument("--workdir", required=True)
         _add_process_arguments(p)
-        p.set_defaults(run=run)
+        p.set_defaults(run=_train)
     v = sub.add_parser("evaluate", help="classification statistics of a finetuned model")
     v.add_argument("--model", required=True, help="model directory (e.g. WORKDIR/model)")
     v.add_argument("--data", required=True, help="prepared dataset")

@@ -328,7 +328,9 @@ def save_checkpoint(model: Model, directory: str | Path) -> None:
     state = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "state", state, force=True)
-    meta = {"kind": type(model).__name__, "config": dataclasses.asdict(model.cfg)}
+    # the attention implementation is chosen where the model runs, not stored with it
+    config = dataclasses.asdict(model.cfg.replace(attention="auto"))
+    meta = {"kind": type(model).__name__, "config": config}
     (directory / "model.json").write_text(json.dumps(meta, indent=1))
 
 

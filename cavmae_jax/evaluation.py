@@ -1,8 +1,8 @@
-"""Evaluation: the official classification statistics, retrieval recall, frame and weight averaging.
+"""Evaluation statistics: the official classification statistics, frame and weight averaging.
 
 Statistics follow ``src/utilities/stats.py`` (spec 5.1): per-class average precision and ROC AUC
 (scikit-learn's definitions, computed here with NumPy), mAP, mAUC, d-prime, and single-label
-accuracy. Retrieval (spec 5.2) ranks with one similarity matrix instead of the official loop.
+accuracy. Retrieval recall is ``cavmae_jax/retrieval.py`` (blocked, on the mesh).
 """
 
 from __future__ import annotations
@@ -84,24 +84,3 @@ def average_weights(state_dicts: list[dict]) -> dict:
     keys = state_dicts[0].keys()
     return {k: np.mean([np.asarray(sd[k], np.float64) for sd in state_dicts], axis=0).astype(
         np.asarray(state_dicts[0][k]).dtype) for k in keys}  # fmt: skip
-
-
-def retrieval_recall(audio_emb: np.ndarray, visual_emb: np.ndarray) -> dict[str, float]:
-    """Recall@1/5/10 and median rank in both directions; pair i is (audio i, visual i).
-
-    The rank of the true pair is the number of candidates strictly more similar to the query
-    (cosine similarity), as the official sorting search. ``a2v``: audio queries.
-    """
-    a = np.asarray(audio_emb, np.float64)
-    v = np.asarray(visual_emb, np.float64)
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    v = v / np.linalg.norm(v, axis=1, keepdims=True)
-    sim = a @ v.T
-    out = {}
-    for name, matrix in (("a2v", sim), ("v2a", sim.T)):
-        true = np.diagonal(matrix)[:, None]
-        ranks = np.sum(matrix > true, axis=1)
-        for k in (1, 5, 10):
-            out[f"{name}_r{k}"] = float(np.mean(ranks < k))
-        out[f"{name}_mr"] = float(np.median(ranks) + 1)
-    return out

@@ -12,32 +12,28 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
-from flax import nnx
 
 from cavmae_jax import convert, prototypes
 from cavmae_jax.losses import l2_normalize
+from cavmae_jax.train.evaluators import momentum_embeddings
+from cavmae_jax.train.inference import replicated_state
+from cavmae_jax.train.sharding import make_mesh
 
 SHOWN_PER_LEVEL = 3
 
 
 def dataset_embeddings(model, data_dir: Path, split: str, batch_size: int = 32) -> dict:
-    """Unit audio and visual embeddings [N, D], ids and label indices of every clip, in order."""
+    """Unit audio and visual embeddings [N, D], ids and label indices of every clip, in order
+    (one process: the ids and labels are read in the order one host evaluates)."""
     from input_pipeline.dataset import Loader, LoaderConfig
 
-    graphdef, state = nnx.split(model)
-    embed = jax.jit(lambda state, a, v: nnx.merge(graphdef, state).embed(a, v))
+    mesh = make_mesh({"data": -1})
+    graphdef, state = replicated_state(model, mesh)
+    bank = momentum_embeddings(graphdef, mesh, data_dir, split, batch_size, state["params"],
+                               state["rest"])  # fmt: skip
     loader = Loader(data_dir, split, LoaderConfig(batch_size, num_classes=1, train=False))
-    audio, visual, ids = [], [], []
-    for batch in loader:
-        a, v = embed(state, batch["audio"], batch["image"])
-        audio.append(np.asarray(a))
-        visual.append(np.asarray(v))
-        ids.extend(x.decode() for x in batch["id"])
-    labels = loader.labels()
-    return {"audio": np.concatenate(audio), "visual": np.concatenate(visual), "ids": ids,
-            "labels": labels}  # fmt: skip
+    return {**bank, "ids": loader.ids(), "labels": loader.labels()}
 
 
 def purity(members: np.ndarray, labels: list[list[int]]) -> float | None:

@@ -15,10 +15,12 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
+    config.trainer = "pretrain"
     config.model = ml_collections.ConfigDict(
         dict(
             embed_dim=64, depth=4, modality_specific_depth=3, num_heads=4, decoder_embed_dim=32,
             decoder_depth=2, decoder_num_heads=4, norm_pix_loss=True, contrast_loss_weight=0.01,
+            attention="auto",
         )
     )  # fmt: skip
     config.data = ml_collections.ConfigDict(
@@ -33,21 +35,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.init = ""  # official .pth or cavmae-jax model dir to start from ("" = random init)
     config.seed = 0
-    config.batch_size = 16
-    config.num_steps = 300
+    config.batch_size = 16  # global batch per update
+    config.epochs = 20  # 240 clips / 16 = 15 updates per epoch: 300 updates
+    config.num_steps = 0  # > 0: the run's length in updates instead of epochs
     config.log_every = 25
     config.optimizer = "adam_l2"  # the official coupled-L2 Adam; "adamw" decoupled
     config.lr = 1e-3
     config.weight_decay = 5e-7
     config.clip_norm = 0.0  # 0: no clipping
-    config.grad_accum = 1  # micro-batches per update
+    config.grad_accum = 1  # micro-batches the global batch is split into (same update)
     config.schedule = "multistep"  # official per-epoch MultiStep; "cosine": warmup + cosine
-    config.warmup_steps = 0
-    config.steps_per_epoch = 15
+    config.warmup_epochs = 0.0
     config.lr_decay_start = 10
     config.lr_decay_every = 5
     config.lr_decay = 0.5
     config.mask_ratio_a = 0.75
     config.mask_ratio_v = 0.75
     config.mask_mode = "unstructured"
+    config.evals = ml_collections.ConfigDict()  # none: `cavmae retrieval` evaluates the demo
     return config

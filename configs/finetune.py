@@ -25,8 +25,6 @@ averaging over the recipe's epochs and the 10-frame ensemble at the end (audio-o
 
 import ml_collections
 
-AS20K, AS2M, VGGSOUND = 18_691, 1_772_023, 183_727  # training clips (spec 3.1)
-
 RECIPES = {
     "as20k": dict(mode="multimodal", batch=36, lr=5e-5, head_lr=100, epochs=15, start=5, wa=(3, 15),
                   classes=527, loss="bce", balanced=False, eval_split="eval"),
@@ -46,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown recipe {name!r}; expected one of {known}")
     recipe = RECIPES[base]
     config = ml_collections.ConfigDict()
+    config.trainer = "finetune"
     config.model = ml_collections.ConfigDict(
         dict(
             modality_specific_depth=11,
@@ -53,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             tr_pos=True,  # CAVMAEFT trains its position embeddings (quirk 8)
             dtype="bfloat16",
             remat=False,
+            attention="auto",  # auto | xla | cudnn | recompute (cavmae_jax/models/attention.py)
         )  # fmt: skip
     )
     config.data = ml_collections.ConfigDict(
@@ -82,18 +82,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sharding = "dp"
     config.init = ""  # pretrained .pth / model dir ("" = random init)
     config.seed = 0
-    config.batch_size = recipe["batch"]
-    config.epochs = recipe["epochs"]
-    config.num_steps = 0  # set from the dataset size: epochs x batches per epoch
+    config.batch_size = recipe["batch"]  # global batch per update
+    config.epochs = recipe["epochs"]  # updates per epoch: training clips // batch_size
+    config.num_steps = 0  # > 0: the run's length in updates instead of epochs
     config.optimizer = "adam_l2"
     config.lr = recipe["lr"]
     config.head_lr = float(recipe["head_lr"])
     config.freeze_base = False  # True: linear probe (head only)
     config.weight_decay = 5e-7
     config.clip_norm = 0.0
-    config.grad_accum = 1
+    config.grad_accum = 1  # micro-batches the global batch is split into (same update)
     config.schedule = "multistep"
-    config.warmup_steps = 0
+    config.warmup_epochs = 0.0
     config.lr_decay_start = recipe["start"]
     config.lr_decay_every = 1
     config.lr_decay = 0.5
@@ -103,6 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
     config.peak_tflops = 197.0  # per device: TPU v4 / A100-class bf16; set for your hardware
+    # the official per-epoch validation: frame 5, full batches (train/evaluators.py)
+    config.evals = ml_collections.ConfigDict(
+        {"validation": dict(kind="classification", every_epochs=1, every_steps=0)}
+    )
     if "tiny" in modifiers:
         config.model.update(
             dict(

@@ -7,8 +7,11 @@ Launch (one host; dataset from ``cavmae prepare``; init from the released IN-ini
         --config.data.dir=/data/audioset_2m --config.init=/ckpt/ori_mae_11.pth
 
 Variants: ``as`` (AudioSet-2M) and ``vgg`` (VGGSound): 400 epochs, the decoder (eqs. 3 and 4)
-for the first 200, AdamW (beta1 0.9), lr 2e-4, accumulated batch 512 (64 x 8 micro-batches;
-change ``batch_size`` x ``grad_accum`` to fit your devices), masking 50% audio / 75% visual.
+for the first 200, AdamW (beta1 0.9), lr 2e-4 with 20 warmup epochs and a cosine ending at the
+last update, a global batch of 512 per update (``batch_size``), split into ``grad_accum`` = 8
+micro-batches of 64 inside the step (raise ``grad_accum`` if 64 clips do not fit your devices:
+the schedule, the momentum encoder and the data position count updates either way), masking
+50% audio / 75% visual. Updates per epoch come from the prepared dataset at start-up.
 The paper reports, after finetuning, 57.8 mAP on AS-20K, 55.4 on AS-2M, 69.9% on VGGSound;
 nobody has reproduced them (no public code) and no hardware is stated.
 ``demo`` (also ``as,tiny``): a narrow model on the generated demo data, sized for a 2-core CPU:
@@ -17,8 +20,6 @@ the PCAV-MAE side of the comparison in docs/pcavmae.md.
 
 import ml_collections
 
-AUDIOSET_2M, VGGSOUND = 1_772_023, 183_727
-
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     name, *modifiers = (arg or "as").split(",")
@@ -26,8 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown recipe {name!r}; expected as, vgg or demo")
     tiny = name == "demo" or "tiny" in modifiers
     config = ml_collections.ConfigDict()
+    config.trainer = "pcav"
     config.model = ml_collections.ConfigDict(
-        dict(modality_specific_depth=11, norm_pix_loss=True, dtype="bfloat16", remat=False)
+        dict(modality_specific_depth=11, norm_pix_loss=True, dtype="bfloat16", remat=False,
+             attention="auto")
     )
     config.pcav = ml_collections.ConfigDict(
         dict(
@@ -38,7 +41,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             method="density",  # density (xDNN-style peaks, real clips) | kmeans (PCL)
             granularities=(100, 400, 1600),  # neighbourhood sizes (density) or k (kmeans)
             max_prototypes=20_000,
-            refresh_every=0,  # steps between memory-bank refreshes (set below: one epoch)
             decoder_epochs=200,
         )  # fmt: skip
     )
@@ -57,18 +59,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sharding = "dp"
     config.init = ""
     config.seed = 0
-    clips = AUDIOSET_2M if name == "as" else VGGSOUND
-    config.batch_size = 64
-    config.grad_accum = 8  # 64 x 8 = the paper's accumulated batch of 512
-    config.steps_per_epoch = clips // config.batch_size
-    config.num_steps = 400 * config.steps_per_epoch
+    config.batch_size = 512  # the paper's (accumulated) global batch per update
+    config.grad_accum = 8  # in micro-batches of 64
+    config.epochs = 400
+    config.num_steps = 0  # > 0: the run's length in updates instead of epochs
     config.optimizer = "adamw"
     config.b1 = 0.9
     config.lr = 2e-4
     config.weight_decay = 0.05  # not in the paper: the MAE value
     config.clip_norm = 0.0
     config.schedule = "cosine"  # not in the paper: MAE's warmup + cosine
-    config.warmup_steps = 20 * config.steps_per_epoch
+    config.warmup_epochs = 20.0
     config.lr_decay_start, config.lr_decay_every, config.lr_decay = 10, 5, 0.5  # multistep only
     config.mask_ratio_a = 0.5
     config.mask_ratio_v = 0.75
@@ -76,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 2000
     config.keep_checkpoints = 3
     config.peak_tflops = 197.0
+    # the memory-bank refresh: before the first update, then every epoch (train/evaluators.py)
+    config.evals = ml_collections.ConfigDict(
+        {"memory_bank": dict(kind="memory_bank", every_epochs=1, every_steps=0, at_start=True)}
+    )
     if tiny:
         config.model.update(
             dict(embed_dim=64, depth=4, modality_specific_depth=3, num_heads=4,
@@ -86,14 +91,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 shuffle_buffer=1000))  # fmt: skip
         config.batch_size = 16
         config.grad_accum = 1
-        config.steps_per_epoch = 15
-        config.num_steps = 300
+        config.epochs = 20  # 240 clips: 15 updates per epoch
         config.lr = 1e-3
         config.weight_decay = 5e-7
         config.schedule = "multistep"
-        config.warmup_steps = 0
+        config.warmup_epochs = 0.0
         config.log_every = 25
         config.checkpoint_every = 100
         config.peak_tflops = 0.48
-    config.pcav.refresh_every = config.steps_per_epoch
     return config

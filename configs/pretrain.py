@@ -19,18 +19,19 @@ All use masking 0.75 unstructured, contrast weight 0.01, norm_pix_loss, fixed po
 official Adam (0.95, 0.999, L2 5e-7) and MultiStep(10, 5, 0.5) per epoch. Batches are global and
 the contrastive negatives are the whole global batch; ``--config.model.contrastive_groups=4``
 reproduces the official 4-GPU DataParallel loss (negatives per quarter batch, summed losses).
+Durations are epochs; updates per epoch come from the prepared dataset at start-up (the
+official AudioSet-2M list has 1,772,023 training clips: 36,917 updates of 48 per epoch for
+``as-base``; a partial download has fewer, and the recipe still runs 25 epochs of it).
 """
 
 import ml_collections
 
-AUDIOSET_2M, VGGSOUND = 1_772_023, 183_727  # training clips (spec 3.1)
-
 RECIPES = {
-    "as-base": dict(batch=48, lr=5e-5, epochs=25, clips=AUDIOSET_2M),
-    "as-scale+": dict(batch=120, lr=1e-4, epochs=25, clips=AUDIOSET_2M),
-    "as-scale++": dict(batch=256, lr=2e-4, epochs=25, clips=AUDIOSET_2M),
-    "vgg": dict(batch=120, lr=1e-4, epochs=25, clips=VGGSOUND),
-    "vgg-from-as": dict(batch=120, lr=5e-5, epochs=10, clips=VGGSOUND),
+    "as-base": dict(batch=48, lr=5e-5, epochs=25),
+    "as-scale+": dict(batch=120, lr=1e-4, epochs=25),
+    "as-scale++": dict(batch=256, lr=2e-4, epochs=25),
+    "vgg": dict(batch=120, lr=1e-4, epochs=25),
+    "vgg-from-as": dict(batch=120, lr=5e-5, epochs=10),
 }
 ABLATIONS = {
     "avmae": dict(modality_specific_depth=0, contrast_loss_weight=0.0),
@@ -46,6 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if name not in RECIPES and name not in ABLATIONS:
         raise ValueError(f"unknown recipe {name!r}; expected one of {[*RECIPES, *ABLATIONS]}")
     config = ml_collections.ConfigDict()
+    config.trainer = "pretrain"
     config.model = ml_collections.ConfigDict(
         dict(
             norm_pix_loss=True,
@@ -55,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             contrastive_groups=1,
             dtype="bfloat16",
             remat=False,  # True: recompute block activations in backward (larger batches fit)
+            attention="auto",  # auto | xla | cudnn | recompute (cavmae_jax/models/attention.py)
         )  # fmt: skip
     )
     config.model.update(ABLATIONS.get(name, {}))
@@ -73,16 +76,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.sharding = "dp"
     config.init = ""
     config.seed = 0
-    config.batch_size = recipe["batch"]
-    config.steps_per_epoch = recipe["clips"] // recipe["batch"]
-    config.num_steps = recipe["epochs"] * config.steps_per_epoch
+    config.batch_size = recipe["batch"]  # global batch per update
+    config.epochs = recipe["epochs"]  # updates per epoch: training clips // batch_size
+    config.num_steps = 0  # > 0: the run's length in updates instead of epochs
     config.optimizer = "adam_l2"
     config.lr = recipe["lr"]
     config.weight_decay = 5e-7
     config.clip_norm = 0.0
-    config.grad_accum = 1
+    config.grad_accum = 1  # micro-batches the global batch is split into (same update)
     config.schedule = "multistep"
-    config.warmup_steps = 0
+    config.warmup_epochs = 0.0
     config.lr_decay_start = 10
     config.lr_decay_every = 5
     config.lr_decay = 0.5
@@ -98,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_every = 2000
     config.keep_checkpoints = 3
     config.peak_tflops = 197.0  # per device: TPU v4 / A100-class bf16; set for your hardware
+    config.evals = ml_collections.ConfigDict()  # e.g. retrieval: see train/evaluators.py
     if "tiny" in modifiers:
         config.model.update(
             dict(
@@ -113,8 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
         config.data.update(dict(generate=True, clips=48, classes=8, workers=1, shuffle_buffer=100))
         config.batch_size = 8
-        config.steps_per_epoch = 6
-        config.num_steps = 12
+        config.epochs = 2  # 48 clips: 6 updates per epoch
         config.log_every = 4
         config.checkpoint_every = 6
         config.peak_tflops = 0.48

@@ -59,10 +59,10 @@ def host_split(split: str, config: LoaderConfig) -> str:
     return shares[config.process_index]
 
 
-def _split_labels(builder, split: str) -> list[np.ndarray]:
-    """Every clip's label indices in a split, in order; the media are skipped, not decoded."""
-    skip = {name: tfds.decode.SkipDecoding() for name in builder.info.features if name != "label"}
-    return [r["label"] for r in tfds.as_numpy(builder.as_dataset(split=split, decoders=skip))]
+def _split_field(builder, split: str, field: str = "label") -> list:
+    """Every clip's ``field`` in a split, in order; the media are skipped, not decoded."""
+    skip = {name: tfds.decode.SkipDecoding() for name in builder.info.features if name != field}
+    return [r[field] for r in tfds.as_numpy(builder.as_dataset(split=split, decoders=skip))]
 
 
 def label_sample_weights(data_dir: str, split: str, share: str | None = None) -> np.ndarray:
@@ -72,11 +72,11 @@ def label_sample_weights(data_dir: str, split: str, share: str | None = None) ->
     host's part of ``split``, counts still over the whole split), by default of every clip.
     Reads the labels only (the media are skipped, not decoded)."""
     builder = tfds.builder_from_directory(str(data_dir))
-    labels = _split_labels(builder, split)
+    labels = _split_field(builder, split)
     counts = np.bincount(np.concatenate(labels), minlength=1) if labels else np.zeros(1)
     class_weight = 1000.0 / (counts + 0.01)
     if share not in (None, split):
-        labels = _split_labels(builder, share)
+        labels = _split_field(builder, share)
     return np.array([class_weight[clip].sum() for clip in labels])
 
 
@@ -114,7 +114,11 @@ class Loader:
 
     def labels(self) -> list[list[int]]:
         """Every clip's label indices, in the order evaluation batches read them."""
-        return [r.tolist() for r in _split_labels(self.builder, self.split)]
+        return [r.tolist() for r in _split_field(self.builder, self.split)]
+
+    def ids(self) -> list[str]:
+        """Every clip's id, in the order evaluation batches read them."""
+        return [clip.decode() for clip in _split_field(self.builder, self.split, "id")]
 
     def _records(self) -> tf.data.Dataset:
         decoders = {"frames": tfds.decode.SkipDecoding()}

@@ -18,8 +18,8 @@ from worker_env import join_from_env
 from cavmae_jax import prototypes
 from cavmae_jax.models import CAVMAEFT, ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE, pcav_config
-from cavmae_jax.train.evaluate import replicated_logits_fn, split_logits
-from cavmae_jax.train.pcav import memory_bank
+from cavmae_jax.train.evaluators import Classification, momentum_embeddings
+from cavmae_jax.train.inference import replicated_state
 from cavmae_jax.train.sharding import make_mesh
 
 SMALL = ModelConfig(embed_dim=32, depth=2, modality_specific_depth=1, num_heads=2, label_dim=4)
@@ -30,14 +30,17 @@ SMALL_PCAV = pcav_config(embed_dim=32, depth=2, modality_specific_depth=1, num_h
 def evaluate(data_dir: str, batch_size: int, devices: int) -> dict:
     """Logits, memory bank and prototypes of every clip on a mesh over ``devices`` devices."""
     mesh = make_mesh({"data": -1}, jax.devices()[:devices])
-    logits_of = replicated_logits_fn(CAVMAEFT(SMALL, nnx.Rngs(0)), mesh, "multimodal")
-    out = split_logits(logits_of, mesh, data_dir, "train", batch_size, SMALL.label_dim)
+    graphdef, state = replicated_state(CAVMAEFT(SMALL, nnx.Rngs(0)), mesh)
+    evaluator = Classification(graphdef, mesh, data_dir, "train", batch_size, SMALL.label_dim,
+                               "multimodal")  # fmt: skip
+    out = evaluator.outputs(state, frame=5)
     # labels travel with their logits
     result = {"devices": devices, "logits": out["logits"].tolist(),
               "label": out["label"].argmax(1).tolist()}  # fmt: skip
     # PCAV-MAE's memory bank (batched the same way) and the prototypes found on it
-    graphdef, params, rest = nnx.split(PCAVMAE(SMALL_PCAV, nnx.Rngs(0)), nnx.Param, ...)
-    bank = memory_bank(graphdef, params, rest, mesh, data_dir, batch_size)
+    graphdef, state = replicated_state(PCAVMAE(SMALL_PCAV, nnx.Rngs(0)), mesh)
+    bank = momentum_embeddings(graphdef, mesh, data_dir, "train", batch_size, state["params"],
+                               state["rest"])  # fmt: skip
     arrays, levels = prototypes.discover(
         bank["audio"], bank["visual"], "density", (3,), 8, mesh=mesh, chunk=4
     )  # every device runs several chunks

@@ -19,11 +19,12 @@ import jax.experimental.multihost_utils
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from worker_env import join_from_env
 
 from cavmae_jax.models import CAVMAE, tiny
 from cavmae_jax.train import sharding
-from cavmae_jax.train.steps import make_pretrain_step
+from cavmae_jax.train.steps import make_train_step, pretrain_loss
 
 
 def gathered(x: jax.Array) -> np.ndarray:
@@ -44,8 +45,13 @@ def run(shape: dict, rules: str, groups: int = 1, steps: int = 1) -> dict:
     # SGD: Adam's first step is sign(g) and would amplify rounding in near-zero gradients
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.5, momentum=0.9))
     opt_shardings = sharding.optimizer_shardings(tx, params, param_shardings)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-    step = make_pretrain_step(graphdef, tx, {}, (param_shardings, opt_shardings))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated,
+                 "rest": sharding.state_shardings(rest, mesh, rules)}  # fmt: skip
+    state = {"params": params, "rest": rest, "step": jax.device_put(0, replicated),
+             "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params)}  # fmt: skip
+    step = make_train_step(pretrain_loss(graphdef, {}), tx, lambda count: 0.5, seed=0,
+                           state_shardings=shardings, mesh=mesh)  # fmt: skip
     rng = np.random.default_rng(0)
     batch = {
         "audio": rng.standard_normal((8, cfg.audio_length, cfg.num_mel_bins), np.float32),
@@ -54,10 +60,9 @@ def run(shape: dict, rules: str, groups: int = 1, steps: int = 1) -> dict:
     rows = slice(jax.process_index() * 8 // jax.process_count(),
                  (jax.process_index() + 1) * 8 // jax.process_count())  # fmt: skip
     local = {name: value[rows] for name, value in batch.items()}
-    for i in range(steps):
-        params, opt_state, metrics = step(
-            params, rest, opt_state, sharding.global_batch(local, mesh), jax.random.key(i)
-        )
+    for _ in range(steps):
+        state, metrics = step(state, sharding.global_batch(local, mesh))
+    params, opt_state = state["params"], state["opt_state"]
     kernel = params["blocks_a"]["layers"]["mlp"]["fc1"]["kernel"]
     return {
         "devices": size,

@@ -76,7 +76,7 @@ def test_pretraining_starts_from_given_weights(tmp_path, fmt):
         source = tmp_path / "init.pth"
         convert.save_torch_checkpoint(initial, source)
     cli.main(["pretrain", "--config", DEMO, "--workdir", str(tmp_path / "run"),
-              "--config.num_steps=0", f"--config.init={source}", "--config.data.clips=4",
+              "--config.epochs=0", f"--config.init={source}", "--config.data.clips=4",
               "--config.batch_size=4", "--config.data.workers=1"])  # fmt: skip
     expected = convert.to_torch_state_dict(initial)
     final = convert.to_torch_state_dict(convert.load_checkpoint(tmp_path / "run" / "model"))

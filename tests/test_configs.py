@@ -10,6 +10,7 @@ import pytest
 from cavmae_jax import cli
 from cavmae_jax.config_loading import load_config
 from cavmae_jax.models import ModelConfig
+from cavmae_jax.train import durations
 
 PRETRAIN = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.py")
 VARIANTS = ["as-base", "as-scale+", "as-scale++", "vgg", "vgg-from-as", "avmae", "cav",
@@ -20,18 +21,55 @@ VARIANTS = ["as-base", "as-scale+", "as-scale++", "vgg", "vgg-from-as", "avmae",
 def test_every_variant_builds(variant):
     config = load_config(f"{PRETRAIN}:{variant}")
     ModelConfig(**config.model.to_dict())
-    assert config.num_steps % config.steps_per_epoch == 0
+    assert config.trainer == "pretrain" and config.epochs > 0 and config.num_steps == 0
+
+
+AUDIOSET_2M, VGGSOUND = 1_772_023, 183_727  # the official training lists' clips
 
 
 @pytest.mark.parametrize(
-    "variant,steps,lr",
-    [("as-base", 36_917, 5e-5), ("as-scale+", 14_766, 1e-4), ("as-scale++", 6_921, 2e-4),
-     ("vgg", 1_531, 1e-4), ("vgg-from-as", 1_531, 5e-5)],
+    "variant,clips,steps,lr",
+    [("as-base", AUDIOSET_2M, 36_917, 5e-5), ("as-scale+", AUDIOSET_2M, 14_766, 1e-4),
+     ("as-scale++", AUDIOSET_2M, 6_921, 2e-4), ("vgg", VGGSOUND, 1_531, 1e-4),
+     ("vgg-from-as", VGGSOUND, 1_531, 5e-5)],
 )  # fmt: skip
-def test_recipes_match_the_official_iteration_counts(variant, steps, lr):
+def test_recipes_on_the_full_lists_match_the_official_iteration_counts(variant, clips, steps, lr):
     config = load_config(f"{PRETRAIN}:{variant}")
-    assert config.steps_per_epoch == steps and config.lr == lr
+    resolved = durations.resolve(config, clips, clips // config.batch_size)
+    assert resolved.steps_per_epoch == steps and config.lr == lr
+    assert resolved.num_steps == config.epochs * steps
     assert (config.lr_decay_start, config.lr_decay_every, config.lr_decay) == (10, 5, 0.5)
+
+
+def test_a_partial_dataset_follows_the_recipe_per_epoch():
+    """85% of AS-2M (clips gone from YouTube): the lr still halves after epoch 10 of that data."""
+    config = load_config(f"{PRETRAIN}:as-base")
+    clips = int(0.85 * AUDIOSET_2M)
+    resolved = durations.resolve(config, clips, clips // 48)
+    schedule = durations.learning_rate(config, resolved)
+    first_decay = 10 * (clips // 48)
+    assert float(schedule(first_decay - 1)) == pytest.approx(5e-5)
+    assert float(schedule(first_decay)) == pytest.approx(2.5e-5)
+    assert resolved.num_steps == 25 * (clips // 48)
+    assert resolved.summary().startswith(f"{clips} clips, 48 per update -> {clips // 48} updates")
+
+
+def test_pcav_recipe_warms_up_for_20_epochs_of_updates_and_ends_its_cosine_at_the_last():
+    config = load_config(str(Path(PRETRAIN).with_name("pcav.py")) + ":as")
+    assert (config.batch_size, config.grad_accum) == (512, 8)
+    resolved = durations.resolve(config, AUDIOSET_2M, AUDIOSET_2M // 512)
+    per_epoch = AUDIOSET_2M // 512
+    assert resolved.num_steps == 400 * per_epoch
+    schedule = durations.learning_rate(config, resolved)
+    assert float(schedule(20 * per_epoch)) == pytest.approx(2e-4)
+    assert float(schedule(20 * per_epoch // 2)) == pytest.approx(1e-4, rel=1e-3)
+    assert float(schedule(resolved.num_steps)) == pytest.approx(0, abs=1e-12)
+    late, middle = (float(schedule(int(f * resolved.num_steps))) for f in (0.99, 0.6))
+    assert 0 < late < middle < 2e-4 and float(schedule(resolved.num_steps - 1)) < 1e-9
+    assert durations.schedule_summary(config, resolved) == (
+        f"lr: linear warmup over {20 * per_epoch} updates to 0.0002, cosine to 0 at update "
+        f"{400 * per_epoch}"
+    )
 
 
 def test_ablation_switches():

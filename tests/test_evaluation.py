@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import accuracy_score, average_precision_score, roc_auc_score
 
-from cavmae_jax import evaluation
+from cavmae_jax import evaluation, retrieval
 
 
 def random_task(seed=0, n=60, k=6):
@@ -59,11 +59,15 @@ def brute_force_recall(a, v):
     return out
 
 
-def test_retrieval_equals_brute_force():
+@pytest.mark.parametrize("block", [7, 512])
+def test_blocked_retrieval_equals_brute_force(block):
+    """Blocks of 7 queries (the last one short) and one padded block; clips 30..39 repeat clips
+    0..9 exactly, so tied candidates must not count against the true partner."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((40, 8))
-    v = a + 1.2 * rng.standard_normal((40, 8))
-    ours = evaluation.retrieval_recall(a, v)
+    a = rng.standard_normal((40, 8)).astype(np.float32)
+    v = a + 1.2 * rng.standard_normal((40, 8)).astype(np.float32)
+    a[30:], v[30:] = a[:10], v[:10]
+    ours = retrieval.recall(a, v, block=block)
     for name, value in brute_force_recall(a, v).items():
         assert ours[name] == pytest.approx(value), name
     assert ours["a2v_r1"] > 1 / 40

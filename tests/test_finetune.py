@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -66,10 +67,18 @@ def finetuned(dataset, tmp_path_factory):
     return workdir
 
 
+def validation_rows(workdir: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "validation/mAP" in r]
+
+
 def test_finetune_validates_each_epoch_and_averages_the_recipe_epochs(finetuned):
-    rows = [json.loads(x) for x in (finetuned / "validation.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [1, 2, 3] and [r["step"] for r in rows] == [3, 6, 9]
-    assert {"mAP", "mAUC", "d_prime", "acc", "valid_loss"} <= set(rows[0])
+    rows = validation_rows(finetuned)
+    assert [r["step"] for r in rows] == [3, 6, 9]
+    names = {"validation/" + n for n in ("mAP", "mAUC", "d_prime", "acc", "valid_loss")}
+    assert names <= set(rows[0])
+    detail = json.loads((finetuned / "validation" / "step_6.json").read_text())
+    assert len(detail["AP"]) == CLASSES and detail["mAP"] == rows[1]["validation/mAP"]
     # tiny recipe: weight averaging over epochs 2..3 = the parameters saved at steps 6 and 9
     epoch2, epoch3, averaged = (
         saved_params(finetuned, 6),
@@ -131,6 +140,7 @@ def test_sigkill_during_finetuning_resumes_to_the_same_model(finetuned, dataset,
                                stderr=subprocess.DEVNULL)  # fmt: skip
     metrics = tmp_path / "metrics.jsonl"
     while not metrics.exists() or len(metrics.read_text().splitlines()) < 7:
+        time.sleep(0.01)
         assert process.poll() is None, "the run ended before it could be killed"
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
@@ -138,8 +148,12 @@ def test_sigkill_during_finetuning_resumes_to_the_same_model(finetuned, dataset,
     resumed, straight = model_params(tmp_path), model_params(finetuned)
     for name, value in straight.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
-    validation = (tmp_path / "validation.jsonl").read_text()
-    assert validation == (finetuned / "validation.jsonl").read_text()
+    strip = ("clips_per_s", "tflops", "mfu")  # timings differ between runs
+    resumed_rows, straight_rows = validation_rows(tmp_path), validation_rows(finetuned)
+    for row in resumed_rows + straight_rows:
+        for name in strip:
+            row.pop(name)
+    assert resumed_rows == straight_rows
 
 
 def run_eval_worker(dataset: Path, devices: int, meshes=(), **extra_env: str):

@@ -94,15 +94,6 @@ def test_frozen_base_trains_only_the_head():
     assert not np.allclose(ours["mlp_head"], params["mlp_head"])
 
 
-def test_accumulation_averages_micro_batch_gradients():
-    params, grads = two_group_problem()
-    accumulated = run(make_optimizer(1e-2, params, accumulate=2), params, grads[:2])
-    mean = {k: (grads[0][k] + grads[1][k]) / 2 for k in params}
-    once = run(make_optimizer(1e-2, params), params, [mean])
-    for k in params:
-        np.testing.assert_allclose(accumulated[k], once[k], rtol=1e-6)
-
-
 def test_clipping_and_adamw_and_cosine():
     params, grads = two_group_problem()
     scaled = [{k: 1e-6 * v for k, v in g.items()} for g in grads]  # clipping changes Adam here

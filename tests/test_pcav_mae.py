@@ -118,11 +118,12 @@ def test_pcav_pretraining_and_explanations_end_to_end(tmp_path, capsys):
 
     cli.main(["pretrain", "--config", "configs/pcav.py:demo", "--workdir", str(tmp_path),
               "--config.data.clips=24", "--config.batch_size=8", "--config.num_steps=2",
-              "--config.log_every=1", "--config.pcav.refresh_every=1",
+              "--config.log_every=1", "--config.evals.memory_bank.every_steps=1",
               "--config.data.workers=1"])  # fmt: skip
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert {"loss_pje", "loss_pcpe", "loss_r", "p_acc"} <= set(rows[0])
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["memory_bank/prototypes_0"] > 0  # found before the first update
+    assert {"loss_pje", "loss_pcpe", "loss_r", "p_acc", "memory_bank/prototypes_1"} <= set(rows[1])
     assert isinstance(convert.load_checkpoint(tmp_path / "momentum_model"), PCAVMAE)
     capsys.readouterr()
     out = tmp_path / "explain"
@@ -140,24 +141,83 @@ def test_pcav_pretraining_and_explanations_end_to_end(tmp_path, capsys):
     assert type(convert.load_checkpoint(tmp_path / "ft")).__name__ == "CAVMAEFT"
 
 
-def test_training_step_moves_the_momentum_encoder_towards_the_new_parameters(setup):
-    """ema' = m * ema + (1 - m) * params' after the optimizer update, and the clustered features
-    (hence the targets) come from the momentum encoder, not from the trained one."""
+def test_training_step_moves_the_momentum_encoder_once_per_update(setup):
+    """ema' = m * ema + (1 - m) * params' after the optimizer update, once per update also when
+    the batch is split into two micro-batches; the clustered features (hence the targets) come
+    from the momentum encoder, not from the trained one."""
+    import ml_collections
     import optax
 
-    from cavmae_jax.train.steps import make_pcav_step
+    from cavmae_jax.train.pcav import PCAVPretraining
+    from cavmae_jax.train.steps import make_train_step, pcav_loss
 
     model, _, _, audio, image, protos, _ = setup
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(jnp.copy, params)  # the step donates its state
     tx = optax.sgd(0.1)
     ema = jax.tree.map(lambda p: p + 0.01, params)
-    state = {"params": params, "opt_state": tx.init(params), "ema": ema, "protos": protos}
-    step = make_pcav_step(graphdef, tx, {}, 0.9, True)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+             "opt_state": tx.init(params), "ema": ema, "protos": protos}  # fmt: skip
+    config = ml_collections.ConfigDict({"pcav": {"ema_momentum": 0.9}})
+    momentum = PCAVPretraining().after_update(config, None)
+    step = make_train_step(pcav_loss(graphdef, {}, True), tx, lambda count: 0.1, seed=0,
+                           grad_accum=2, after_update=momentum)  # fmt: skip
     keep = jax.tree.map(np.array, {"params": params, "ema": ema})
-    new, metrics = step(state, rest, {"audio": audio, "image": image}, jax.random.key(0))
+    new, metrics = step(state, {"audio": audio, "image": image})
     moved = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, keep["ema"], new["params"])
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  new["ema"], moved)  # fmt: skip
     changed = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), new["params"], keep["params"])
     assert max(jax.tree.leaves(changed)) > 0 and 0 <= float(metrics["p_acc"]) <= 1
+    assert int(new["step"]) == 1
+
+
+PCAV_STEPS = 6
+
+
+def pcav_command(workdir, dataset) -> list[str]:
+    """6 updates of 4 clips, prototypes refreshed every 2 updates, checkpoints every 2."""
+    import sys
+
+    return [sys.executable, "-m", "cavmae_jax.cli", "pretrain", "--config", "configs/pcav.py:demo",
+            "--workdir", str(workdir), f"--config.data.dir={dataset}",
+            "--config.data.generate=False", f"--config.num_steps={PCAV_STEPS}",
+            "--config.batch_size=4", "--config.log_every=1", "--config.checkpoint_every=2",
+            "--config.evals.memory_bank.every_steps=2"]  # fmt: skip
+
+
+def final_run_state(workdir) -> dict[str, np.ndarray]:
+    """Parameters, momentum parameters and prototypes of the run's last checkpoint."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(workdir / "checkpoints" / str(PCAV_STEPS) / "state")
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
+            jax.tree_util.tree_leaves_with_path({k: state[k] for k in ("params", "ema", "protos")})
+            }  # fmt: skip
+
+
+def test_sigkilled_pcav_run_resumes_to_the_same_parameters_momentum_and_prototypes(tmp_path):
+    """Killed after update 3 (the last checkpoint holds update 2, after a refresh): the resumed
+    run repeats update 3, refreshes at 4 and 6, and ends bit for bit where an uninterrupted one
+    ends."""
+    import signal
+    import subprocess
+
+    from runs import ROOT, logged_steps, start_and_stop
+
+    from input_pipeline import prepare, synthetic
+
+    clips = synthetic.generate(tmp_path / "videos", clips=12, classes=4, seed=5)
+    dataset = tmp_path / "ds"
+    prepare.prepare(clips, dataset, labels=tmp_path / "videos" / "labels.csv", progress=False)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    subprocess.run(pcav_command(straight, dataset), cwd=ROOT, check=True, capture_output=True)
+    start_and_stop(pcav_command(resumed, dataset), resumed, 3, signal.SIGKILL)
+    assert not (resumed / "model").exists()
+    subprocess.run(pcav_command(resumed, dataset), cwd=ROOT, check=True, capture_output=True)
+    assert logged_steps(resumed) == logged_steps(straight) == list(range(PCAV_STEPS + 1))
+    expected, final = final_run_state(straight), final_run_state(resumed)
+    assert any("protos" in name for name in expected) and any("ema" in name for name in expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(final[name], value, err_msg=name)

@@ -7,16 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from runs import ROOT, logged_steps, start_and_stop
 
 from cavmae_jax import convert
 from input_pipeline import prepare, synthetic
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
 
 
@@ -35,25 +34,6 @@ def command(workdir: Path, dataset: Path) -> list[str]:
             f"--config.data.dir={dataset}", "--config.data.generate=False"]  # fmt: skip
 
 
-def logged_steps(workdir: Path) -> list[int]:
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
-
-
-def start_and_stop(workdir: Path, dataset: Path, at_step: int, sig: int) -> subprocess.Popen:
-    process = subprocess.Popen(command(workdir, dataset), cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while max(logged_steps(workdir), default=0) < at_step and time.monotonic() < deadline:
-        assert process.poll() is None, "the run ended before it could be stopped"
-        time.sleep(0.01)
-    process.send_signal(sig)
-    process.wait(timeout=120)
-    return process
-
-
 def final_parameters(workdir: Path) -> dict[str, np.ndarray]:
     return convert.to_torch_state_dict(convert.load_checkpoint(workdir / "model"))
 
@@ -69,12 +49,12 @@ def uninterrupted(dataset, tmp_path_factory):
 def test_killed_and_preempted_runs_end_with_the_same_parameters(dataset, uninterrupted, tmp_path):
     """One workdir, three interruptions: SIGKILL after step 2 (losing the steps since the last
     checkpoint), SIGTERM after step 4 (saves where it stands, exits 0), SIGKILL after step 6."""
-    start_and_stop(tmp_path, dataset, 2, signal.SIGKILL)
-    process = start_and_stop(tmp_path, dataset, 4, signal.SIGTERM)
+    start_and_stop(command(tmp_path, dataset), tmp_path, 2, signal.SIGKILL)
+    process = start_and_stop(command(tmp_path, dataset), tmp_path, 4, signal.SIGTERM)
     assert process.returncode == 0
     saved = int(process.stdout.read().split("SIGTERM: saved step ")[1].split(",")[0])
     assert saved >= 4 and (tmp_path / "checkpoints" / str(saved)).is_dir()
-    start_and_stop(tmp_path, dataset, 6, signal.SIGKILL)
+    start_and_stop(command(tmp_path, dataset), tmp_path, 6, signal.SIGKILL)
     assert not (tmp_path / "model").exists()
     subprocess.run(command(tmp_path, dataset), cwd=ROOT, check=True, capture_output=True)
     assert logged_steps(tmp_path) == list(range(1, STEPS + 1))
@@ -84,12 +64,14 @@ def test_killed_and_preempted_runs_end_with_the_same_parameters(dataset, uninter
 
 
 def test_demo_pretraining_learns_audio_visual_correspondence(tmp_path):
-    """Fixed seeds, 48 generated clips of 8 classes, 150 steps: recall@1 well above chance.
-    Compiled as a user's run is (without the suite's XLA_FLAGS)."""
+    """Fixed seeds, 48 generated clips of 8 classes, 150 updates (50 epochs of 3, at the demo's
+    first learning rate): recall@1 well above chance. Compiled as a user's run is (without the
+    suite's XLA_FLAGS)."""
     env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
     cavmae = [sys.executable, "-m", "cavmae_jax.cli"]
     subprocess.run([*cavmae, "pretrain", "--config", "configs/demo.py", "--workdir",
-                    str(tmp_path), "--config.data.clips=48", "--config.num_steps=150",
+                    str(tmp_path), "--config.data.clips=48", "--config.epochs=50",
+                    "--config.lr_decay_start=50",
                     "--config.data.workers=1"], cwd=ROOT, env=env, check=True,
                    capture_output=True)  # fmt: skip
     done = subprocess.run([*cavmae, "retrieval", "--workdir", str(tmp_path)], cwd=ROOT, env=env,

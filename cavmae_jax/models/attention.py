@@ -1,10 +1,15 @@
 """Scaled dot-product attention, [B, N, H, hd] layout (softmax over keys, scale after q.k).
 
-On GPU/TPU this is ``jax.nn.dot_product_attention`` (fused / flash kernels where the backend has
-them). On CPU, XLA fuses the softmax reductions into the batched matmuls of the default gradient
-and runs them slowly, and stores the [B, H, N, N] probabilities for the backward pass; the
-custom-VJP version below saves only the log-sum-exp and recomputes the probabilities: 2.3x faster
-for forward + backward at the decoder's size.
+The implementation is a model setting (``ModelConfig.attention``):
+  * ``xla``: ``jax.nn.dot_product_attention`` lowered by XLA (fuses well on GPU/TPU);
+  * ``cudnn``: the same call with cuDNN's fused flash kernel (NVIDIA GPUs only);
+  * ``recompute``: the custom-VJP version below. On CPU, XLA fuses the softmax reductions into
+    the batched matmuls of the default gradient and runs them slowly, and stores the
+    [B, H, N, N] probabilities for the backward pass; this one saves only the log-sum-exp and
+    recomputes the probabilities: 2.3x faster for forward + backward at the decoder's size;
+  * ``auto``: ``recompute`` on CPU, ``xla`` elsewhere. Trainers resolve it once for the
+    platform of their mesh (``resolve``); a model used on its own resolves it for the default
+    backend, where it runs.
 """
 
 from __future__ import annotations
@@ -14,12 +19,28 @@ import functools
 import jax
 import jax.numpy as jnp
 
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "recompute")
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+
+def resolve(implementation: str, platform: str) -> str:
+    """The concrete implementation of ``implementation`` on ``platform`` (cpu, gpu, tpu)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention {implementation!r}; expected one of {IMPLEMENTATIONS}")
+    if implementation == "auto":
+        return "recompute" if platform == "cpu" else "xla"
+    if implementation == "cudnn" and platform != "gpu":
+        raise ValueError(f"attention 'cudnn' needs an NVIDIA GPU, not {platform}")
+    return implementation
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, implementation: str = "auto"
+) -> jax.Array:
     """softmax(q k^T * scale) v for q, k, v [B, N, H, hd]."""
-    if jax.default_backend() == "cpu":
+    implementation = resolve(implementation, jax.default_backend())
+    if implementation == "recompute":
         return recomputing_attention(q, k, v, scale)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
 
 
 def _scores(q, k, scale):

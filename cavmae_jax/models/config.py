@@ -41,6 +41,7 @@ class ModelConfig:
     label_dim: int = 527  # classifier outputs (finetuning models only)
     dtype: str = "float32"  # compute dtype of matmuls; "bfloat16" on accelerators
     remat: bool = False  # recompute block activations in the backward pass (saves memory)
+    attention: str = "auto"  # auto | xla | cudnn | recompute (models/attention.py)
 
     def __post_init__(self):
         if not 0 <= self.modality_specific_depth <= self.depth:

@@ -119,8 +119,11 @@ class PatchEmbed(nnx.Module):
 class Attention(nnx.Module):
     """Multi-head self-attention with the fused ``qkv`` layout (q|k|v) x heads x head_dim."""
 
-    def __init__(self, dim: int, num_heads: int, rngs: nnx.Rngs, dtype=None):
+    def __init__(
+        self, dim: int, num_heads: int, rngs: nnx.Rngs, dtype=None, implementation: str = "auto"
+    ):
         self.num_heads = num_heads
+        self.implementation = implementation
         self.qkv = dense(dim, 3 * dim, ("embed", "qkv"), rngs, dtype)
         self.proj = dense(dim, dim, ("heads", "embed"), rngs, dtype)
 
@@ -129,7 +132,7 @@ class Attention(nnx.Module):
         h = self.num_heads
         qkv = self.qkv(x).reshape(b, n, 3, h, d // h)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = dot_product_attention(q, k, v, (d // h) ** -0.5)
+        out = dot_product_attention(q, k, v, (d // h) ** -0.5, self.implementation)
         return self.proj(out.reshape(b, n, d))
 
 
@@ -150,11 +153,14 @@ class Block(nnx.Module):
     ``modality`` None uses ``norm1``/``norm2``; ``"a"`` and ``"v"`` use the ``_a``/``_v`` pairs.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, rngs: nnx.Rngs, dtype=None):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, rngs: nnx.Rngs, dtype=None,
+        attention: str = "auto",
+    ):  # fmt: skip
         self.norm1 = layer_norm(dim, rngs)
         self.norm1_a = layer_norm(dim, rngs)
         self.norm1_v = layer_norm(dim, rngs)
-        self.attn = Attention(dim, num_heads, rngs, dtype)
+        self.attn = Attention(dim, num_heads, rngs, dtype, attention)
         self.norm2 = layer_norm(dim, rngs)
         self.norm2_a = layer_norm(dim, rngs)
         self.norm2_v = layer_norm(dim, rngs)
@@ -179,7 +185,7 @@ class BlockStack(nnx.Module):
 
     def __init__(
         self, count: int, dim: int, num_heads: int, mlp_ratio: float, rngs: nnx.Rngs, dtype=None,
-        remat: bool = False,
+        remat: bool = False, attention: str = "auto",
     ):  # fmt: skip
         self.count = count
         self.remat = remat
@@ -188,7 +194,7 @@ class BlockStack(nnx.Module):
             @nnx.split_rngs(splits=count)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def create(rngs: nnx.Rngs) -> Block:
-                return Block(dim, num_heads, mlp_ratio, rngs, dtype)
+                return Block(dim, num_heads, mlp_ratio, rngs, dtype, attention)
 
             self.layers = create(rngs)
 

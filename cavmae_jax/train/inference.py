@@ -18,6 +18,17 @@ from jax.sharding import Mesh
 from cavmae_jax.train.sharding import global_batch
 
 
+def replicated_state(model, mesh: Mesh) -> tuple:
+    """(graphdef, ``{"params", "rest"}`` replicated on ``mesh``) of a loaded model: the state
+    evaluators run on outside training."""
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = jax.device_put((params, rest), NamedSharding(mesh, PartitionSpec()))
+    return graphdef, {"params": params, "rest": rest}
+
+
 def batches_per_host(total: int, local_batch: int, drop_last: bool) -> int:
     """Batches every host runs over a split of ``total`` clips shared between the hosts:
     all clips (padded), or only full batches as the official per-epoch validation."""
@@ -73,3 +84,32 @@ def gather_outputs(
         for name, value in gathered.items():
             collected.setdefault(name, []).append(np.asarray(value)[valid])
     return {name: np.concatenate(parts) for name, parts in collected.items()}
+
+
+def predict_split(
+    apply: Callable[[dict], Mapping[str, jax.Array]],
+    mesh: Mesh,
+    data_dir,
+    split: str,
+    batch_size: int,
+    frame: int = 5,
+    drop_last: bool = False,
+    num_classes: int = 1,
+    keys=("audio", "image", "label"),
+) -> dict[str, np.ndarray]:
+    """``apply`` over every clip of a prepared split (evaluation view: no augmentation, frame
+    ``frame``), global batch ``batch_size`` split over the hosts and the mesh; with
+    ``drop_last`` only full batches, as the official per-epoch validation. The one inference
+    path of classification, retrieval, the PCAV-MAE memory bank and explanations."""
+    from input_pipeline.dataset import Loader, LoaderConfig
+
+    local_batch = batch_size // jax.process_count()
+    config = LoaderConfig(
+        batch_size=local_batch, num_classes=num_classes, train=False, frame=frame,
+        drop_remainder=drop_last, process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )  # fmt: skip
+    loader = Loader(data_dir, split, config)
+    total = loader.builder.info.splits[split].num_examples
+    count = batches_per_host(total, local_batch, drop_last)
+    return gather_outputs(apply, loader, mesh, local_batch, count, keys)

@@ -60,14 +60,14 @@ def make_optimizer(
     head_lr: float = 1.0,
     freeze_base: bool = False,
     clip_norm: float | None = None,
-    accumulate: int = 1,
     b1: float = 0.95,
 ) -> optax.GradientTransformation:
     """The training optimizer. ``adam_l2`` is the official coupled-L2 Adam, ``adamw`` decoupled
     AdamW with first-moment decay ``b1`` (0.95 as the official Adam unless set). The head's
     updates are scaled by ``head_lr`` (the official second parameter group); ``freeze_base``
-    trains the head only (linear probe); ``clip_norm`` clips the global gradient norm first;
-    ``accumulate`` > 1 averages that many micro-batch gradients per update (optax.MultiSteps)."""
+    trains the head only (linear probe); ``clip_norm`` clips the global gradient norm first.
+    Gradient accumulation is part of the step (``train/steps.py``), not an optimizer wrapper,
+    so that the schedule advances once per update."""
     if kind == "adam_l2":
         tx = official_adam(schedule, weight_decay)
     elif kind == "adamw":
@@ -79,6 +79,4 @@ def make_optimizer(
     tx = optax.multi_transform({"base": base, "head": head}, head_labels(params))
     if clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
-    if accumulate > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulate)
     return tx

@@ -1,4 +1,12 @@
-"""Pure, jitted steps over a split model: (params, rest, opt_state) in, updated out."""
+"""The one jitted training step of every trainer: ``state, metrics = step(state, batch)``.
+
+``state`` is a dict: ``step`` (updates done), ``params`` (trainable), ``rest`` (fixed tables),
+``opt_state`` and whatever the trainer keeps (momentum encoder, prototypes, weight-average sum).
+One call is one optimizer update. With ``grad_accum`` = k the global batch is split into k
+micro-batches whose gradients are averaged by a ``lax.scan`` inside the step, so schedules,
+the random key, checkpoints and logs count updates, never micro-batches. Micro-batch i holds
+rows i, i + k, i + 2k, ... of the batch: every device keeps its own rows (no resharding).
+"""
 
 from __future__ import annotations
 
@@ -6,69 +14,163 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cavmae_jax.losses import CLASSIFICATION_LOSSES
+from cavmae_jax.train.sharding import BATCH_AXES
+
+# (params, state, batch, key) -> (loss, metrics): the trainer's loss on one (micro-)batch
+LossFn = Callable[[Any, dict, dict, jax.Array], tuple[jax.Array, dict]]
+# (state before the update, new params, new step) -> the extra state entries it changes
+AfterUpdate = Callable[[dict, Any, jax.Array], dict]
+
+
+def micro_batches(batch: dict, count: int, mesh: Mesh | None) -> dict:
+    """[B, ...] -> [count, B / count, ...]; micro-batch i takes rows i, i + count, ..."""
+
+    def split(x):
+        x = jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+        if mesh is None:
+            return x
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+        )
+
+    return jax.tree.map(split, batch)
+
+
+def accumulated_gradients(loss_fn: LossFn, params, state, batch, key, count: int, mesh):
+    """Mean gradient and mean metrics over ``count`` micro-batches (the key folded with i)."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if count == 1:
+        return grad_fn(params, state, batch, key)
+
+    def body(total, inputs):
+        micro, index = inputs
+        grads, metrics = grad_fn(params, state, micro, jax.random.fold_in(key, index))
+        return jax.tree.map(jnp.add, total, grads), metrics
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    inputs = (micro_batches(batch, count, mesh), jnp.arange(count))
+    total, metrics = jax.lax.scan(body, zeros, inputs)
+    return jax.tree.map(lambda g: g / count, total), jax.tree.map(jnp.mean, metrics)
+
+
+class TrainStep:
+    """``state, metrics = step(state, batch)``: the jitted update. The state is donated (its
+    buffers are reused), except ``rest``: fixed tables pass through unchanged and stay valid,
+    e.g. for an asynchronous checkpoint still reading them."""
+
+    def __init__(self, jitted: Callable):
+        self.jitted = jitted  # (state without rest, rest, batch) -> (state without rest, metrics)
+
+    @staticmethod
+    def _split(state: dict) -> tuple[dict, Any]:
+        return {k: v for k, v in state.items() if k != "rest"}, state["rest"]
+
+    def __call__(self, state: dict, batch: dict) -> tuple[dict, dict]:
+        donated, rest = self._split(state)
+        new, metrics = self.jitted(donated, rest, batch)
+        return {**new, "rest": rest}, metrics
+
+    def lower(self, state: dict, batch: dict):
+        """``jax.jit(...).lower`` of the update (ahead-of-time compilation)."""
+        return self.jitted.lower(*self._split(state), batch)
+
+    def compile(self, state: dict, batch: dict) -> TrainStep:
+        """The same step compiled ahead of time for these shapes (``.jitted`` is then the
+        executable, with its ``memory_analysis()``)."""
+        return TrainStep(self.lower(state, batch).compile())
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    seed: int,
+    grad_accum: int = 1,
+    after_update: AfterUpdate | None = None,
+    state_shardings: dict | None = None,
+    mesh: Mesh | None = None,
+) -> TrainStep:
+    """The step, kept in ``state_shardings``. The key of update s (from 1) is
+    ``fold_in(key(seed), s)``. ``metrics["lr"]`` is the rate this update applied: the schedule
+    at the optimizer's count, which is the number of updates done."""
+
+    def update(donated, rest, batch):
+        state = {**donated, "rest": rest}
+        done = state["step"]
+        key = jax.random.fold_in(jax.random.key(seed), done + 1)
+        params = state["params"]
+        grads, metrics = accumulated_gradients(
+            loss_fn, params, state, batch, key, grad_accum, mesh
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        new = {**donated, "step": done + 1, "params": new_params, "opt_state": opt_state}
+        if after_update is not None:
+            new.update(after_update(state, new_params, done + 1))
+        metrics.update(grad_norm=optax.tree.norm(grads), lr=schedule(done))
+        return new, metrics
+
+    out = None
+    if state_shardings is not None:
+        out = ({k: v for k, v in state_shardings.items() if k != "rest"}, None)
+    return TrainStep(jax.jit(update, donate_argnums=(0,), out_shardings=out))
+
 
 SCALARS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
 
 
-def _jit_train_step(
-    loss_fn: Callable, tx: optax.GradientTransformation, shardings: tuple | None
-) -> Callable:
-    """A jitted ``(params, rest, opt_state, batch, key) -> (params, opt_state, metrics)`` from
-    ``loss_fn(params, rest, batch, key) -> (loss, metrics)``.
+def pretrain_loss(graphdef: nnx.GraphDef, mask_kwargs: dict[str, Any]) -> LossFn:
+    """CAV-MAE pretraining: the model's own loss under fresh random masks (``key``)."""
 
-    The params and optimizer state buffers are donated, so a step reuses their memory.
-    ``shardings`` = (param shardings, optimizer-state shardings) keeps the updated state in its
-    mesh layout."""
-
-    def step(params, rest, opt_state, batch, key):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, rest, batch, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return params, opt_state, metrics
-
-    out_shardings = None if shardings is None else (shardings[0], shardings[1], None)
-    return jax.jit(step, donate_argnums=(0, 2), out_shardings=out_shardings)
-
-
-def make_pretrain_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    mask_kwargs: dict[str, Any],
-    shardings: tuple | None = None,
-) -> Callable:
-    """CAV-MAE pretraining step: the model's own loss under fresh random masks (``key``).
-    ``params`` are the trainable ``nnx.Param`` leaves; ``rest`` holds fixed tables."""
-
-    def loss_fn(params, rest, batch, key):
-        model = nnx.merge(graphdef, params, rest)
+    def loss_fn(params, state, batch, key):
+        model = nnx.merge(graphdef, params, state["rest"])
         out = model(batch["audio"], batch["image"], key=key, **mask_kwargs)
         return out["loss"], {name: out[name] for name in SCALARS}
 
-    return _jit_train_step(loss_fn, tx, shardings)
+    return loss_fn
 
 
-def make_finetune_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    mode: str,
-    loss: str,
-    shardings: tuple | None = None,
-) -> Callable:
-    """Classification step: ``loss`` ("bce" or "ce") of the logits in finetuning ``mode``
-    against the batch's soft labels (``key`` is unused: finetuning draws no masks)."""
+def finetune_loss(graphdef: nnx.GraphDef, mode: str, loss: str) -> LossFn:
+    """Classification: ``loss`` ("bce" or "ce") of the logits in finetuning ``mode`` against
+    the batch's soft labels (no masks: ``key`` is unused)."""
     loss_of = CLASSIFICATION_LOSSES[loss]
 
-    def loss_fn(params, rest, batch, key):
-        logits = nnx.merge(graphdef, params, rest)(batch["audio"], batch["image"], mode=mode)
-        value = loss_of(logits, batch["label"])
+    def loss_fn(params, state, batch, key):
+        model = nnx.merge(graphdef, params, state["rest"])
+        value = loss_of(model(batch["audio"], batch["image"], mode=mode), batch["label"])
         return value, {"loss": value}
 
-    return _jit_train_step(loss_fn, tx, shardings)
+    return loss_fn
+
+
+PCAV_SCALARS = ("loss", "loss_pje", "loss_pcpe", "loss_r", "loss_mae_a", "loss_mae_v", "p_acc")
+
+
+def pcav_loss(graphdef: nnx.GraphDef, model_kwargs: dict[str, Any], use_decoder: bool) -> LossFn:
+    """PCAV-MAE: the momentum encoder (``state["ema"]``) embeds the unmasked batch to find each
+    clip's prototypes (``state["protos"]``); the trained encoder is scored against them."""
+    from cavmae_jax.models.pcav_mae import clip_prototypes
+
+    def loss_fn(params, state, batch, key):
+        momentum = nnx.merge(graphdef, state["ema"], state["rest"])
+        audio_m, visual_m = jax.lax.stop_gradient(momentum.embed(batch["audio"], batch["image"]))
+        protos = state["protos"]
+        targets = clip_prototypes(
+            audio_m, visual_m, protos["audio"], protos["visual"], protos["valid"]
+        )
+        out = nnx.merge(graphdef, params, state["rest"])(
+            batch["audio"], batch["image"], protos, targets, key=key, use_decoder=use_decoder,
+            **model_kwargs,
+        )  # fmt: skip
+        return out["loss"], {name: out[name] for name in PCAV_SCALARS}
+
+    return loss_fn
 
 
 def make_logits_step(graphdef: nnx.GraphDef, mode: str) -> Callable:
@@ -79,46 +181,3 @@ def make_logits_step(graphdef: nnx.GraphDef, mode: str) -> Callable:
         return {"logits": model(batch["audio"], batch["image"], mode=mode)}
 
     return jax.jit(logits)
-
-
-PCAV_SCALARS = ("loss", "loss_pje", "loss_pcpe", "loss_r", "loss_mae_a", "loss_mae_v", "p_acc")
-
-
-def make_pcav_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    model_kwargs: dict[str, Any],
-    ema_momentum: float,
-    use_decoder: bool,
-    state_shardings: dict | None = None,
-) -> Callable:
-    """PCAV-MAE step over the whole state ``{params, opt_state, ema, protos, ...}``:
-    ``(state, rest, batch, key) -> (state, metrics)``. The momentum (EMA) encoder embeds the
-    unmasked batch to find each clip's prototypes; after the update, the EMA follows the
-    parameters. The state is donated."""
-    from cavmae_jax.models.pcav_mae import clip_prototypes, ema_update
-
-    def loss_fn(params, rest, batch, key, ema, protos):
-        momentum = nnx.merge(graphdef, ema, rest)
-        audio_m, visual_m = jax.lax.stop_gradient(momentum.embed(batch["audio"], batch["image"]))
-        targets = clip_prototypes(
-            audio_m, visual_m, protos["audio"], protos["visual"], protos["valid"]
-        )
-        out = nnx.merge(graphdef, params, rest)(
-            batch["audio"], batch["image"], protos, targets, key=key, use_decoder=use_decoder,
-            **model_kwargs,
-        )  # fmt: skip
-        return out["loss"], {name: out[name] for name in PCAV_SCALARS}
-
-    def step(state, rest, batch, key):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(
-            state["params"], rest, batch, key, state["ema"], state["protos"]
-        )
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        ema = ema_update(state["ema"], params, ema_momentum)
-        metrics["grad_norm"] = optax.tree.norm(grads)
-        return {**state, "params": params, "opt_state": opt_state, "ema": ema}, metrics
-
-    out_shardings = None if state_shardings is None else (state_shardings, None)
-    return jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings)

@@ -1,0 +1,196 @@
+"""Evaluators: what runs during and after training, and in ``cavmae evaluate / retrieval``.
+
+Each is a small object with one ``run(state) -> {metric: value}`` over the train state (``params``
+and ``rest``, plus ``ema`` for the memory bank), going through the one batched, mesh-sharded
+inference path (``train/inference.py``). ``config.evals`` names them with their periods:
+
+    config.evals.validation = dict(kind="classification", every_epochs=1)
+    config.evals.retrieval = dict(kind="retrieval", at_end=True, split="train")
+
+Periods: ``every_epochs`` (or ``every_steps``, which wins when set), ``at_start`` (before the
+first update of a fresh run), ``at_end`` (after the last update).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cavmae_jax import evaluation, prototypes, retrieval
+from cavmae_jax.losses import CLASSIFICATION_LOSSES
+from cavmae_jax.train.inference import predict_split
+from cavmae_jax.train.steps import make_logits_step
+
+EVAL_FRAME = 5
+
+
+@dataclasses.dataclass
+class Period:
+    every_steps: int = 0  # 0: not periodic
+    at_start: bool = False
+    at_end: bool = False
+
+    def due(self, step: int, last: int) -> bool:
+        periodic = self.every_steps and step % self.every_steps == 0
+        return bool(periodic or (self.at_end and step == last))
+
+
+class Classification:
+    """Official statistics (mAP, mAUC, d-prime, accuracy; per-class AP / AUC) of a classifier on
+    a split. One frame with ``drop_last`` is the official per-epoch validation (plus the
+    loss); several frames average the sigmoid (mAP tasks) or softmax outputs, the official
+    final evaluation, with each frame's own mAP and accuracy in ``per_frame``."""
+
+    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str, batch_size: int,
+                 num_classes: int, mode: str, loss: str = "bce", frames=(EVAL_FRAME,),
+                 drop_last: bool = False):  # fmt: skip
+        self.mesh, self.data_dir, self.split = mesh, data_dir, split
+        self.batch_size, self.num_classes, self.loss = batch_size, num_classes, loss
+        self.frames, self.drop_last = tuple(frames), drop_last
+        self.logits = make_logits_step(graphdef, mode)
+
+    def outputs(self, state: dict, frame: int) -> dict[str, np.ndarray]:
+        return predict_split(
+            lambda batch: self.logits(state["params"], state["rest"], batch), self.mesh,
+            self.data_dir, self.split, self.batch_size, frame, self.drop_last, self.num_classes,
+        )  # fmt: skip
+
+    def run(self, state: dict) -> dict:
+        per_frame, logits, labels = [], [], None
+        for frame in self.frames:
+            out = self.outputs(state, frame)
+            labels = out["label"]
+            logits.append(out["logits"])
+            stats = evaluation.classification_stats(out["logits"], labels)
+            per_frame.append({"frame": frame, "mAP": stats["mAP"], "acc": stats["acc"]})
+        if len(self.frames) == 1:
+            scores = logits[0]
+        else:
+            scores = evaluation.average_frame_predictions(np.stack(logits), self.loss == "bce")
+        stats = evaluation.classification_stats(scores, labels)
+        stats.update(AP=stats["AP"].tolist(), AUC=stats["AUC"].tolist(), clips=int(len(labels)),
+                     per_frame=per_frame)  # fmt: skip
+        if len(self.frames) == 1:
+            stats["valid_loss"] = float(CLASSIFICATION_LOSSES[self.loss](logits[0], labels))
+        return stats
+
+
+def pooled_features(graphdef: nnx.GraphDef) -> Callable:
+    """Jitted ``(params, rest, batch) -> {"audio", "visual"}``: the official retrieval features,
+    unmasked modality-specific streams mean-pooled over tokens."""
+
+    @jax.jit
+    def features(params, rest, batch):
+        feat_a, feat_v = nnx.merge(graphdef, params, rest).forward_feat(
+            batch["audio"], batch["image"]
+        )
+        return {"audio": feat_a.mean(axis=1), "visual": feat_v.mean(axis=1)}
+
+    return features
+
+
+class Retrieval:
+    """Audio <-> visual recall@1/5/10 and median rank on a split (the official protocol:
+    frame 5, mean-pooled unmasked features, cosine), ranked in blocks on the mesh."""
+
+    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str,
+                 batch_size: int):  # fmt: skip
+        self.mesh, self.data_dir, self.split, self.batch_size = mesh, data_dir, split, batch_size
+        self.features = pooled_features(graphdef)
+
+    def embeddings(self, state: dict) -> dict[str, np.ndarray]:
+        return predict_split(
+            lambda batch: self.features(state["params"], state["rest"], batch), self.mesh,
+            self.data_dir, self.split, self.batch_size, keys=("audio", "image"),
+        )  # fmt: skip
+
+    def run(self, state: dict) -> dict:
+        emb = self.embeddings(state)
+        result = retrieval.recall(emb["audio"], emb["visual"], self.mesh)
+        clips = len(emb["audio"])
+        return {**result, "clips": clips, "chance_r1": 1.0 / clips}
+
+
+def momentum_embeddings(graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str,
+                        batch_size: int, params, rest) -> dict[str, np.ndarray]:  # fmt: skip
+    """PCAV-MAE embeddings ``audio``, ``visual`` [N, D] of every clip of a split."""
+
+    @jax.jit
+    def embed(params, rest, batch):
+        audio, visual = nnx.merge(graphdef, params, rest).embed(batch["audio"], batch["image"])
+        return {"audio": audio, "visual": visual}
+
+    return predict_split(lambda batch: embed(params, rest, batch), mesh, data_dir, split,
+                         batch_size, keys=("audio", "image"))  # fmt: skip
+
+
+def find_prototypes(bank: dict, pcav: ml_collections.ConfigDict, seed: int, mesh=None):
+    """The prototype arrays and levels of a memory bank under the run's settings."""
+    return prototypes.discover(
+        bank["audio"], bank["visual"], pcav.method, tuple(pcav.granularities),
+        pcav.max_prototypes, pcav.beta, pcav.gamma_mean, seed, mesh=mesh,
+    )  # fmt: skip
+
+
+class MemoryBank:
+    """PCAV-MAE's refresh: the momentum encoder (``state["ema"]``) embeds every training clip
+    and the prototypes of every granularity are found on that bank; they replace
+    ``state["protos"]`` (the one evaluator that changes the state)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, data_dir, batch_size: int,
+                 pcav: ml_collections.ConfigDict, seed: int):  # fmt: skip
+        self.graphdef, self.mesh, self.data_dir = graphdef, mesh, data_dir
+        self.batch_size, self.pcav, self.seed = batch_size, pcav, seed
+
+    def run(self, state: dict) -> dict:
+        bank = momentum_embeddings(self.graphdef, self.mesh, self.data_dir, "train",
+                                   self.batch_size, state["ema"], state["rest"])  # fmt: skip
+        arrays, levels = find_prototypes(bank, self.pcav, self.seed, self.mesh)
+        state["protos"] = jax.device_put(arrays, NamedSharding(self.mesh, PartitionSpec()))
+        return {f"prototypes_{g}": len(level["sizes"]) for g, level in enumerate(levels)}
+
+
+def empty_prototypes(pcav: ml_collections.ConfigDict, dim: int) -> dict:
+    """Prototype arrays before the first refresh (none valid)."""
+    k, levels = pcav.max_prototypes, len(pcav.granularities)
+    return {"audio": jnp.zeros((levels, k, dim)), "visual": jnp.zeros((levels, k, dim)),
+            "gamma": jnp.ones((levels, k)), "valid": jnp.zeros((levels, k), bool)}  # fmt: skip
+
+
+def from_config(config: ml_collections.ConfigDict, setup, data_dir: Path,
+                steps_per_epoch: int) -> list[tuple[str, Period, object]]:  # fmt: skip
+    """(name, period, evaluator) of every entry of ``config.evals``."""
+    evaluators = []
+    for name, spec in config.get("evals", {}).items():
+        period = Period(
+            every_steps=spec.get("every_steps", 0)
+            or round(spec.get("every_epochs", 0) * steps_per_epoch),
+            at_start=spec.get("at_start", False), at_end=spec.get("at_end", False),
+        )  # fmt: skip
+        evaluators.append((name, period, build(spec, config, setup, data_dir)))
+    return evaluators
+
+
+def build(spec, config: ml_collections.ConfigDict, setup, data_dir: Path):
+    """One evaluator of kind ``spec.kind`` for a training run's ``setup``."""
+    graphdef, mesh, batch = setup.graphdef, setup.mesh, spec.get("batch_size", config.batch_size)
+    if spec.kind == "classification":
+        eval_dir = config.data.get("eval_dir") or data_dir
+        frames = tuple(spec.get("frames", (EVAL_FRAME,)))
+        return Classification(graphdef, mesh, eval_dir, spec.get("split", config.data.eval_split),
+                              batch, config.model.label_dim, config.mode, config.loss, frames,
+                              drop_last=spec.get("drop_last", True))  # fmt: skip
+    if spec.kind == "retrieval":
+        eval_dir = config.data.get("eval_dir") or data_dir
+        return Retrieval(graphdef, mesh, eval_dir, spec.get("split", "train"), batch)
+    if spec.kind == "memory_bank":
+        return MemoryBank(graphdef, mesh, data_dir, batch, config.pcav, config.seed)
+    raise ValueError(f"unknown evaluator kind {spec.kind!r}")

@@ -1,0 +1,231 @@
+"""The one setup path of every trainer: config -> mesh, data, model, sharded state, steps,
+evaluators. ``launch/aot_check.py`` calls it too, abstractly (no data read, nothing allocated),
+so the compile check is the training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from cavmae_jax.models import ModelConfig
+from cavmae_jax.models.attention import resolve as resolve_attention
+from cavmae_jax.train import durations as durations_lib
+from cavmae_jax.train import evaluators as evaluators_lib
+from cavmae_jax.train import sharding
+from cavmae_jax.train.durations import Durations
+from cavmae_jax.train.optim import make_optimizer
+from cavmae_jax.train.steps import make_train_step
+from cavmae_jax.train.trainer import Trainer, get
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs; ``state`` is concrete (or ``ShapeDtypeStruct``s when abstract)."""
+
+    config: ml_collections.ConfigDict
+    trainer: Trainer
+    cfg: ModelConfig
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    state: dict
+    state_shardings: dict
+    durations: Durations
+    phases: list[tuple[int, Callable]]  # (last update, jitted step)
+    clip_flops: float
+    data_dir: Path | None = None
+    batches_from: Callable[[int], Iterator[dict]] | None = None  # start update -> host batches
+    evaluators: list = dataclasses.field(default_factory=list)  # (name, Period, evaluator)
+
+    def step_at(self, update: int) -> Callable:
+        """The jitted step that makes update ``update`` (from 1)."""
+        return next(step for last, step in self.phases if update <= last)
+
+    def model(self, params) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, self.state["rest"])
+
+
+def prepared_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+    """The prepared dataset ``config.data.dir``; with ``config.data.generate`` the demo videos
+    are first generated and prepared (resumably) under ``workdir/data``."""
+    from input_pipeline import prepare, synthetic
+
+    data = config.data
+    if not data.dir and not data.generate:
+        raise ValueError("no training data: set --config.data.dir to a `cavmae prepare` output")
+    data_dir = Path(data.dir) if data.dir else workdir / "data" / "dataset"
+    if data.generate and not (data_dir / "dataset_info.json").exists():
+        videos = workdir / "data" / "videos"
+        listing = videos / "clips.csv"
+        if not listing.exists():
+            synthetic.generate(videos, clips=data.clips, classes=data.classes, seed=config.seed)
+        prepare.prepare(listing, data_dir, labels=videos / "labels.csv", workers=data.workers)
+    return data_dir
+
+
+def copy_weights(source: nnx.Module, target: nnx.Module, name: str) -> None:
+    """Overwrite ``target``'s values with ``source``'s, keeping ``target``'s variable kinds
+    (trainable or fixed) and sharded layout; sizes must agree."""
+    values = nnx.to_pure_dict(nnx.state(source))
+    state = nnx.state(target)
+    expected = nnx.to_pure_dict(state)
+    if jax.tree.structure(values) != jax.tree.structure(expected):
+        raise ValueError(
+            f"{name}: holds a {type(source).__name__} that does not match the configured "
+            f"{type(target).__name__} (other depths or parts)"
+        )
+    for (path, value), (_, want) in zip(
+        jax.tree_util.tree_leaves_with_path(values),
+        jax.tree_util.tree_leaves_with_path(expected),
+        strict=True,
+    ):
+        if value.shape != want.shape:
+            raise ValueError(
+                f"{name}: {jax.tree_util.keystr(path)} has shape {value.shape}, the configured "
+                f"model expects {want.shape} (set --config.model.* to the checkpoint's sizes)"
+            )
+    shardings = jax.tree.map(lambda x: x.sharding, expected)
+    nnx.replace_by_pure_dict(state, jax.device_put(values, shardings))
+    nnx.update(target, state)
+
+
+def model_config(trainer: Trainer, config: ml_collections.ConfigDict, mesh: Mesh) -> ModelConfig:
+    """The trainer's model config with the attention implementation resolved for the platform
+    of the mesh's devices (not the host's default backend)."""
+    cfg = trainer.model_config(config)
+    platform = mesh.devices.flat[0].platform
+    return cfg.replace(attention=resolve_attention(cfg.attention, platform))
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The global batch must split into ``grad_accum`` micro-batches that split over the mesh."""
+    if config.batch_size % config.grad_accum:
+        raise ValueError(
+            f"global batch {config.batch_size} does not split into {config.grad_accum} "
+            "micro-batches (grad_accum)"
+        )
+    sharding.check_batch_size(config.batch_size // config.grad_accum, mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+
+
+def _placed(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def initial_state(trainer: Trainer, config: ml_collections.ConfigDict, cfg: ModelConfig,
+                  mesh: Mesh, tx, abstract: bool) -> tuple:  # fmt: skip
+    """(graphdef, state, state shardings): the model created sharded (then overwritten with
+    ``config.init``), the optimizer state of ``tx(params)`` and the trainer's extra state in
+    the parameters' layout; with ``abstract`` only shapes and shardings."""
+    rules = sharding.RULES[config.sharding]
+
+    def make():
+        return trainer.create(cfg, config.seed)
+
+    if abstract:
+        model = nnx.eval_shape(make)
+    else:
+        model = sharding.create_sharded(make, mesh, rules)
+        if config.init:
+            copy_weights(trainer.load_init(config.init, cfg, config.seed), model, config.init)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = tx(params)
+    param_shardings = sharding.state_shardings(params, mesh, rules)
+    rest_shardings = sharding.state_shardings(rest, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def derived(params):
+        return {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(params),
+                **trainer.extra_state(config, cfg, params)}  # fmt: skip
+
+    shapes = jax.eval_shape(derived, params)
+    params_like = jax.tree.structure(params)
+
+    def like_params(tree):
+        if jax.tree.structure(tree) == params_like:
+            return param_shardings
+        return jax.tree.map(lambda _: replicated, tree)
+
+    shardings = {
+        "params": param_shardings,
+        "rest": rest_shardings,
+        "step": replicated,
+        "opt_state": sharding.optimizer_shardings(tx, params, param_shardings),
+        **{name: like_params(shapes[name]) for name in shapes if name not in ("step", "opt_state")},
+    }
+    if abstract:
+        state = {"params": _placed(params, param_shardings), "rest": _placed(rest, rest_shardings),
+                 **_placed(shapes, {k: shardings[k] for k in shapes})}  # fmt: skip
+    else:
+        out = {k: shardings[k] for k in shapes}
+        state = {"params": params, "rest": rest,
+                 **jax.jit(derived, out_shardings=out)(params)}  # fmt: skip
+    return graphdef, state, shardings, tx
+
+
+def build(config: ml_collections.ConfigDict, workdir: Path | None = None,
+          abstract_clips: int | None = None, devices=None) -> Setup:  # fmt: skip
+    """The run of ``config`` in ``workdir``. With ``abstract_clips`` nothing is read or
+    allocated: durations assume that many training clips and the state is abstract (for
+    ahead-of-time compilation on ``devices``, e.g. a TPU topology's)."""
+    trainer = get(config.trainer)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+    check_batch(config, mesh)
+    abstract = abstract_clips is not None
+    data_dir = loader = None
+    if abstract:
+        steps_per_epoch = max(abstract_clips // config.batch_size, 1)
+        clips = abstract_clips
+    else:
+        data_dir = prepared_dataset(config, workdir)
+        loader = trainer.loader(config, data_dir, workdir)
+        steps_per_epoch = loader.batches_per_epoch
+        clips = loader.builder.info.splits[loader.split.split("[")[0]].num_examples
+    durations = durations_lib.resolve(config, clips, steps_per_epoch)
+    schedule = durations_lib.learning_rate(config, durations)
+    cfg = model_config(trainer, config, mesh)
+
+    def optimizer(params):
+        return make_optimizer(
+            schedule, params, config.optimizer, config.weight_decay, clip_norm=config.clip_norm,
+            **trainer.optimizer_options(config),
+        )  # fmt: skip
+
+    graphdef, state, shardings, tx = initial_state(trainer, config, cfg, mesh, optimizer, abstract)
+    after_update = trainer.after_update(config, durations)
+    phases = [
+        (last, make_train_step(loss_fn, tx, schedule, config.seed, config.grad_accum,
+                               after_update, shardings, mesh))
+        for last, loss_fn in trainer.phases(graphdef, config, durations)
+    ]  # fmt: skip
+    setup = Setup(config, trainer, cfg, mesh, graphdef, state, shardings, durations, phases,
+                  trainer.clip_flops(config, cfg), data_dir)  # fmt: skip
+    if not abstract:
+        setup.batches_from = loader.iterate_from
+        setup.evaluators = evaluators_lib.from_config(
+            config, setup, data_dir, durations.steps_per_epoch
+        )
+    return setup
+
+
+def abstract_batch(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, Any]:
+    """The global batch of one update as ``ShapeDtypeStruct``s split over the mesh."""
+    cfg, b = setup.cfg, config.batch_size
+    split = NamedSharding(setup.mesh, PartitionSpec(sharding.BATCH_AXES))
+    shapes = {
+        "audio": (b, cfg.audio_length, cfg.num_mel_bins),
+        "image": (b, cfg.img_size, cfg.img_size, 3),
+        "label": (b, cfg.label_dim),
+    }
+    return {k: jax.ShapeDtypeStruct(shapes[k], "float32", sharding=split)
+            for k in setup.trainer.batch_keys}  # fmt: skip

@@ -1,0 +1,105 @@
+"""What a trainer is: the parts in which CAV-MAE pretraining, finetuning and PCAV-MAE differ.
+
+A config names its trainer (``config.trainer``: ``pretrain``, ``finetune`` or ``pcav``); setup,
+the step and the loop are shared (``train/setup.py``, ``train/steps.py``, ``train/loop.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+from flax import nnx
+
+from cavmae_jax import convert
+from cavmae_jax.models import ModelConfig
+from cavmae_jax.train.durations import Durations
+from cavmae_jax.train.metrics import plot_curves
+from cavmae_jax.train.steps import AfterUpdate, LossFn
+
+
+class Trainer:
+    """Defaults are those of self-supervised pretraining on unlabelled clips."""
+
+    batch_keys: tuple[str, ...] = ("audio", "image")
+    shown: tuple[str, ...] = ("loss",)  # metrics on the progress bar
+
+    def model_config(self, config: ml_collections.ConfigDict) -> ModelConfig:
+        return ModelConfig(**config.model.to_dict())
+
+    def create(self, cfg: ModelConfig, seed: int) -> nnx.Module:
+        raise NotImplementedError
+
+    def load_init(self, source: str, cfg: ModelConfig, seed: int) -> nnx.Module:
+        """The model whose weights start the run (``config.init``)."""
+        return load_model(source, "CAVMAE")
+
+    def loader(self, config: ml_collections.ConfigDict, data_dir: Path, workdir: Path):
+        """The training stream: random frame, noise + roll (the pretraining augmentation)."""
+        import jax
+
+        from input_pipeline.dataset import Loader, LoaderConfig
+
+        loader_config = LoaderConfig(
+            batch_size=config.batch_size // jax.process_count(), num_classes=config.data.classes,
+            seed=config.seed, process_index=jax.process_index(),
+            process_count=jax.process_count(), noise=config.data.noise,
+            shuffle_buffer=config.data.shuffle_buffer,
+        )  # fmt: skip
+        return Loader(data_dir, "train", loader_config)
+
+    def phases(self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
+               durations: Durations) -> list[tuple[int, LossFn]]:  # fmt: skip
+        """(last update, loss) of each phase of the run, in order."""
+        raise NotImplementedError
+
+    def extra_state(self, config: ml_collections.ConfigDict, cfg: ModelConfig, params) -> dict:
+        """State kept beside params and optimizer state, a traceable function of the params."""
+        return {}
+
+    def after_update(self, config: ml_collections.ConfigDict,
+                     durations: Durations) -> AfterUpdate | None:  # fmt: skip
+        return None
+
+    def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> float:
+        """Training FLOPs per clip (for TFLOP/s and MFU)."""
+        raise NotImplementedError
+
+    def optimizer_options(self, config: ml_collections.ConfigDict) -> dict:
+        return {}
+
+    def finish(self, setup, state: dict, workdir: Path) -> dict:
+        """After the last update, on every process: save the model (process 0)."""
+        import jax
+
+        if jax.process_index() == 0:
+            convert.save_checkpoint(setup.model(state["params"]), workdir / "model")
+            write_run_files(setup.config, workdir)
+        return {}
+
+
+def write_run_files(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """The run's settings (``config.json``) and loss curves (``loss.png``)."""
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+    plot_curves(workdir, workdir / "loss.png")
+
+
+def load_model(source: str, kind: str, **overrides) -> nnx.Module:
+    """An official ``.pth`` (loaded non-strictly into ``kind``, as the official recipes) or a
+    cavmae-jax model directory."""
+    if str(source).endswith(".pth"):
+        return convert.load_torch_checkpoint(source, kind=kind, **overrides)
+    return convert.load_checkpoint(source)
+
+
+def get(name: str) -> Trainer:
+    """The trainer a config names."""
+    from cavmae_jax.train.finetune import Finetuning
+    from cavmae_jax.train.pcav import PCAVPretraining
+    from cavmae_jax.train.pretrain import CAVMAEPretraining
+
+    trainers = {"pretrain": CAVMAEPretraining, "finetune": Finetuning, "pcav": PCAVPretraining}
+    if name not in trainers:
+        raise ValueError(f"unknown trainer {name!r}; expected one of {list(trainers)}")
+    return trainers[name]()
