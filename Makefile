@@ -27,8 +27,8 @@ demo: install
 	$(BIN)/cavmae retrieval --workdir workdir/demo
 
 lint: install
-	$(BIN)/ruff check cavmae_jax input_pipeline tests bench configs
-	$(BIN)/ruff format --check cavmae_jax input_pipeline tests bench configs
+	$(BIN)/ruff check cavmae_jax input_pipeline tests bench configs launch
+	$(BIN)/ruff format --check cavmae_jax input_pipeline tests bench configs launch
 
 bench: install
 	$(BIN)/python bench/model_throughput.py

@@ -34,10 +34,15 @@ def run(attention: str, dtype: str, batch: int, accum: int, steps: int) -> dict:
     graphdef, params, rest = nnx.split(CAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)
     tx = official_adam(1e-4)
     masks = dict(mask_ratio_a=0.75, mask_ratio_v=0.75, mask_mode="unstructured")
-    step = make_train_step(pretrain_loss(graphdef, masks), tx, lambda count: 1e-4, seed=0,
-                           grad_accum=accum)  # fmt: skip
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-             "opt_state": tx.init(params)}  # fmt: skip
+    step = make_train_step(
+        pretrain_loss(graphdef, masks), tx, lambda count: 1e-4, seed=0, grad_accum=accum
+    )
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "rest": rest,
+        "opt_state": tx.init(params),
+    }
     rng = np.random.default_rng(0)
     data = {
         "audio": jnp.asarray(rng.standard_normal((batch, 1024, 128), np.float32)),
@@ -57,10 +62,18 @@ def run(attention: str, dtype: str, batch: int, accum: int, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
     tflops = flops.pretrain_step(cfg) * batch / step_s / 1e12
-    return dict(attention=attention, dtype=dtype, batch=batch, accum=accum,
-                compile_s=round(compile_s, 1), temp_gib=round(temp_gib, 2),
-                step_s=round(step_s, 4), clips_per_s=round(batch / step_s, 2),
-                tflops=round(tflops, 1), first_loss=first_loss)  # fmt: skip
+    return dict(
+        attention=attention,
+        dtype=dtype,
+        batch=batch,
+        accum=accum,
+        compile_s=round(compile_s, 1),
+        temp_gib=round(temp_gib, 2),
+        step_s=round(step_s, 4),
+        clips_per_s=round(batch / step_s, 2),
+        tflops=round(tflops, 1),
+        first_loss=first_loss,
+    )
 
 
 def main() -> None:

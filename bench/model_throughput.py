@@ -57,8 +57,12 @@ def full_size_pretraining(dtype: str, batch: int):
         "audio": rng.standard_normal((batch, cfg.audio_length, cfg.num_mel_bins), np.float32),
         "image": rng.standard_normal((batch, cfg.img_size, cfg.img_size, 3), np.float32),
     }
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-             "opt_state": tx.init(params)}  # fmt: skip
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "rest": rest,
+        "opt_state": tx.init(params),
+    }
     return cfg, graphdef, params, rest, state, step, data
 
 
@@ -102,10 +106,15 @@ def run_one(mode: str, dtype: str, batch: int, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
     return dict(
-        mode=mode, dtype=dtype, batch=batch, compile_s=compile_s, step_s=step_s,
-        clips_per_s=batch / step_s, gflops=clip_flops * batch / step_s / 1e9,
+        mode=mode,
+        dtype=dtype,
+        batch=batch,
+        compile_s=compile_s,
+        step_s=step_s,
+        clips_per_s=batch / step_s,
+        gflops=clip_flops * batch / step_s / 1e9,
         peak_mem_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-    )  # fmt: skip
+    )
 
 
 def main() -> None:

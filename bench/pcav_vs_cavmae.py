@@ -35,10 +35,24 @@ def pretrain(config: str, workdir: Path, data_dir: Path, steps: int) -> float:
     if (workdir / "model").exists():
         return float(json.loads((workdir / "wall.json").read_text())["seconds"])
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "cavmae_jax.cli", "pretrain", "--config", config,
-                    "--workdir", str(workdir), f"--config.data.dir={data_dir}",
-                    "--config.data.generate=False", f"--config.num_steps={steps}"],
-                   cwd=ROOT, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cavmae_jax.cli",
+            "pretrain",
+            "--config",
+            config,
+            "--workdir",
+            str(workdir),
+            f"--config.data.dir={data_dir}",
+            "--config.data.generate=False",
+            f"--config.num_steps={steps}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     seconds = time.perf_counter() - start
     (workdir / "wall.json").write_text(json.dumps({"seconds": seconds}))
     return seconds
@@ -65,11 +79,15 @@ def measure(model_dir: Path, data_dir: Path) -> dict[str, float]:
     visual = visual / np.linalg.norm(visual, axis=1, keepdims=True)
     joint = np.asarray(l2_normalize(audio + visual))
     result = {}
-    for name, method, granularity in (("density5", "density", 5), ("density15", "density", 15),
-                                      ("kmeans8", "kmeans", 8)):  # fmt: skip
+    for name, method, granularity in (
+        ("density5", "density", 5),
+        ("density15", "density", 15),
+        ("kmeans8", "kmeans", 8),
+    ):
         _, (level,) = prototypes.discover(audio, visual, method, (granularity,), 256)
-        purities = [purity(np.nonzero(level["labels"] == k)[0], labels)
-                    for k in range(len(level["sizes"]))]  # fmt: skip
+        purities = [
+            purity(np.nonzero(level["labels"] == k)[0], labels) for k in range(len(level["sizes"]))
+        ]
         result[f"purity_{name}"] = float(np.mean(purities))
         result[f"prototypes_{name}"] = len(purities)
     target = np.array([clip[0] for clip in labels])
@@ -92,8 +110,7 @@ def main() -> None:
     data_dir = root / "data" / "dataset"
     if not (data_dir / "dataset_info.json").exists():
         videos = synthetic.generate(root / "data" / "videos", clips=240, classes=8, seed=0)
-        prepare.prepare(videos, data_dir, labels=root / "data" / "videos" / "labels.csv",
-                        workers=2)  # fmt: skip
+        prepare.prepare(videos, data_dir, labels=root / "data" / "videos" / "labels.csv", workers=2)
     runs = {"CAV-MAE": "configs/demo.py", "PCAV-MAE": "configs/pcav.py:demo"}
     walls = {}
     for name, config in runs.items():

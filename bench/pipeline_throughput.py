@@ -35,8 +35,16 @@ def prepare_rate(work: Path, repeat: int) -> list[tuple[str, float]]:
 
 
 def loader_rate(data_dir: Path, batch_size: int, batches: int) -> float:
-    config = LoaderConfig(batch_size=batch_size, num_classes=4, freqm=48, timem=192, mixup=0.5,
-                          label_smooth=0.1, noise=True, shuffle_buffer=1000)  # fmt: skip
+    config = LoaderConfig(
+        batch_size=batch_size,
+        num_classes=4,
+        freqm=48,
+        timem=192,
+        mixup=0.5,
+        label_smooth=0.1,
+        noise=True,
+        shuffle_buffer=1000,
+    )
     stream = iter(Loader(data_dir, "train", config))
     next(stream)  # warm-up: graph building and the first shuffle buffer
     start = time.perf_counter()
@@ -58,8 +66,7 @@ def main() -> None:
         listing = synthetic.generate(work / "videos", clips=args.clips, classes=4)
         print(f"generated {args.clips} demo clips in {time.perf_counter() - start:.1f} s")
         start = time.perf_counter()
-        prepare.prepare(listing, work / "ds", labels=work / "videos" / "labels.csv",
-                        progress=False)  # fmt: skip
+        prepare.prepare(listing, work / "ds", labels=work / "videos" / "labels.csv", progress=False)
         rate = args.clips / (time.perf_counter() - start)
         print(f"prepare, 1 process, generated 64x64 clips: {rate:.2f} clips/s")
         for batch_size, batches in [(32, 20), (256, 4)]:

@@ -37,10 +37,20 @@ def main() -> None:
     seconds = time.perf_counter() - start
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     print(f"devices: {jax.devices()}")
-    print(json.dumps({"clips": args.clips, "dim": args.dim, "block": args.block,
-                      "seconds": round(seconds, 1), "peak_rss_gb": round(peak_gb, 2),
-                      "rss_gb_before_ranking": round(before_gb, 2),
-                      "a2v_r1": result["a2v_r1"], "v2a_r1": result["v2a_r1"]}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "clips": args.clips,
+                "dim": args.dim,
+                "block": args.block,
+                "seconds": round(seconds, 1),
+                "peak_rss_gb": round(peak_gb, 2),
+                "rss_gb_before_ranking": round(before_gb, 2),
+                "a2v_r1": result["a2v_r1"],
+                "v2a_r1": result["v2a_r1"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

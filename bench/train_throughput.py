@@ -38,8 +38,11 @@ def full_size_config(kind: str, data_dir: Path, batch: int, steps: int):
     name = "pretrain.py:as-base" if kind == "pretrain" else "finetune.py:as20k"
     config = load_config(str(ROOT / "configs" / name))
     config.model.dtype = "float32"
-    config.data.update(dir=str(data_dir), classes=config.model.label_dim if kind != "pretrain"
-                       else config.data.classes, shuffle_buffer=64)  # fmt: skip
+    config.data.update(
+        dir=str(data_dir),
+        classes=config.model.label_dim if kind != "pretrain" else config.data.classes,
+        shuffle_buffer=64,
+    )
     if kind != "pretrain":
         config.data.update(eval_dir=str(data_dir), eval_split="train", balanced=False)
         config.evals = {}  # no epoch ends in this run
@@ -76,9 +79,13 @@ def measure(kind: str, data_dir: Path, batch: int, steps: int) -> dict:
         train(setup, workdir)
         rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     trainer = statistics.median(r["clips_per_s"] for r in rows[WARMUP:])
-    return {"kind": kind, "batch": batch, "bare_clips_per_s": round(bare, 4),
-            "trainer_clips_per_s": round(trainer, 4),
-            "overhead": round(1 - trainer / bare, 4)}  # fmt: skip
+    return {
+        "kind": kind,
+        "batch": batch,
+        "bare_clips_per_s": round(bare, 4),
+        "trainer_clips_per_s": round(trainer, 4),
+        "overhead": round(1 - trainer / bare, 4),
+    }
 
 
 def prepared_data(root: Path, clips: int) -> Path:
@@ -104,9 +111,11 @@ def main() -> None:
     for kind in args.kinds:
         result = measure(kind, data_dir, args.batch, args.steps)
         print(json.dumps(result))
-        print(f"{kind}: bare step {result['bare_clips_per_s']:.3f} clips/s, trainer "
-              f"{result['trainer_clips_per_s']:.3f} clips/s, loop overhead "
-              f"{100 * result['overhead']:.1f}% (must be < 5%)")  # fmt: skip
+        print(
+            f"{kind}: bare step {result['bare_clips_per_s']:.3f} clips/s, trainer "
+            f"{result['trainer_clips_per_s']:.3f} clips/s, loop overhead "
+            f"{100 * result['overhead']:.1f}% (must be < 5%)"
+        )
 
 
 if __name__ == "__main__":

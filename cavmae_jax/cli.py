@@ -19,9 +19,11 @@ def _join_processes(args) -> None:
 
     if args.coordinator:
         jax.distributed.initialize(
-            coordinator_address=args.coordinator, num_processes=args.num_processes,
-            process_id=args.process_id, initialization_timeout=args.init_timeout,
-        )  # fmt: skip
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            initialization_timeout=args.init_timeout,
+        )
     elif args.distributed:
         jax.distributed.initialize(initialization_timeout=args.init_timeout)
 
@@ -60,16 +62,27 @@ def _evaluate(args, overrides):
     frames = tuple(range(10)) if args.frames == 10 else (EVAL_FRAME,)
     graphdef, state = replicated_state(model, mesh)
     loss = "bce" if args.metric == "mAP" else "ce"
-    evaluator = Classification(graphdef, mesh, args.data, args.split, args.batch_size,
-                               model.cfg.label_dim, args.mode, loss, frames)  # fmt: skip
+    evaluator = Classification(
+        graphdef,
+        mesh,
+        args.data,
+        args.split,
+        args.batch_size,
+        model.cfg.label_dim,
+        args.mode,
+        loss,
+        frames,
+    )
     result = evaluator.run(state)
     if args.output and jax.process_index() == 0:
         from pathlib import Path
 
         Path(args.output).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("AP", "AUC")}))
-    print(f"{args.metric} {result[args.metric]:.4f} over {result['clips']} clips, "
-          f"{len(frames)} frame(s)")  # fmt: skip
+    print(
+        f"{args.metric} {result[args.metric]:.4f} over {result['clips']} clips, "
+        f"{len(frames)} frame(s)"
+    )
 
 
 def _convert(args, overrides):
@@ -101,9 +114,14 @@ def _prepare(args, overrides):
         raise SystemExit(f"cavmae prepare: unrecognised arguments {overrides}")
     options = Options(fbank_dtype=args.fbank_dtype, keep_waveform=args.keep_waveform)
     prepared, failed = prepare(
-        args.input, args.output, labels=args.labels, workers=args.workers, split=args.split,
-        shard_size=args.shard_size, options=options,
-    )  # fmt: skip
+        args.input,
+        args.output,
+        labels=args.labels,
+        workers=args.workers,
+        split=args.split,
+        shard_size=args.shard_size,
+        options=options,
+    )
     print(f"prepared {prepared} clips, {failed} failed (report: {args.output}/failures.jsonl)")
     if not prepared:
         raise SystemExit(1)
@@ -118,8 +136,10 @@ def _explain(args, overrides):
     for level in result["levels"]:
         known = [p["purity"] for p in level["prototypes"] if p["purity"] is not None]
         mean_purity = f", mean purity {np.mean(known):.3f}" if known else ""
-        print(f"granularity {level['granularity']}: {len(level['prototypes'])} prototypes"
-              f"{mean_purity}")  # fmt: skip
+        print(
+            f"granularity {level['granularity']}: {len(level['prototypes'])} prototypes"
+            f"{mean_purity}"
+        )
     print(f"wrote {args.output}/prototypes.json, tsne.png and {args.clips} clip figures")
 
 
@@ -166,9 +186,11 @@ def _add_process_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cavmae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, what in (("train", "run the trainer the config names"),
-                       ("pretrain", "pretrain CAV-MAE or PCAV-MAE"),
-                       ("finetune", "finetune a classifier")):  # fmt: skip
+    for name, what in (
+        ("train", "run the trainer the config names"),
+        ("pretrain", "pretrain CAV-MAE or PCAV-MAE"),
+        ("finetune", "finetune a classifier"),
+    ):
         p = sub.add_parser(name, help=f"{what} (overrides: --config.x=y)")
         p.add_argument("--config", required=True, help="config file, optionally path:variant")
         p.add_argument("--workdir", required=True)

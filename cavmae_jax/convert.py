@@ -32,13 +32,32 @@ log = logging.getLogger(__name__)
 
 # Official state-dict order: top-level tokens and tables, then modules in construction order.
 _TOP_ORDER = [
-    "modality_a", "modality_v", "pos_embed_a", "pos_embed_v", "mask_token",
-    "decoder_modality_a", "decoder_modality_v", "decoder_pos_embed_a", "decoder_pos_embed_v",
-    "patch_embed_a", "patch_embed_v", "blocks_a", "blocks_v", "blocks_u", "norm_a", "norm_v",
-    "norm", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred_a",
-    "decoder_pred_v", "mlp_head",
-    "proto_proj_a", "proto_proj_v",  # PCAV-MAE's own, after the official names
-]  # fmt: skip
+    "modality_a",
+    "modality_v",
+    "pos_embed_a",
+    "pos_embed_v",
+    "mask_token",
+    "decoder_modality_a",
+    "decoder_modality_v",
+    "decoder_pos_embed_a",
+    "decoder_pos_embed_v",
+    "patch_embed_a",
+    "patch_embed_v",
+    "blocks_a",
+    "blocks_v",
+    "blocks_u",
+    "norm_a",
+    "norm_v",
+    "norm",
+    "decoder_embed",
+    "decoder_blocks",
+    "decoder_norm",
+    "decoder_pred_a",
+    "decoder_pred_v",
+    "mlp_head",
+    "proto_proj_a",
+    "proto_proj_v",  # PCAV-MAE's own, after the official names
+]
 _BLOCK_ORDER = ["norm1", "norm1_a", "norm1_v", "attn", "norm2", "norm2_a", "norm2_v", "mlp"]
 _LEAF_ORDER = ["qkv", "proj", "fc1", "fc2", "weight", "bias"]
 
@@ -265,9 +284,14 @@ def export_encoder(model: CAVMAE, label_dim: int, seed: int = 0) -> CAVMAEFT:
     """A finetuning model from a pretrained one, as the official finetuning init: the encoder
     (positions included, now trainable) is copied, the decoder dropped, the head fresh."""
     return from_torch_state_dict(
-        to_torch_state_dict(model), kind="CAVMAEFT", strict=False, seed=seed,
-        label_dim=label_dim, num_mel_bins=model.cfg.num_mel_bins, num_heads=model.cfg.num_heads,
-    )  # fmt: skip
+        to_torch_state_dict(model),
+        kind="CAVMAEFT",
+        strict=False,
+        seed=seed,
+        label_dim=label_dim,
+        num_mel_bins=model.cfg.num_mel_bins,
+        num_heads=model.cfg.num_heads,
+    )
 
 
 def mae_imagenet_init(mae_state_dict: dict[str, Any], seed: int = 0, **config_overrides) -> CAVMAE:

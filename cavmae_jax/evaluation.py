@@ -82,5 +82,9 @@ def average_frame_predictions(logits_per_frame: np.ndarray, multilabel: bool) ->
 def average_weights(state_dicts: list[dict]) -> dict:
     """Checkpoint weight averaging (``wa``): the arithmetic mean of every tensor."""
     keys = state_dicts[0].keys()
-    return {k: np.mean([np.asarray(sd[k], np.float64) for sd in state_dicts], axis=0).astype(
-        np.asarray(state_dicts[0][k]).dtype) for k in keys}  # fmt: skip
+    return {
+        k: np.mean([np.asarray(sd[k], np.float64) for sd in state_dicts], axis=0).astype(
+            np.asarray(state_dicts[0][k]).dtype
+        )
+        for k in keys
+    }

@@ -30,8 +30,9 @@ def dataset_embeddings(model, data_dir: Path, split: str, batch_size: int = 32) 
 
     mesh = make_mesh({"data": -1})
     graphdef, state = replicated_state(model, mesh)
-    bank = momentum_embeddings(graphdef, mesh, data_dir, split, batch_size, state["params"],
-                               state["rest"])  # fmt: skip
+    bank = momentum_embeddings(
+        graphdef, mesh, data_dir, split, batch_size, state["params"], state["rest"]
+    )
     loader = Loader(data_dir, split, LoaderConfig(batch_size, num_classes=1, train=False))
     return {**bank, "ids": loader.ids(), "labels": loader.labels()}
 
@@ -50,11 +51,15 @@ def prototype_report(levels, arrays, data: dict, granularities) -> list[dict]:
         entries = []
         for k, size in enumerate(level["sizes"]):
             members = np.nonzero(level["labels"] == k)[0]
-            entries.append({
-                "prototype": k, "clip": data["ids"][int(level["clips"][k])],
-                "size": int(size), "gamma": float(arrays["gamma"][g, k]),
-                "purity": purity(members, data["labels"]),
-            })  # fmt: skip
+            entries.append(
+                {
+                    "prototype": k,
+                    "clip": data["ids"][int(level["clips"][k])],
+                    "size": int(size),
+                    "gamma": float(arrays["gamma"][g, k]),
+                    "purity": purity(members, data["labels"]),
+                }
+            )
         report.append({"granularity": granularity, "prototypes": entries})
     return report
 
@@ -90,8 +95,12 @@ def explain_clip(index: int, data: dict, arrays: dict, levels, media: dict, path
     import matplotlib.pyplot as plt
 
     joint = l2_normalize(data["audio"][index] + data["visual"][index])
-    fig, axes = plt.subplots(2, 1 + SHOWN_PER_LEVEL * len(levels), figsize=(
-        2.2 * (1 + SHOWN_PER_LEVEL * len(levels)), 4.4), squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        2,
+        1 + SHOWN_PER_LEVEL * len(levels),
+        figsize=(2.2 * (1 + SHOWN_PER_LEVEL * len(levels)), 4.4),
+        squeeze=False,
+    )
     draw_media(axes[:, 0], media[data["ids"][index]], f"clip {data['ids'][index]}")
     column = 1
     for g, level in enumerate(levels):
@@ -125,9 +134,15 @@ def tsne_figure(data: dict, levels, path: Path, seed: int = 0) -> None:
     points = axis.scatter(xy[:, 0], xy[:, 1], c=colour, cmap="tab10", s=12)
     for g, (level, marker) in enumerate(zip(levels, "*PXD^v", strict=False)):
         clips = level["clips"]
-        axis.scatter(xy[clips, 0], xy[clips, 1], marker=marker, s=180 - 40 * g,
-                     edgecolors="black", facecolors="none" if g else "black",
-                     label=f"prototypes, level {g}")  # fmt: skip
+        axis.scatter(
+            xy[clips, 0],
+            xy[clips, 1],
+            marker=marker,
+            s=180 - 40 * g,
+            edgecolors="black",
+            facecolors="none" if g else "black",
+            label=f"prototypes, level {g}",
+        )
     labels = axis.legend(*points.legend_elements(), title="label", fontsize=7, loc="upper right")
     axis.add_artist(labels)
     axis.legend(fontsize=7, loc="lower left")
@@ -137,8 +152,13 @@ def tsne_figure(data: dict, levels, path: Path, seed: int = 0) -> None:
     plt.close(fig)
 
 
-def explain(workdir: str | Path, output: str | Path, data_dir: str | Path | None = None,
-            split: str = "train", clips: int = 4) -> dict:  # fmt: skip
+def explain(
+    workdir: str | Path,
+    output: str | Path,
+    data_dir: str | Path | None = None,
+    split: str = "train",
+    clips: int = 4,
+) -> dict:
     """Write ``prototypes.json``, ``tsne.png`` and ``explain_<id>.png`` for the first ``clips``
     clips of a finished PCAV-MAE run in ``workdir``; returns the prototype report."""
     workdir, output = Path(workdir), Path(output)
@@ -150,9 +170,15 @@ def explain(workdir: str | Path, output: str | Path, data_dir: str | Path | None
     data = dataset_embeddings(model, data_dir, split)
     granularities = tuple(pcav["granularities"])
     arrays, levels = prototypes.discover(
-        data["audio"], data["visual"], pcav["method"], granularities, pcav["max_prototypes"],
-        pcav["beta"], pcav["gamma_mean"], config["seed"],
-    )  # fmt: skip
+        data["audio"],
+        data["visual"],
+        pcav["method"],
+        granularities,
+        pcav["max_prototypes"],
+        pcav["beta"],
+        pcav["gamma_mean"],
+        config["seed"],
+    )
     report = prototype_report(levels, arrays, data, granularities)
     (output / "prototypes.json").write_text(json.dumps(report, indent=1))
     tsne_figure(data, levels, output / "tsne.png", config["seed"])

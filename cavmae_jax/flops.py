@@ -75,7 +75,7 @@ def finetune_forward(cfg: ModelConfig, mode: str = "multimodal") -> int:
         "multimodal_sum": (
             audio + visual,
             block(len_a + len_v, d, mlp) + block(len_a, d, mlp) + block(len_v, d, mlp),
-        ),  # fmt: skip
+        ),
     }
     encoders, shared_block = shared[mode]
     return encoders + cfg.shared_depth * shared_block + linear(1, d, cfg.label_dim)

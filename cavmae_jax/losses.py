@@ -92,8 +92,9 @@ CLASSIFICATION_LOSSES = {"bce": binary_cross_entropy, "ce": soft_cross_entropy}
 # PCAV-MAE prototype losses (docs/pcavmae.md) ----------------------------------------------------
 
 
-def prototype_nce(similarity: jax.Array, gamma: jax.Array, targets: jax.Array,
-                  valid: jax.Array | None = None) -> jax.Array:  # fmt: skip
+def prototype_nce(
+    similarity: jax.Array, gamma: jax.Array, targets: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
     """ProtoNCE of one granularity: mean over clips of -log softmax_k(s_bk / gamma_k) at the
     clip's prototype. similarity [B, K], gamma [K], targets [B] (int), valid [K] (padding)."""
     logits = similarity.astype(jnp.float32) / gamma
@@ -103,8 +104,14 @@ def prototype_nce(similarity: jax.Array, gamma: jax.Array, targets: jax.Array,
     return jnp.mean(jax.nn.logsumexp(logits, axis=1) - positive)
 
 
-def pje_loss(audio: jax.Array, proto_visual: jax.Array, gamma: jax.Array, targets: jax.Array,
-             valid: jax.Array, tau: float) -> jax.Array:  # fmt: skip
+def pje_loss(
+    audio: jax.Array,
+    proto_visual: jax.Array,
+    gamma: jax.Array,
+    targets: jax.Array,
+    valid: jax.Array,
+    tau: float,
+) -> jax.Array:
     """Eq. (1), L_PJE: each clip's visible-audio representation [B, D] against the visual
     prototypes [G, K, D], positive = the prototype of the clip's own video; mean over the G
     granularities, scaled by 1 / tau."""
@@ -113,9 +120,16 @@ def pje_loss(audio: jax.Array, proto_visual: jax.Array, gamma: jax.Array, target
     return jnp.mean(per_level(proto_visual, gamma, targets, valid)) / tau
 
 
-def pcpe_loss(masked_audio: jax.Array, masked_visual: jax.Array, proto_audio: jax.Array,
-              proto_visual: jax.Array, gamma: jax.Array, targets: jax.Array, valid: jax.Array,
-              tau: float) -> jax.Array:  # fmt: skip
+def pcpe_loss(
+    masked_audio: jax.Array,
+    masked_visual: jax.Array,
+    proto_audio: jax.Array,
+    proto_visual: jax.Array,
+    gamma: jax.Array,
+    targets: jax.Array,
+    valid: jax.Array,
+    tau: float,
+) -> jax.Array:
     """Eq. (3), L_PCPE: the decoder's masked-patch features of both modalities [B, D], audio
     against audio prototypes plus visual against visual prototypes, summed in the exponent."""
     masked_audio = l2_normalize(masked_audio.astype(jnp.float32))

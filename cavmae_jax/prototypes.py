@@ -61,8 +61,13 @@ def over_mesh(fn, queries: jax.Array, *args, mesh=None):
     n = queries.shape[0]
     padded = _pad_rows(jnp.asarray(queries), mesh.size)
     # check_vma off: the chunk loops start from replicated constants and read the local rows
-    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(rows, *[PartitionSpec()] * len(args)),
-                            out_specs=rows, check_vma=False)  # fmt: skip
+    sharded = jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(rows, *[PartitionSpec()] * len(args)),
+        out_specs=rows,
+        check_vma=False,
+    )
     out = jax.jit(sharded)(padded, *args)
     if jax.process_count() > 1:  # every host needs every row
         from jax.experimental import multihost_utils
@@ -107,8 +112,11 @@ def nearest_neighbours(queries: jax.Array, bank: jax.Array, neighbours: int, chu
             all_d = jnp.concatenate([best_d, d], axis=1)
             all_i = jnp.concatenate([best_i, jnp.broadcast_to(index, d.shape)], axis=1)
             top = jax.lax.top_k(-all_d, neighbours)[1]
-            return (jnp.take_along_axis(all_d, top, 1), jnp.take_along_axis(all_i, top, 1),
-                    offset + rows.shape[0])  # fmt: skip
+            return (
+                jnp.take_along_axis(all_d, top, 1),
+                jnp.take_along_axis(all_i, top, 1),
+                offset + rows.shape[0],
+            )
 
         return _over_bank_chunks(merge, init, bank, chunk)[1]
 
@@ -169,9 +177,13 @@ def kmeans(bank, k: int, iterations: int = 20, seed: int = 0, chunk: int = CHUNK
 
 
 def concentration(
-    audio: jax.Array, visual: jax.Array, proto_audio: jax.Array, proto_visual: jax.Array,
-    labels: jax.Array, beta: float = 10.0,
-) -> jax.Array:  # fmt: skip
+    audio: jax.Array,
+    visual: jax.Array,
+    proto_audio: jax.Array,
+    proto_visual: jax.Array,
+    labels: jax.Array,
+    beta: float = 10.0,
+) -> jax.Array:
     """Eq. (2): gamma_k = (mean_i ||p_k - z_v,i|| + mean_j ||p_k - z_a,j||) / log(I + J + beta)
     over the I = J = n_k clips of prototype k (each modality against the prototype clip's own
     embedding of that modality). A prototype with at most one member gets the largest gamma
@@ -188,9 +200,17 @@ def concentration(
 
 
 def discover(
-    audio, visual, method: str, granularities, max_prototypes: int, beta: float = 10.0,
-    gamma_mean: float = 0.1, seed: int = 0, chunk: int = CHUNK, mesh=None,
-) -> tuple[dict[str, np.ndarray], list[dict]]:  # fmt: skip
+    audio,
+    visual,
+    method: str,
+    granularities,
+    max_prototypes: int,
+    beta: float = 10.0,
+    gamma_mean: float = 0.1,
+    seed: int = 0,
+    chunk: int = CHUNK,
+    mesh=None,
+) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Prototypes of a memory bank at every granularity, padded to ``max_prototypes``.
 
     audio, visual: [N, D] unit momentum embeddings; clips are clustered on their joint

@@ -65,8 +65,10 @@ def recall(audio_emb, visual_emb, mesh: Mesh | None = None, block: int = 512) ->
     """Recall@1/5/10 and median rank both ways; pair i is (audio i, visual i). ``a2v``: audio
     queries against visual candidates."""
     out = {}
-    for name, (queries, candidates) in {"a2v": (audio_emb, visual_emb),
-                                        "v2a": (visual_emb, audio_emb)}.items():  # fmt: skip
+    for name, (queries, candidates) in {
+        "a2v": (audio_emb, visual_emb),
+        "v2a": (visual_emb, audio_emb),
+    }.items():
         ranks = partner_ranks(queries, candidates, mesh, block)
         for k in (1, 5, 10):
             out[f"{name}_r{k}"] = float(np.mean(ranks < k))

@@ -18,15 +18,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.trainer = "pretrain"
     config.model = ml_collections.ConfigDict(
         dict(
-            embed_dim=64, depth=4, modality_specific_depth=3, num_heads=4, decoder_embed_dim=32,
-            decoder_depth=2, decoder_num_heads=4, norm_pix_loss=True, contrast_loss_weight=0.01,
+            embed_dim=64,
+            depth=4,
+            modality_specific_depth=3,
+            num_heads=4,
+            decoder_embed_dim=32,
+            decoder_depth=2,
+            decoder_num_heads=4,
+            norm_pix_loss=True,
+            contrast_loss_weight=0.01,
             attention="auto",
         )
-    )  # fmt: skip
+    )
     config.data = ml_collections.ConfigDict(
         dict(
             dir="", generate=True, clips=240, classes=8, workers=2, noise=True, shuffle_buffer=1000
-        )  # fmt: skip
+        )
     )
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding = "dp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/train/sharding.py)

@@ -26,13 +26,46 @@ averaging over the recipe's epochs and the 10-frame ensemble at the end (audio-o
 import ml_collections
 
 RECIPES = {
-    "as20k": dict(mode="multimodal", batch=36, lr=5e-5, head_lr=100, epochs=15, start=5, wa=(3, 15),
-                  classes=527, loss="bce", balanced=False, eval_split="eval"),
-    "as2m": dict(mode="multimodal", batch=48, lr=1e-5, head_lr=50, epochs=10, start=2, wa=(1, 10),
-                 classes=527, loss="bce", balanced=True, eval_split="eval"),
-    "vgg": dict(mode="multimodal", batch=48, lr=1e-4, head_lr=10, epochs=10, start=2, wa=(3, 10),
-                classes=309, loss="ce", balanced=True, eval_split="test"),
-}  # fmt: skip
+    "as20k": dict(
+        mode="multimodal",
+        batch=36,
+        lr=5e-5,
+        head_lr=100,
+        epochs=15,
+        start=5,
+        wa=(3, 15),
+        classes=527,
+        loss="bce",
+        balanced=False,
+        eval_split="eval",
+    ),
+    "as2m": dict(
+        mode="multimodal",
+        batch=48,
+        lr=1e-5,
+        head_lr=50,
+        epochs=10,
+        start=2,
+        wa=(1, 10),
+        classes=527,
+        loss="bce",
+        balanced=True,
+        eval_split="eval",
+    ),
+    "vgg": dict(
+        mode="multimodal",
+        batch=48,
+        lr=1e-4,
+        head_lr=10,
+        epochs=10,
+        start=2,
+        wa=(3, 10),
+        classes=309,
+        loss="ce",
+        balanced=True,
+        eval_split="test",
+    ),
+}
 MODES = {"audioonly": "audioonly", "videoonly": "videoonly"}
 
 
@@ -53,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dtype="bfloat16",
             remat=False,
             attention="auto",  # auto | xla | cudnn | recompute (cavmae_jax/models/attention.py)
-        )  # fmt: skip
+        )
     )
     config.data = ml_collections.ConfigDict(
         dict(
@@ -72,7 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             noise=True,
             balanced=recipe["balanced"],  # official --bal: label-balanced weighted sampling
             shuffle_buffer=10_000,
-        )  # fmt: skip
+        )
     )
     config.mode = mode or recipe["mode"]  # or "multimodal_sum" (PCAV-MAE: + both streams)
     config.loss = recipe["loss"]  # bce (mAP tasks) | ce (accuracy tasks)
@@ -117,10 +150,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 decoder_depth=0,
                 label_dim=8,
                 dtype="float32",
-            )  # fmt: skip
+            )
         )
-        config.data.update(dict(generate=True, clips=48, classes=8, eval_split="train",
-                                shuffle_buffer=100))  # fmt: skip
+        config.data.update(
+            dict(generate=True, clips=48, classes=8, eval_split="train", shuffle_buffer=100)
+        )
         config.batch_size = 8
         config.epochs = 3
         config.lr = 1e-4

@@ -29,8 +29,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.trainer = "pcav"
     config.model = ml_collections.ConfigDict(
-        dict(modality_specific_depth=11, norm_pix_loss=True, dtype="bfloat16", remat=False,
-             attention="auto")
+        dict(
+            modality_specific_depth=11,
+            norm_pix_loss=True,
+            dtype="bfloat16",
+            remat=False,
+            attention="auto",
+        )
     )
     config.pcav = ml_collections.ConfigDict(
         dict(
@@ -42,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             granularities=(100, 400, 1600),  # neighbourhood sizes (density) or k (kmeans)
             max_prototypes=20_000,
             decoder_epochs=200,
-        )  # fmt: skip
+        )
     )
     config.data = ml_collections.ConfigDict(
         dict(
@@ -53,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             workers=1,
             noise=True,
             shuffle_buffer=10_000,
-        )  # fmt: skip
+        )
     )
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding = "dp"
@@ -83,12 +88,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     if tiny:
         config.model.update(
-            dict(embed_dim=64, depth=4, modality_specific_depth=3, num_heads=4,
-                 decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, dtype="float32")
-        )  # fmt: skip
+            dict(
+                embed_dim=64,
+                depth=4,
+                modality_specific_depth=3,
+                num_heads=4,
+                decoder_embed_dim=32,
+                decoder_depth=2,
+                decoder_num_heads=4,
+                dtype="float32",
+            )
+        )
         config.pcav.update(dict(granularities=(5, 15), max_prototypes=64, decoder_epochs=10_000))
-        config.data.update(dict(generate=True, clips=240, classes=8, workers=2,
-                                shuffle_buffer=1000))  # fmt: skip
+        config.data.update(
+            dict(generate=True, clips=240, classes=8, workers=2, shuffle_buffer=1000)
+        )
         config.batch_size = 16
         config.grad_accum = 1
         config.epochs = 20  # 240 clips: 15 updates per epoch

@@ -36,9 +36,13 @@ RECIPES = {
 ABLATIONS = {
     "avmae": dict(modality_specific_depth=0, contrast_loss_weight=0.0),
     "cav": dict(decoder_depth=0),
-    "mask-time": {}, "mask-freq": {}, "mask-tf": {},
-    "mask-50": {}, "mask-65": {}, "mask-85": {},
-}  # fmt: skip
+    "mask-time": {},
+    "mask-freq": {},
+    "mask-tf": {},
+    "mask-50": {},
+    "mask-65": {},
+    "mask-85": {},
+}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -58,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             dtype="bfloat16",
             remat=False,  # True: recompute block activations in backward (larger batches fit)
             attention="auto",  # auto | xla | cudnn | recompute (cavmae_jax/models/attention.py)
-        )  # fmt: skip
+        )
     )
     config.model.update(ABLATIONS.get(name, {}))
     config.data = ml_collections.ConfigDict(
@@ -70,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             workers=1,
             noise=True,
             shuffle_buffer=10_000,
-        )  # fmt: skip
+        )
     )
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding = "dp"
@@ -113,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                 decoder_depth=min(2, config.model.decoder_depth),
                 decoder_num_heads=4,
                 dtype="float32",
-            )  # fmt: skip
+            )
         )
         config.data.update(dict(generate=True, clips=48, classes=8, workers=1, shuffle_buffer=100))
         config.batch_size = 8

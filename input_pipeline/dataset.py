@@ -172,9 +172,12 @@ class Loader:
             out = tf.numpy_function(mix, waves, tf.float32, stateful=False)
             return tf.ensure_shape(out, fbank.shape)
         return augment.mix_fbanks(
-            fbank, record["audio_frames"], tf.cast(partner["fbank"], tf.float32),
-            partner["audio_frames"], lam,
-        )  # fmt: skip
+            fbank,
+            record["audio_frames"],
+            tf.cast(partner["fbank"], tf.float32),
+            partner["audio_frames"],
+            lam,
+        )
 
     def _weighted(self, records: tf.data.Dataset, epoch: tf.Tensor) -> tf.data.Dataset:
         """An epoch of ``WeightedRandomSampler(weights, N, replacement=True)``: N draws by

@@ -226,18 +226,26 @@ def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]
     (output / "failures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     sizes = _shard_sizes(output, split, count)
     template = tfds.core.ShardedFileTemplate(
-        data_dir=output, template=SHARD_TEMPLATE, dataset_name=DATASET_NAME, split=split,
+        data_dir=output,
+        template=SHARD_TEMPLATE,
+        dataset_name=DATASET_NAME,
+        split=split,
         filetype_suffix="tfrecord",
-    )  # fmt: skip
+    )
     files = [shard_path(output, split, i, count) for i in range(count)]
     split_info = tfds.core.SplitInfo(
-        name=split, shard_lengths=sizes, num_bytes=sum(f.stat().st_size for f in files),
+        name=split,
+        shard_lengths=sizes,
+        num_bytes=sum(f.stat().st_size for f in files),
         filename_template=template,
-    )  # fmt: skip
+    )
     tfds.folder_dataset.write_metadata(
-        data_dir=output, features=spec, split_infos=[split_info], filename_template=template,
+        data_dir=output,
+        features=spec,
+        split_infos=[split_info],
+        filename_template=template,
         check_data=False,
-    )  # fmt: skip
+    )
     return sum(sizes), records
 
 

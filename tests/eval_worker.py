@@ -23,32 +23,48 @@ from cavmae_jax.train.inference import replicated_state
 from cavmae_jax.train.sharding import make_mesh
 
 SMALL = ModelConfig(embed_dim=32, depth=2, modality_specific_depth=1, num_heads=2, label_dim=4)
-SMALL_PCAV = pcav_config(embed_dim=32, depth=2, modality_specific_depth=1, num_heads=2,
-                         decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)  # fmt: skip
+SMALL_PCAV = pcav_config(
+    embed_dim=32,
+    depth=2,
+    modality_specific_depth=1,
+    num_heads=2,
+    decoder_embed_dim=16,
+    decoder_depth=1,
+    decoder_num_heads=2,
+)
 
 
 def evaluate(data_dir: str, batch_size: int, devices: int) -> dict:
     """Logits, memory bank and prototypes of every clip on a mesh over ``devices`` devices."""
     mesh = make_mesh({"data": -1}, jax.devices()[:devices])
     graphdef, state = replicated_state(CAVMAEFT(SMALL, nnx.Rngs(0)), mesh)
-    evaluator = Classification(graphdef, mesh, data_dir, "train", batch_size, SMALL.label_dim,
-                               "multimodal")  # fmt: skip
+    evaluator = Classification(
+        graphdef, mesh, data_dir, "train", batch_size, SMALL.label_dim, "multimodal"
+    )
     out = evaluator.outputs(state, frame=5)
     # labels travel with their logits
-    result = {"devices": devices, "logits": out["logits"].tolist(),
-              "label": out["label"].argmax(1).tolist()}  # fmt: skip
+    result = {
+        "devices": devices,
+        "logits": out["logits"].tolist(),
+        "label": out["label"].argmax(1).tolist(),
+    }
     # PCAV-MAE's memory bank (batched the same way) and the prototypes found on it
     graphdef, state = replicated_state(PCAVMAE(SMALL_PCAV, nnx.Rngs(0)), mesh)
-    bank = momentum_embeddings(graphdef, mesh, data_dir, "train", batch_size, state["params"],
-                               state["rest"])  # fmt: skip
+    bank = momentum_embeddings(
+        graphdef, mesh, data_dir, "train", batch_size, state["params"], state["rest"]
+    )
     arrays, levels = prototypes.discover(
         bank["audio"], bank["visual"], "density", (3,), 8, mesh=mesh, chunk=4
     )  # every device runs several chunks
-    _, (kmeans,) = prototypes.discover(bank["audio"], bank["visual"], "kmeans", (3,), 8,
-                                       mesh=mesh, chunk=4)  # fmt: skip
-    result.update(audio=bank["audio"].tolist(), visual=bank["visual"].tolist(),
-                  gamma=arrays["gamma"].tolist(),
-                  sizes=levels[0]["sizes"].tolist() + kmeans["sizes"].tolist())  # fmt: skip
+    _, (kmeans,) = prototypes.discover(
+        bank["audio"], bank["visual"], "kmeans", (3,), 8, mesh=mesh, chunk=4
+    )
+    result.update(
+        audio=bank["audio"].tolist(),
+        visual=bank["visual"].tolist(),
+        gamma=arrays["gamma"].tolist(),
+        sizes=levels[0]["sizes"].tolist() + kmeans["sizes"].tolist(),
+    )
     return result
 
 

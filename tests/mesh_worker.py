@@ -46,19 +46,35 @@ def run(shape: dict, rules: str, groups: int = 1, steps: int = 1) -> dict:
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.5, momentum=0.9))
     opt_shardings = sharding.optimizer_shardings(tx, params, param_shardings)
     replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated,
-                 "rest": sharding.state_shardings(rest, mesh, rules)}  # fmt: skip
-    state = {"params": params, "rest": rest, "step": jax.device_put(0, replicated),
-             "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params)}  # fmt: skip
-    step = make_train_step(pretrain_loss(graphdef, {}), tx, lambda count: 0.5, seed=0,
-                           state_shardings=shardings, mesh=mesh)  # fmt: skip
+    shardings = {
+        "params": param_shardings,
+        "opt_state": opt_shardings,
+        "step": replicated,
+        "rest": sharding.state_shardings(rest, mesh, rules),
+    }
+    state = {
+        "params": params,
+        "rest": rest,
+        "step": jax.device_put(0, replicated),
+        "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
+    }
+    step = make_train_step(
+        pretrain_loss(graphdef, {}),
+        tx,
+        lambda count: 0.5,
+        seed=0,
+        state_shardings=shardings,
+        mesh=mesh,
+    )
     rng = np.random.default_rng(0)
     batch = {
         "audio": rng.standard_normal((8, cfg.audio_length, cfg.num_mel_bins), np.float32),
         "image": rng.standard_normal((8, cfg.img_size, cfg.img_size, 3), np.float32),
     }
-    rows = slice(jax.process_index() * 8 // jax.process_count(),
-                 (jax.process_index() + 1) * 8 // jax.process_count())  # fmt: skip
+    rows = slice(
+        jax.process_index() * 8 // jax.process_count(),
+        (jax.process_index() + 1) * 8 // jax.process_count(),
+    )
     local = {name: value[rows] for name, value in batch.items()}
     for _ in range(steps):
         state, metrics = step(state, sharding.global_batch(local, mesh))
@@ -70,9 +86,10 @@ def run(shape: dict, rules: str, groups: int = 1, steps: int = 1) -> dict:
         "loss_c": float(metrics["loss_c"]),
         "params": [float(gathered(x).sum()) for x in jax.tree.leaves(params)],
         "kernel_spec": str(kernel[...].sharding.spec),
-        "moment_spec": [str(x.sharding.spec) for x in jax.tree.leaves(opt_state)
-                        if x.shape == kernel.shape][0],
-    }  # fmt: skip
+        "moment_spec": [
+            str(x.sharding.spec) for x in jax.tree.leaves(opt_state) if x.shape == kernel.shape
+        ][0],
+    }
 
 
 if __name__ == "__main__":

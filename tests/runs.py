@@ -19,8 +19,9 @@ def logged_steps(workdir: Path) -> list[int]:
 
 def start_and_stop(command: list[str], workdir: Path, at_step: int, sig: int) -> subprocess.Popen:
     """Start ``command`` (a run in ``workdir``) and send ``sig`` once it has logged ``at_step``."""
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     deadline = time.monotonic() + 300
     while max(logged_steps(workdir), default=0) < at_step and time.monotonic() < deadline:
         assert process.poll() is None, "the run ended before it could be stopped"

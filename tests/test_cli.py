@@ -18,9 +18,20 @@ DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 
 
 def test_pretrain_writes_metrics_and_a_model(tmp_path):
-    cli.main(["pretrain", "--config", DEMO, "--workdir", str(tmp_path), "--config.num_steps=6",
-              "--config.log_every=2", "--config.batch_size=4", "--config.data.clips=8",
-              "--config.data.workers=1"])  # fmt: skip
+    cli.main(
+        [
+            "pretrain",
+            "--config",
+            DEMO,
+            "--workdir",
+            str(tmp_path),
+            "--config.num_steps=6",
+            "--config.log_every=2",
+            "--config.batch_size=4",
+            "--config.data.clips=8",
+            "--config.data.workers=1",
+        ]
+    )
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6]
     assert all(np.isfinite(x["loss"]) and x["loss"] > 0 for x in lines)
@@ -75,9 +86,20 @@ def test_pretraining_starts_from_given_weights(tmp_path, fmt):
     else:
         source = tmp_path / "init.pth"
         convert.save_torch_checkpoint(initial, source)
-    cli.main(["pretrain", "--config", DEMO, "--workdir", str(tmp_path / "run"),
-              "--config.epochs=0", f"--config.init={source}", "--config.data.clips=4",
-              "--config.batch_size=4", "--config.data.workers=1"])  # fmt: skip
+    cli.main(
+        [
+            "pretrain",
+            "--config",
+            DEMO,
+            "--workdir",
+            str(tmp_path / "run"),
+            "--config.epochs=0",
+            f"--config.init={source}",
+            "--config.data.clips=4",
+            "--config.batch_size=4",
+            "--config.data.workers=1",
+        ]
+    )
     expected = convert.to_torch_state_dict(initial)
     final = convert.to_torch_state_dict(convert.load_checkpoint(tmp_path / "run" / "model"))
     for name, value in expected.items():

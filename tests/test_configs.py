@@ -13,8 +13,21 @@ from cavmae_jax.models import ModelConfig
 from cavmae_jax.train import durations
 
 PRETRAIN = str(Path(__file__).resolve().parents[1] / "configs" / "pretrain.py")
-VARIANTS = ["as-base", "as-scale+", "as-scale++", "vgg", "vgg-from-as", "avmae", "cav",
-            "mask-time", "mask-freq", "mask-tf", "mask-50", "mask-65", "mask-85"]  # fmt: skip
+VARIANTS = [
+    "as-base",
+    "as-scale+",
+    "as-scale++",
+    "vgg",
+    "vgg-from-as",
+    "avmae",
+    "cav",
+    "mask-time",
+    "mask-freq",
+    "mask-tf",
+    "mask-50",
+    "mask-65",
+    "mask-85",
+]
 
 
 @pytest.mark.parametrize("variant", VARIANTS + [v + ",tiny" for v in VARIANTS])
@@ -29,10 +42,14 @@ AUDIOSET_2M, VGGSOUND = 1_772_023, 183_727  # the official training lists' clips
 
 @pytest.mark.parametrize(
     "variant,clips,steps,lr",
-    [("as-base", AUDIOSET_2M, 36_917, 5e-5), ("as-scale+", AUDIOSET_2M, 14_766, 1e-4),
-     ("as-scale++", AUDIOSET_2M, 6_921, 2e-4), ("vgg", VGGSOUND, 1_531, 1e-4),
-     ("vgg-from-as", VGGSOUND, 1_531, 5e-5)],
-)  # fmt: skip
+    [
+        ("as-base", AUDIOSET_2M, 36_917, 5e-5),
+        ("as-scale+", AUDIOSET_2M, 14_766, 1e-4),
+        ("as-scale++", AUDIOSET_2M, 6_921, 2e-4),
+        ("vgg", VGGSOUND, 1_531, 1e-4),
+        ("vgg-from-as", VGGSOUND, 1_531, 5e-5),
+    ],
+)
 def test_recipes_on_the_full_lists_match_the_official_iteration_counts(variant, clips, steps, lr):
     config = load_config(f"{PRETRAIN}:{variant}")
     resolved = durations.resolve(config, clips, clips // config.batch_size)
@@ -83,9 +100,19 @@ def test_ablation_switches():
 
 def test_tiny_contrastive_only_variant_trains(tmp_path):
     """The contrastive-only ablation (no decoder) trains (8 clips, 2 steps: it runs, not learns)."""
-    cli.main(["pretrain", "--config", f"{PRETRAIN}:cav,tiny", "--workdir", str(tmp_path),
-              "--config.data.clips=8", "--config.batch_size=4", "--config.num_steps=2",
-              "--config.log_every=1"])  # fmt: skip
+    cli.main(
+        [
+            "pretrain",
+            "--config",
+            f"{PRETRAIN}:cav,tiny",
+            "--workdir",
+            str(tmp_path),
+            "--config.data.clips=8",
+            "--config.batch_size=4",
+            "--config.num_steps=2",
+            "--config.log_every=1",
+        ]
+    )
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2] and lines[0]["loss_mae"] == 0
     assert (tmp_path / "model" / "model.json").exists()

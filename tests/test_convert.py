@@ -203,18 +203,35 @@ def fake_mae_checkpoint(dim=32, dec=16, patch=4, blocks=12, dec_blocks=8, grid=4
     rng = np.random.default_rng(0)
     r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     block = lambda d: {  # noqa: E731
-        "norm1.weight": r(d), "norm1.bias": r(d), "attn.qkv.weight": r(3 * d, d),
-        "attn.qkv.bias": r(3 * d), "attn.proj.weight": r(d, d), "attn.proj.bias": r(d),
-        "norm2.weight": r(d), "norm2.bias": r(d), "mlp.fc1.weight": r(4 * d, d),
-        "mlp.fc1.bias": r(4 * d), "mlp.fc2.weight": r(d, 4 * d), "mlp.fc2.bias": r(d),
-    }  # fmt: skip
-    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, grid * grid + 1, dim),
-          "patch_embed.proj.weight": r(dim, 3, patch, patch), "patch_embed.proj.bias": r(dim),
-          "norm.weight": r(dim), "norm.bias": r(dim), "mask_token": r(1, 1, dec),
-          "decoder_embed.weight": r(dec, dim), "decoder_embed.bias": r(dec),
-          "decoder_pos_embed": r(1, grid * grid + 1, dec), "decoder_norm.weight": r(dec),
-          "decoder_norm.bias": r(dec), "decoder_pred.weight": r(patch * patch * 3, dec),
-          "decoder_pred.bias": r(patch * patch * 3)}  # fmt: skip
+        "norm1.weight": r(d),
+        "norm1.bias": r(d),
+        "attn.qkv.weight": r(3 * d, d),
+        "attn.qkv.bias": r(3 * d),
+        "attn.proj.weight": r(d, d),
+        "attn.proj.bias": r(d),
+        "norm2.weight": r(d),
+        "norm2.bias": r(d),
+        "mlp.fc1.weight": r(4 * d, d),
+        "mlp.fc1.bias": r(4 * d),
+        "mlp.fc2.weight": r(d, 4 * d),
+        "mlp.fc2.bias": r(d),
+    }
+    sd = {
+        "cls_token": r(1, 1, dim),
+        "pos_embed": r(1, grid * grid + 1, dim),
+        "patch_embed.proj.weight": r(dim, 3, patch, patch),
+        "patch_embed.proj.bias": r(dim),
+        "norm.weight": r(dim),
+        "norm.bias": r(dim),
+        "mask_token": r(1, 1, dec),
+        "decoder_embed.weight": r(dec, dim),
+        "decoder_embed.bias": r(dec),
+        "decoder_pos_embed": r(1, grid * grid + 1, dec),
+        "decoder_norm.weight": r(dec),
+        "decoder_norm.bias": r(dec),
+        "decoder_pred.weight": r(patch * patch * 3, dec),
+        "decoder_pred.bias": r(patch * patch * 3),
+    }
     for i in range(blocks):
         sd.update({f"blocks.{i}.{k}": v for k, v in block(dim).items()})
     for i in range(dec_blocks):
@@ -292,5 +309,7 @@ def test_export_keeps_the_encoder_and_drops_the_decoder(tmp_path):
     audio, image = random_inputs(tiny(), 2)
     np.testing.assert_allclose(
         np.asarray(exported.forward_feat(audio, image)[0]),
-        np.asarray(pretrained.forward_feat(audio, image)[0]), rtol=1e-6, atol=1e-6,
-    )  # fmt: skip
+        np.asarray(pretrained.forward_feat(audio, image)[0]),
+        rtol=1e-6,
+        atol=1e-6,
+    )

@@ -27,8 +27,17 @@ def batches(loader, count, start=0):
 
 
 def train_config(**changes):
-    base = dict(batch_size=4, num_classes=4, seed=3, shuffle_buffer=64, noise=True, freqm=24,
-                timem=96, mixup=0.5, label_smooth=0.1)  # fmt: skip
+    base = dict(
+        batch_size=4,
+        num_classes=4,
+        seed=3,
+        shuffle_buffer=64,
+        noise=True,
+        freqm=24,
+        timem=96,
+        mixup=0.5,
+        label_smooth=0.1,
+    )
     base.update(changes)
     return LoaderConfig(**base)
 
@@ -61,8 +70,9 @@ def test_stream_is_deterministic_and_resumes_exactly(data_dir):
 def test_hosts_read_disjoint_shares(data_dir):
     shares = []
     for index in range(2):
-        config = LoaderConfig(batch_size=2, num_classes=4, train=False, process_index=index,
-                              process_count=2)  # fmt: skip
+        config = LoaderConfig(
+            batch_size=2, num_classes=4, train=False, process_index=index, process_count=2
+        )
         shares.append({x for b in Loader(data_dir, "train", config) for x in b["id"]})
     assert not shares[0] & shares[1] and len(shares[0] | shares[1]) == CLIPS
 
@@ -135,8 +145,9 @@ def test_waveform_mixup_is_the_official_computation(tmp_path):
     clips = synthetic.generate(tmp_path / "videos", clips=4, classes=4, seed=2)
     out = tmp_path / "ds"
     options = prepare.Options(keep_waveform=True)
-    prepare.prepare(clips, out, labels=tmp_path / "videos" / "labels.csv", options=options,
-                    progress=False)  # fmt: skip
+    prepare.prepare(
+        clips, out, labels=tmp_path / "videos" / "labels.csv", options=options, progress=False
+    )
     config = train_config(mixup=1.0, noise=False, freqm=0, timem=0, label_smooth=0.0)
     loader = Loader(out, "train", config)
     assert loader.has_waveform
@@ -170,8 +181,9 @@ def test_float16_storage_error_is_small(tmp_path):
 def test_balanced_sampling_draws_by_weight_with_official_label_weights(data_dir):
     from input_pipeline.dataset import host_split, label_sample_weights
 
-    records = list(Loader(data_dir, "train", LoaderConfig(4, 4, train=False))._records()
-                   .as_numpy_iterator())  # fmt: skip
+    records = list(
+        Loader(data_dir, "train", LoaderConfig(4, 4, train=False))._records().as_numpy_iterator()
+    )
     labels = [list(r["label"]) for r in records]
     assert Loader(data_dir, "train", LoaderConfig(4, 4, train=False)).labels() == labels
     counts = {}

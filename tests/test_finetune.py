@@ -36,19 +36,34 @@ def dataset(tmp_path_factory):
 
 
 def command(workdir: Path, dataset: Path) -> list[str]:
-    return [sys.executable, "-m", "cavmae_jax.cli", "finetune", "--config",
-            "configs/finetune.py:as20k,tiny", "--workdir", str(workdir),
-            f"--config.data.dir={dataset}", "--config.data.generate=False",
-            f"--config.data.classes={CLASSES}", f"--config.model.label_dim={CLASSES}",
-            f"--config.batch_size={BATCH}", f"--config.epochs={EPOCHS}", "--config.log_every=1",
-            "--config.checkpoint_every=3", "--config.data.balanced=True",
-            "--config.eval_frames=1"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "cavmae_jax.cli",
+        "finetune",
+        "--config",
+        "configs/finetune.py:as20k,tiny",
+        "--workdir",
+        str(workdir),
+        f"--config.data.dir={dataset}",
+        "--config.data.generate=False",
+        f"--config.data.classes={CLASSES}",
+        f"--config.model.label_dim={CLASSES}",
+        f"--config.batch_size={BATCH}",
+        f"--config.epochs={EPOCHS}",
+        "--config.log_every=1",
+        "--config.checkpoint_every=3",
+        "--config.data.balanced=True",
+        "--config.eval_frames=1",
+    ]
 
 
 def flat(tree) -> dict[str, np.ndarray]:
     """Leaves by path, with Orbax's ``value`` wrappers and key quoting removed."""
-    return {re.sub(r"\['value'\]|'", "", jax.tree_util.keystr(path)): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}  # fmt: skip
+    return {
+        re.sub(r"\['value'\]|'", "", jax.tree_util.keystr(path)): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def saved_params(workdir: Path, step: int) -> dict[str, np.ndarray]:
@@ -112,8 +127,21 @@ def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, ca
     evaluation; ten frames: the statistics of the mean of the ten frames' sigmoids (NumPy)."""
     from cavmae_jax import cli
 
-    cli.main(["evaluate", "--model", str(finetuned / "model"), "--data", str(dataset),
-              "--split", "train", "--frames", "1", "--batch-size", "8"])  # fmt: skip
+    cli.main(
+        [
+            "evaluate",
+            "--model",
+            str(finetuned / "model"),
+            "--data",
+            str(dataset),
+            "--split",
+            "train",
+            "--frames",
+            "1",
+            "--batch-size",
+            "8",
+        ]
+    )
     one = json.loads(capsys.readouterr().out.splitlines()[0])
     model = convert.load_checkpoint(finetuned / "model")
     logits, labels = direct_logits(model, dataset)
@@ -124,8 +152,21 @@ def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, ca
     final = json.loads((finetuned / "evaluation.json").read_text())
     assert one["mAP"] == pytest.approx(final["mAP"], abs=1e-6)
     output = tmp_path / "e.json"
-    cli.main(["evaluate", "--model", str(finetuned / "model"), "--data", str(dataset),
-              "--split", "train", "--batch-size", "8", "--output", str(output)])  # fmt: skip
+    cli.main(
+        [
+            "evaluate",
+            "--model",
+            str(finetuned / "model"),
+            "--data",
+            str(dataset),
+            "--split",
+            "train",
+            "--batch-size",
+            "8",
+            "--output",
+            str(output),
+        ]
+    )
     ten = json.loads(output.read_text())
     mean_sigmoid = np.mean(1 / (1 + np.exp(-logits.astype(np.float64))), axis=0)
     expected = evaluation.classification_stats(mean_sigmoid, labels)
@@ -136,8 +177,9 @@ def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, ca
 
 def test_sigkill_during_finetuning_resumes_to_the_same_model(finetuned, dataset, tmp_path):
     """Killed after the epoch-2 checkpoint (which holds the averaging sum), then restarted."""
-    process = subprocess.Popen(command(tmp_path, dataset), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(
+        command(tmp_path, dataset), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     metrics = tmp_path / "metrics.jsonl"
     while not metrics.exists() or len(metrics.read_text().splitlines()) < 7:
         time.sleep(0.01)
@@ -159,8 +201,9 @@ def test_sigkill_during_finetuning_resumes_to_the_same_model(finetuned, dataset,
 def run_eval_worker(dataset: Path, devices: int, meshes=(), **extra_env: str):
     env = fake_devices_env(devices, **extra_env)
     command = [sys.executable, str(EVAL_WORKER), str(dataset), "8", *map(str, meshes)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def results_of(process) -> list[dict]:
@@ -173,11 +216,15 @@ def results_of(process) -> list[dict]:
 def canonical(result: dict) -> dict:
     by_logits = np.lexsort(np.asarray(result["logits"]).T)
     by_audio = np.lexsort(np.asarray(result["audio"]).T)
-    return {"devices": result["devices"], "logits": np.asarray(result["logits"])[by_logits],
-            "label": np.asarray(result["label"])[by_logits],
-            "audio": np.asarray(result["audio"])[by_audio],
-            "visual": np.asarray(result["visual"])[by_audio],
-            "gamma": np.asarray(result["gamma"]), "sizes": sorted(result["sizes"])}  # fmt: skip
+    return {
+        "devices": result["devices"],
+        "logits": np.asarray(result["logits"])[by_logits],
+        "label": np.asarray(result["label"])[by_logits],
+        "audio": np.asarray(result["audio"])[by_audio],
+        "visual": np.asarray(result["visual"])[by_audio],
+        "gamma": np.asarray(result["gamma"]),
+        "sizes": sorted(result["sizes"]),
+    }
 
 
 def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset):
@@ -187,9 +234,16 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    hosts = [run_eval_worker(dataset, 2, CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
-                             CAVMAE_PROCESSES="2", CAVMAE_PROCESS_ID=str(pid))
-             for pid in range(2)]  # fmt: skip
+    hosts = [
+        run_eval_worker(
+            dataset,
+            2,
+            CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
+            CAVMAE_PROCESSES="2",
+            CAVMAE_PROCESS_ID=str(pid),
+        )
+        for pid in range(2)
+    ]
     single, eight = results_of(run_eval_worker(dataset, 8, meshes=(1, 8)))
     assert single["devices"] == 1 and len(single["logits"]) == CLIPS
     for result in [eight] + [results_of(p)[0] for p in hosts]:

@@ -11,13 +11,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def aot(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "launch/aot_check.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "launch/aot_check.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_batches():
-    done = aot("configs/finetune.py:as20k,tiny", "--devices", "8", "--config.mesh.fsdp=4",
-               "--config.sharding=fsdp")  # fmt: skip
+    done = aot(
+        "configs/finetune.py:as20k,tiny",
+        "--devices",
+        "8",
+        "--config.mesh.fsdp=4",
+        "--config.sharding=fsdp",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and report["global_batch"] == 8

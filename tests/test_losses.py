@@ -137,11 +137,24 @@ def test_prototype_losses_match_numpy():
     valid[1, 4] = False  # granularity 1 has 4 prototypes
     targets = rng.integers(0, 4, (g, b))
     tau = 0.1
-    pje = np.mean([np_proto_nce(unit(za) @ pv[i].T, gamma[i], targets[i], valid[i])
-                   for i in range(g)]) / tau  # fmt: skip
+    pje = (
+        np.mean(
+            [np_proto_nce(unit(za) @ pv[i].T, gamma[i], targets[i], valid[i]) for i in range(g)]
+        )
+        / tau
+    )
     got = losses.pje_loss(za, pv, gamma, targets, valid, tau)
     assert float(got) == pytest.approx(pje, rel=1e-5)
-    pcpe = np.mean([np_proto_nce(unit(ha) @ pa[i].T + unit(hv) @ pv[i].T, gamma[i], targets[i],
-                                 valid[i]) for i in range(g)]) / tau  # fmt: skip
+    pcpe = (
+        np.mean(
+            [
+                np_proto_nce(
+                    unit(ha) @ pa[i].T + unit(hv) @ pv[i].T, gamma[i], targets[i], valid[i]
+                )
+                for i in range(g)
+            ]
+        )
+        / tau
+    )
     got = losses.pcpe_loss(ha, hv, pa, pv, gamma, targets, valid, tau)
     assert float(got) == pytest.approx(pcpe, rel=1e-5)

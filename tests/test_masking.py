@@ -10,9 +10,18 @@ from cavmae_jax.models import masking
 
 
 @pytest.mark.parametrize(
-    "length,ratio,kept", [(512, 0.75, 128), (196, 0.75, 49), (512, 0.5, 256), (196, 0.5, 98),
-                          (512, 0.65, 179), (196, 0.65, 68), (512, 0.85, 76), (196, 0.85, 29)]
-)  # fmt: skip
+    "length,ratio,kept",
+    [
+        (512, 0.75, 128),
+        (196, 0.75, 49),
+        (512, 0.5, 256),
+        (196, 0.5, 98),
+        (512, 0.65, 179),
+        (196, 0.65, 68),
+        (512, 0.85, 76),
+        (196, 0.85, 29),
+    ],
+)
 def test_kept_count_truncates_like_the_official(length, ratio, kept):
     assert masking.num_kept(length, ratio) == kept
 
@@ -57,9 +66,14 @@ def test_every_mode_removes_the_fixed_count(mode, ratio):
 
 @pytest.mark.parametrize(
     "mode,ratio,cols,rows",
-    [("time", 0.75, 48, 0), ("freq", 0.75, 0, 6), ("tf", 0.75, 33, 4), ("tf", 0.5, 22, 2),
-     ("unstructured", 0.75, 0, 0)],
-)  # fmt: skip
+    [
+        ("time", 0.75, 48, 0),
+        ("freq", 0.75, 0, 6),
+        ("tf", 0.75, 33, 4),
+        ("tf", 0.5, 22, 2),
+        ("unstructured", 0.75, 0, 0),
+    ],
+)
 def test_structured_noise_forces_whole_lines(mode, ratio, cols, rows):
     noise = np.asarray(masking.audio_noise(jax.random.key(1), 4, (8, 64), ratio, mode))
     grid = noise.reshape(4, 8, 64) == masking.FORCED_NOISE

@@ -58,10 +58,14 @@ def test_schedule_rejects_start_zero():
 
 def two_group_problem():
     rng = np.random.default_rng(1)
-    params = {"blocks": rng.standard_normal(4).astype(np.float32),
-              "mlp_head": rng.standard_normal(3).astype(np.float32)}  # fmt: skip
-    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
-             for _ in range(4)]  # fmt: skip
+    params = {
+        "blocks": rng.standard_normal(4).astype(np.float32),
+        "mlp_head": rng.standard_normal(3).astype(np.float32),
+    }
+    grads = [
+        {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+        for _ in range(4)
+    ]
     return params, grads
 
 
@@ -77,8 +81,11 @@ def test_head_lr_equals_torch_parameter_groups():
     params, grads = two_group_problem()
     base = torch.nn.Parameter(torch.from_numpy(params["blocks"].copy()))
     head = torch.nn.Parameter(torch.from_numpy(params["mlp_head"].copy()))
-    opt = torch.optim.Adam([{"params": [base], "lr": 1e-3}, {"params": [head], "lr": 1e-1}],
-                           betas=(0.95, 0.999), weight_decay=5e-7)  # fmt: skip
+    opt = torch.optim.Adam(
+        [{"params": [base], "lr": 1e-3}, {"params": [head], "lr": 1e-1}],
+        betas=(0.95, 0.999),
+        weight_decay=5e-7,
+    )
     for g in grads:
         base.grad, head.grad = torch.from_numpy(g["blocks"]), torch.from_numpy(g["mlp_head"])
         opt.step()
@@ -101,8 +108,9 @@ def test_clipping_and_adamw_and_cosine():
         optax.clip_by_global_norm(1e-6),
         optax.adamw(1e-2, b1=0.95, b2=0.999, eps=1e-8, weight_decay=0.1),
     )
-    ours = run(make_optimizer(1e-2, params, kind="adamw", weight_decay=0.1, clip_norm=1e-6),
-               params, scaled)  # fmt: skip
+    ours = run(
+        make_optimizer(1e-2, params, kind="adamw", weight_decay=0.1, clip_norm=1e-6), params, scaled
+    )
     expected = run(reference, params, scaled)
     unclipped = run(make_optimizer(1e-2, params, kind="adamw", weight_decay=0.1), params, scaled)
     for k in params:

@@ -40,8 +40,13 @@ def paired(kind: str, cfg, seed: int):
 
 def pretraining_outputs(theirs, audio, image, noise_a, noise_v, ratios=(0.75, 0.75)):
     with torch.no_grad():
-        return theirs(torch.from_numpy(audio), to_nchw(image), torch.from_numpy(noise_a),
-                      torch.from_numpy(noise_v), *ratios)  # fmt: skip
+        return theirs(
+            torch.from_numpy(audio),
+            to_nchw(image),
+            torch.from_numpy(noise_a),
+            torch.from_numpy(noise_v),
+            *ratios,
+        )
 
 
 @pytest.mark.parametrize(
@@ -61,8 +66,14 @@ def test_pretraining_outputs_match_torch(changes, ratios):
     rng = np.random.default_rng(1)
     noise_a = rng.random((4, 32)).astype(np.float32)
     noise_v = rng.random((4, 16)).astype(np.float32)
-    out = ours(audio, image, noise_a=noise_a, noise_v=noise_v,
-               mask_ratio_a=ratios[0], mask_ratio_v=ratios[1])  # fmt: skip
+    out = ours(
+        audio,
+        image,
+        noise_a=noise_a,
+        noise_v=noise_v,
+        mask_ratio_a=ratios[0],
+        mask_ratio_v=ratios[1],
+    )
     for name, value in pretraining_outputs(theirs, audio, image, noise_a, noise_v, ratios).items():
         close(out[name], value)
 

@@ -15,9 +15,18 @@ from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pca
 
 
 def small(**changes):
-    base = dict(img_size=16, audio_length=32, num_mel_bins=16, patch_size=4, embed_dim=32,
-                depth=3, modality_specific_depth=2, num_heads=4, decoder_embed_dim=16,
-                decoder_num_heads=2)  # fmt: skip
+    base = dict(
+        img_size=16,
+        audio_length=32,
+        num_mel_bins=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=3,
+        modality_specific_depth=2,
+        num_heads=4,
+        decoder_embed_dim=16,
+        decoder_num_heads=2,
+    )
     base.update(changes)
     return pcav_config(**base)
 
@@ -25,8 +34,12 @@ def small(**changes):
 def prototypes_for(model, audio, image, g=2, k=3):
     za, zv = model.embed(audio, image)
     idx = np.array([[0, 1, 2], [3, 0, 1]])[:g, :k]
-    protos = {"audio": za[idx], "visual": zv[idx], "gamma": jnp.full((g, k), 0.1),
-              "valid": jnp.ones((g, k), bool)}  # fmt: skip
+    protos = {
+        "audio": za[idx],
+        "visual": zv[idx],
+        "gamma": jnp.full((g, k), 0.1),
+        "valid": jnp.ones((g, k), bool),
+    }
     return protos, clip_prototypes(za, zv, protos["audio"], protos["visual"], protos["valid"])
 
 
@@ -70,11 +83,12 @@ def test_losses_are_the_sum_of_the_three_equations_and_masks_follow_the_ratios(s
     key_a, key_v = jax.random.split(key)
     noise_a = jax.random.uniform(key_a, (4, 32))
     noise_v = jax.random.uniform(key_v, (4, 16))
-    _, stream_a, _, _, _ = model.forward_encoder(model.audio_patches(audio),
-                                                 model.visual_patches(image), noise_a, noise_v,
-                                                 0.5, 0.75)  # fmt: skip
-    expected = losses.pje_loss(stream_a.mean(1), protos["visual"], protos["gamma"], targets,
-                               protos["valid"], 0.1)  # fmt: skip
+    _, stream_a, _, _, _ = model.forward_encoder(
+        model.audio_patches(audio), model.visual_patches(image), noise_a, noise_v, 0.5, 0.75
+    )
+    expected = losses.pje_loss(
+        stream_a.mean(1), protos["visual"], protos["gamma"], targets, protos["valid"], 0.1
+    )
     assert float(out["loss_pje"]) == pytest.approx(float(expected), rel=1e-5)
 
 
@@ -85,8 +99,9 @@ def test_gradients_reach_encoder_decoder_and_projections(setup):
     @jax.jit
     def grads(params):
         def loss(params):
-            return nnx.merge(graphdef, params, rest)(audio, image, protos, targets,
-                                                     key=jax.random.key(0))["loss"]  # fmt: skip
+            return nnx.merge(graphdef, params, rest)(
+                audio, image, protos, targets, key=jax.random.key(0)
+            )["loss"]
 
         return jax.grad(loss)(params)
 
@@ -104,8 +119,9 @@ def test_momentum_update_and_saved_model_round_trip(tmp_path):
     loaded = convert.load_checkpoint(tmp_path / "m")
     assert isinstance(loaded, PCAVMAE)
     audio, image = random_inputs(model.cfg, 2)
-    np.testing.assert_allclose(unit(loaded.embed(audio, image)[0]), model.embed(audio, image)[0],
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        unit(loaded.embed(audio, image)[0]), model.embed(audio, image)[0], rtol=1e-6
+    )
 
 
 def test_pcav_pretraining_and_explanations_end_to_end(tmp_path, capsys):
@@ -116,10 +132,21 @@ def test_pcav_pretraining_and_explanations_end_to_end(tmp_path, capsys):
 
     from cavmae_jax import cli
 
-    cli.main(["pretrain", "--config", "configs/pcav.py:demo", "--workdir", str(tmp_path),
-              "--config.data.clips=24", "--config.batch_size=8", "--config.num_steps=2",
-              "--config.log_every=1", "--config.evals.memory_bank.every_steps=1",
-              "--config.data.workers=1"])  # fmt: skip
+    cli.main(
+        [
+            "pretrain",
+            "--config",
+            "configs/pcav.py:demo",
+            "--workdir",
+            str(tmp_path),
+            "--config.data.clips=24",
+            "--config.batch_size=8",
+            "--config.num_steps=2",
+            "--config.log_every=1",
+            "--config.evals.memory_bank.every_steps=1",
+            "--config.data.workers=1",
+        ]
+    )
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[0]["memory_bank/prototypes_0"] > 0  # found before the first update
@@ -156,17 +183,30 @@ def test_training_step_moves_the_momentum_encoder_once_per_update(setup):
     params = jax.tree.map(jnp.copy, params)  # the step donates its state
     tx = optax.sgd(0.1)
     ema = jax.tree.map(lambda p: p + 0.01, params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-             "opt_state": tx.init(params), "ema": ema, "protos": protos}  # fmt: skip
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "rest": rest,
+        "opt_state": tx.init(params),
+        "ema": ema,
+        "protos": protos,
+    }
     config = ml_collections.ConfigDict({"pcav": {"ema_momentum": 0.9}})
     momentum = PCAVPretraining().after_update(config, None)
-    step = make_train_step(pcav_loss(graphdef, {}, True), tx, lambda count: 0.1, seed=0,
-                           grad_accum=2, after_update=momentum)  # fmt: skip
+    step = make_train_step(
+        pcav_loss(graphdef, {}, True),
+        tx,
+        lambda count: 0.1,
+        seed=0,
+        grad_accum=2,
+        after_update=momentum,
+    )
     keep = jax.tree.map(np.array, {"params": params, "ema": ema})
     new, metrics = step(state, {"audio": audio, "image": image})
     moved = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, keep["ema"], new["params"])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-                 new["ema"], moved)  # fmt: skip
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new["ema"], moved
+    )
     changed = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), new["params"], keep["params"])
     assert max(jax.tree.leaves(changed)) > 0 and 0 <= float(metrics["p_acc"]) <= 1
     assert int(new["step"]) == 1
@@ -179,11 +219,23 @@ def pcav_command(workdir, dataset) -> list[str]:
     """6 updates of 4 clips, prototypes refreshed every 2 updates, checkpoints every 2."""
     import sys
 
-    return [sys.executable, "-m", "cavmae_jax.cli", "pretrain", "--config", "configs/pcav.py:demo",
-            "--workdir", str(workdir), f"--config.data.dir={dataset}",
-            "--config.data.generate=False", f"--config.num_steps={PCAV_STEPS}",
-            "--config.batch_size=4", "--config.log_every=1", "--config.checkpoint_every=2",
-            "--config.evals.memory_bank.every_steps=2"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "cavmae_jax.cli",
+        "pretrain",
+        "--config",
+        "configs/pcav.py:demo",
+        "--workdir",
+        str(workdir),
+        f"--config.data.dir={dataset}",
+        "--config.data.generate=False",
+        f"--config.num_steps={PCAV_STEPS}",
+        "--config.batch_size=4",
+        "--config.log_every=1",
+        "--config.checkpoint_every=2",
+        "--config.evals.memory_bank.every_steps=2",
+    ]
 
 
 def final_run_state(workdir) -> dict[str, np.ndarray]:
@@ -192,9 +244,12 @@ def final_run_state(workdir) -> dict[str, np.ndarray]:
 
     with ocp.StandardCheckpointer() as checkpointer:
         state = checkpointer.restore(workdir / "checkpoints" / str(PCAV_STEPS) / "state")
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in
-            jax.tree_util.tree_leaves_with_path({k: state[k] for k in ("params", "ema", "protos")})
-            }  # fmt: skip
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            {k: state[k] for k in ("params", "ema", "protos")}
+        )
+    }
 
 
 def test_sigkilled_pcav_run_resumes_to_the_same_parameters_momentum_and_prototypes(tmp_path):

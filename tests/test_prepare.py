@@ -110,11 +110,19 @@ def test_official_json_datafile_with_label_csv(tmp_path):
         (frames_dir / f"frame_{k}").mkdir(parents=True)
         (frames_dir / f"frame_{k}" / "clip.jpg").write_bytes(video.encode_jpeg(frame))
     records = [
-        {"video_id": "clip", "wav": str(wav_dir / "clip.mp4"), "video_path": str(frames_dir),
-         "labels": "/m/a,/m/c"},
-        {"video_id": "gone", "wav": str(wav_dir / "gone.wav"), "video_path": str(frames_dir),
-         "labels": "/m/a"},
-    ]  # fmt: skip
+        {
+            "video_id": "clip",
+            "wav": str(wav_dir / "clip.mp4"),
+            "video_path": str(frames_dir),
+            "labels": "/m/a,/m/c",
+        },
+        {
+            "video_id": "gone",
+            "wav": str(wav_dir / "gone.wav"),
+            "video_path": str(frames_dir),
+            "labels": "/m/a",
+        },
+    ]
     (tmp_path / "data.json").write_text(json.dumps({"data": records}))
     (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n2,/m/c,C\n")
     prepared, failed = prepare.prepare(
@@ -143,8 +151,20 @@ def test_prepare_killed_mid_run_resumes_to_the_same_dataset(tmp_path):
     labels = tmp_path / "videos" / "labels.csv"
     prepare.prepare(clips, tmp_path / "one", labels=labels, shard_size=2, progress=False)
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "cavmae_jax.cli", "prepare", "--input", str(clips),
-               "--output", str(out), "--labels", str(labels), "--shard-size", "2"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "cavmae_jax.cli",
+        "prepare",
+        "--input",
+        str(clips),
+        "--output",
+        str(out),
+        "--labels",
+        str(labels),
+        "--shard-size",
+        "2",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def finished():

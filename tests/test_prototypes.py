@@ -50,13 +50,13 @@ def test_chunked_passes_equal_brute_force():
     bank = rng.standard_normal((50, 6)).astype(np.float32)
     d2 = ((bank[:, None] - bank[None]) ** 2).sum(-1)
     density = np.exp(-d2 / (2 * 0.7**2)).sum(1)
-    np.testing.assert_allclose(prototypes.kernel_density(bank, bank, 0.7, chunk=7), density,
-                               rtol=1e-4)  # fmt: skip
+    np.testing.assert_allclose(
+        prototypes.kernel_density(bank, bank, 0.7, chunk=7), density, rtol=1e-4
+    )
     near = np.asarray(prototypes.nearest_neighbours(bank, bank, 4, chunk=7))
     np.testing.assert_array_equal(np.sort(near, 1), np.sort(np.argsort(d2, 1)[:, :4], 1))
     centres = bank[:3]
-    np.testing.assert_array_equal(prototypes.assign(bank, centres, chunk=7),
-                                  d2[:, :3].argmin(1))  # fmt: skip
+    np.testing.assert_array_equal(prototypes.assign(bank, centres, chunk=7), d2[:, :3].argmin(1))
 
 
 def test_concentration_follows_equation_2():

@@ -29,8 +29,13 @@ TWO_HOST_RUN = {"shape": {"data": 2, "fsdp": 2}, "rules": "fsdp", "steps": 3}
 
 def run_worker(runs: list[dict], devices: int, **extra_env: str) -> subprocess.Popen:
     env = fake_devices_env(devices, **extra_env)
-    return subprocess.Popen([sys.executable, str(WORKER), json.dumps(runs)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), json.dumps(runs)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def results_of(process: subprocess.Popen) -> list[dict]:
@@ -84,9 +89,16 @@ def test_two_processes_match_one_device(runs):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    hosts = [run_worker([TWO_HOST_RUN], 2, CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
-                        CAVMAE_PROCESSES="2", CAVMAE_PROCESS_ID=str(pid))
-             for pid in range(2)]  # fmt: skip
+    hosts = [
+        run_worker(
+            [TWO_HOST_RUN],
+            2,
+            CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
+            CAVMAE_PROCESSES="2",
+            CAVMAE_PROCESS_ID=str(pid),
+        )
+        for pid in range(2)
+    ]
     single = runs["single"]
     for (result,) in [results_of(p) for p in hosts]:
         assert result["devices"] == 4

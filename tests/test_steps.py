@@ -16,8 +16,12 @@ from cavmae_jax.train.steps import finetune_loss, make_train_step
 
 
 def initial_state(params, rest, tx) -> dict:
-    return {"step": jnp.zeros((), jnp.int32), "params": jax.tree.map(jnp.copy, params),
-            "rest": rest, "opt_state": tx.init(params)}  # fmt: skip
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": jax.tree.map(jnp.copy, params),
+        "rest": rest,
+        "opt_state": tx.init(params),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +57,11 @@ def test_micro_batches_under_warmup_cosine_equal_one_large_batch(classifier):
     assert rates_four[0] == 0 and rates_four[2] == pytest.approx(0.5)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), four["params"], params)
     assert max(jax.tree.leaves(moved)) > 1e-3
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 four["params"], one["params"])  # fmt: skip
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        four["params"],
+        one["params"],
+    )
 
 
 def test_logged_rate_is_the_applied_rate():
@@ -85,8 +92,7 @@ def test_logged_rate_is_the_applied_rate():
         torch.mean((torch.from_numpy(x) @ weight - torch.from_numpy(y)) ** 2).backward()
         reference.step()
     assert len(set(rates)) == 5  # the rate changed at every update
-    np.testing.assert_allclose(state["params"]["w"], weight.detach().numpy(), rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(state["params"]["w"], weight.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_indivisible_micro_batches_are_rejected():

@@ -28,10 +28,22 @@ def dataset(tmp_path_factory):
 
 
 def command(workdir: Path, dataset: Path) -> list[str]:
-    return [sys.executable, "-m", "cavmae_jax.cli", "pretrain", "--config", "configs/demo.py",
-            "--workdir", str(workdir), f"--config.num_steps={STEPS}", "--config.log_every=1",
-            "--config.checkpoint_every=2", "--config.batch_size=4",
-            f"--config.data.dir={dataset}", "--config.data.generate=False"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "cavmae_jax.cli",
+        "pretrain",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        f"--config.num_steps={STEPS}",
+        "--config.log_every=1",
+        "--config.checkpoint_every=2",
+        "--config.batch_size=4",
+        f"--config.data.dir={dataset}",
+        "--config.data.generate=False",
+    ]
 
 
 def final_parameters(workdir: Path) -> dict[str, np.ndarray]:
@@ -69,13 +81,32 @@ def test_demo_pretraining_learns_audio_visual_correspondence(tmp_path):
     suite's XLA_FLAGS)."""
     env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
     cavmae = [sys.executable, "-m", "cavmae_jax.cli"]
-    subprocess.run([*cavmae, "pretrain", "--config", "configs/demo.py", "--workdir",
-                    str(tmp_path), "--config.data.clips=48", "--config.epochs=50",
-                    "--config.lr_decay_start=50",
-                    "--config.data.workers=1"], cwd=ROOT, env=env, check=True,
-                   capture_output=True)  # fmt: skip
-    done = subprocess.run([*cavmae, "retrieval", "--workdir", str(tmp_path)], cwd=ROOT, env=env,
-                          check=True, capture_output=True, text=True)  # fmt: skip
+    subprocess.run(
+        [
+            *cavmae,
+            "pretrain",
+            "--config",
+            "configs/demo.py",
+            "--workdir",
+            str(tmp_path),
+            "--config.data.clips=48",
+            "--config.epochs=50",
+            "--config.lr_decay_start=50",
+            "--config.data.workers=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    done = subprocess.run(
+        [*cavmae, "retrieval", "--workdir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     result = json.loads(done.stdout.splitlines()[0])
     assert result["clips"] == 48
     assert result["a2v_r1"] >= 4 * result["chance_r1"]

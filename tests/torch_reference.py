@@ -170,10 +170,19 @@ class CAVMAE(Encoder):
         loss_c, c_acc = contrastive(ca.mean(1), cv.mean(1), cfg.bidirect_contrast)
         loss_c = cfg.contrast_loss_weight * loss_c
         return dict(
-            loss=loss_a + loss_v + loss_c, loss_mae_a=loss_a, loss_mae_v=loss_v, loss_c=loss_c,
-            c_acc=c_acc, mask_a=mask_a, mask_v=mask_v, pred_a=pred_a, pred_v=pred_v, latent=x,
-            latent_c_a=ca, latent_c_v=cv,
-        )  # fmt: skip
+            loss=loss_a + loss_v + loss_c,
+            loss_mae_a=loss_a,
+            loss_mae_v=loss_v,
+            loss_c=loss_c,
+            c_acc=c_acc,
+            mask_a=mask_a,
+            mask_v=mask_v,
+            pred_a=pred_a,
+            pred_v=pred_v,
+            latent=x,
+            latent_c_a=ca,
+            latent_c_v=cv,
+        )
 
     def decode(self, x, mask_a, ids_a, mask_v, ids_v):
         x = self.decoder_embed(x)

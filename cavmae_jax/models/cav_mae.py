@@ -41,7 +41,13 @@ class CAVMAE(AudioVisualEncoder):
             self.decoder_pos_embed_v = position_table(dd, cfg.visual_grid, cfg.tr_pos)
             self.decoder_embed = dense(cfg.embed_dim, dd, ("embed", "decoder"), rngs, dtype)
             self.decoder_blocks = BlockStack(
-                cfg.decoder_depth, dd, cfg.decoder_num_heads, cfg.mlp_ratio, rngs, dtype, cfg.remat,
+                cfg.decoder_depth,
+                dd,
+                cfg.decoder_num_heads,
+                cfg.mlp_ratio,
+                rngs,
+                dtype,
+                cfg.remat,
                 cfg.attention,
             )
             self.decoder_norm = layer_norm(dd, rngs)

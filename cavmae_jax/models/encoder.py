@@ -41,7 +41,13 @@ def token_param(rngs: nnx.Rngs, dim: int) -> nnx.Param:
 
 def block_stack(cfg: ModelConfig, count: int, rngs: nnx.Rngs) -> BlockStack:
     return BlockStack(
-        count, cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, rngs, cfg.compute_dtype, cfg.remat,
+        count,
+        cfg.embed_dim,
+        cfg.num_heads,
+        cfg.mlp_ratio,
+        rngs,
+        cfg.compute_dtype,
+        cfg.remat,
         cfg.attention,
     )
 

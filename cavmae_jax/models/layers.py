@@ -154,9 +154,14 @@ class Block(nnx.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float, rngs: nnx.Rngs, dtype=None,
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        rngs: nnx.Rngs,
+        dtype=None,
         attention: str = "auto",
-    ):  # fmt: skip
+    ):
         self.norm1 = layer_norm(dim, rngs)
         self.norm1_a = layer_norm(dim, rngs)
         self.norm1_v = layer_norm(dim, rngs)
@@ -184,9 +189,16 @@ class BlockStack(nnx.Module):
     """
 
     def __init__(
-        self, count: int, dim: int, num_heads: int, mlp_ratio: float, rngs: nnx.Rngs, dtype=None,
-        remat: bool = False, attention: str = "auto",
-    ):  # fmt: skip
+        self,
+        count: int,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        rngs: nnx.Rngs,
+        dtype=None,
+        remat: bool = False,
+        attention: str = "auto",
+    ):
         self.count = count
         self.remat = remat
         if count:

@@ -106,8 +106,13 @@ class PCAVMAE(CAVMAE):
             loss_pcpe = losses.pcpe_loss(
                 self.proto_proj_a(masked_mean(tokens_a, masked_a.mask)),
                 self.proto_proj_v(masked_mean(tokens_v, masked_v.mask)),
-                protos["audio"], protos["visual"], protos["gamma"], targets, protos["valid"], tau,
-            )  # fmt: skip
+                protos["audio"],
+                protos["visual"],
+                protos["gamma"],
+                targets,
+                protos["valid"],
+                tau,
+            )
         loss_r = loss_mae_a + loss_mae_v
         return {
             "loss": loss_pje + loss_pcpe + loss_r,
@@ -123,9 +128,12 @@ class PCAVMAE(CAVMAE):
 
 
 def clip_prototypes(
-    audio: jax.Array, visual: jax.Array, proto_audio: jax.Array, proto_visual: jax.Array,
+    audio: jax.Array,
+    visual: jax.Array,
+    proto_audio: jax.Array,
+    proto_visual: jax.Array,
     valid: jax.Array,
-) -> jax.Array:  # fmt: skip
+) -> jax.Array:
     """Each clip's prototype per granularity [G, B]: the nearest prototype of its joint
     (audio + visual) momentum embedding. Inputs: [B, D] x2, [G, K, D] x2, [G, K]."""
     sims = jnp.einsum(

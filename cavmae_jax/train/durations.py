@@ -53,9 +53,12 @@ def learning_rate(config: ml_collections.ConfigDict, durations: Durations) -> op
         warmup = durations.steps(config.warmup_epochs)
         return warmup_cosine(config.lr, warmup, durations.num_steps)
     return multistep_schedule(
-        config.lr, durations.steps_per_epoch, config.lr_decay_start, config.lr_decay_every,
+        config.lr,
+        durations.steps_per_epoch,
+        config.lr_decay_start,
+        config.lr_decay_every,
         config.lr_decay,
-    )  # fmt: skip
+    )
 
 
 def schedule_summary(config: ml_collections.ConfigDict, durations: Durations) -> str:

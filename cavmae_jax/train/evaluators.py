@@ -49,9 +49,19 @@ class Classification:
     loss); several frames average the sigmoid (mAP tasks) or softmax outputs, the official
     final evaluation, with each frame's own mAP and accuracy in ``per_frame``."""
 
-    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str, batch_size: int,
-                 num_classes: int, mode: str, loss: str = "bce", frames=(EVAL_FRAME,),
-                 drop_last: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        mesh: Mesh,
+        data_dir,
+        split: str,
+        batch_size: int,
+        num_classes: int,
+        mode: str,
+        loss: str = "bce",
+        frames=(EVAL_FRAME,),
+        drop_last: bool = False,
+    ):
         self.mesh, self.data_dir, self.split = mesh, data_dir, split
         self.batch_size, self.num_classes, self.loss = batch_size, num_classes, loss
         self.frames, self.drop_last = tuple(frames), drop_last
@@ -59,9 +69,15 @@ class Classification:
 
     def outputs(self, state: dict, frame: int) -> dict[str, np.ndarray]:
         return predict_split(
-            lambda batch: self.logits(state["params"], state["rest"], batch), self.mesh,
-            self.data_dir, self.split, self.batch_size, frame, self.drop_last, self.num_classes,
-        )  # fmt: skip
+            lambda batch: self.logits(state["params"], state["rest"], batch),
+            self.mesh,
+            self.data_dir,
+            self.split,
+            self.batch_size,
+            frame,
+            self.drop_last,
+            self.num_classes,
+        )
 
     def run(self, state: dict) -> dict:
         per_frame, logits, labels = [], [], None
@@ -76,8 +92,12 @@ class Classification:
         else:
             scores = evaluation.average_frame_predictions(np.stack(logits), self.loss == "bce")
         stats = evaluation.classification_stats(scores, labels)
-        stats.update(AP=stats["AP"].tolist(), AUC=stats["AUC"].tolist(), clips=int(len(labels)),
-                     per_frame=per_frame)  # fmt: skip
+        stats.update(
+            AP=stats["AP"].tolist(),
+            AUC=stats["AUC"].tolist(),
+            clips=int(len(labels)),
+            per_frame=per_frame,
+        )
         if len(self.frames) == 1:
             stats["valid_loss"] = float(CLASSIFICATION_LOSSES[self.loss](logits[0], labels))
         return stats
@@ -101,16 +121,19 @@ class Retrieval:
     """Audio <-> visual recall@1/5/10 and median rank on a split (the official protocol:
     frame 5, mean-pooled unmasked features, cosine), ranked in blocks on the mesh."""
 
-    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str,
-                 batch_size: int):  # fmt: skip
+    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str, batch_size: int):
         self.mesh, self.data_dir, self.split, self.batch_size = mesh, data_dir, split, batch_size
         self.features = pooled_features(graphdef)
 
     def embeddings(self, state: dict) -> dict[str, np.ndarray]:
         return predict_split(
-            lambda batch: self.features(state["params"], state["rest"], batch), self.mesh,
-            self.data_dir, self.split, self.batch_size, keys=("audio", "image"),
-        )  # fmt: skip
+            lambda batch: self.features(state["params"], state["rest"], batch),
+            self.mesh,
+            self.data_dir,
+            self.split,
+            self.batch_size,
+            keys=("audio", "image"),
+        )
 
     def run(self, state: dict) -> dict:
         emb = self.embeddings(state)
@@ -119,8 +142,9 @@ class Retrieval:
         return {**result, "clips": clips, "chance_r1": 1.0 / clips}
 
 
-def momentum_embeddings(graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str,
-                        batch_size: int, params, rest) -> dict[str, np.ndarray]:  # fmt: skip
+def momentum_embeddings(
+    graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str, batch_size: int, params, rest
+) -> dict[str, np.ndarray]:
     """PCAV-MAE embeddings ``audio``, ``visual`` [N, D] of every clip of a split."""
 
     @jax.jit
@@ -128,16 +152,29 @@ def momentum_embeddings(graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str
         audio, visual = nnx.merge(graphdef, params, rest).embed(batch["audio"], batch["image"])
         return {"audio": audio, "visual": visual}
 
-    return predict_split(lambda batch: embed(params, rest, batch), mesh, data_dir, split,
-                         batch_size, keys=("audio", "image"))  # fmt: skip
+    return predict_split(
+        lambda batch: embed(params, rest, batch),
+        mesh,
+        data_dir,
+        split,
+        batch_size,
+        keys=("audio", "image"),
+    )
 
 
 def find_prototypes(bank: dict, pcav: ml_collections.ConfigDict, seed: int, mesh=None):
     """The prototype arrays and levels of a memory bank under the run's settings."""
     return prototypes.discover(
-        bank["audio"], bank["visual"], pcav.method, tuple(pcav.granularities),
-        pcav.max_prototypes, pcav.beta, pcav.gamma_mean, seed, mesh=mesh,
-    )  # fmt: skip
+        bank["audio"],
+        bank["visual"],
+        pcav.method,
+        tuple(pcav.granularities),
+        pcav.max_prototypes,
+        pcav.beta,
+        pcav.gamma_mean,
+        seed,
+        mesh=mesh,
+    )
 
 
 class MemoryBank:
@@ -145,14 +182,28 @@ class MemoryBank:
     and the prototypes of every granularity are found on that bank; they replace
     ``state["protos"]`` (the one evaluator that changes the state)."""
 
-    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, data_dir, batch_size: int,
-                 pcav: ml_collections.ConfigDict, seed: int):  # fmt: skip
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        mesh: Mesh,
+        data_dir,
+        batch_size: int,
+        pcav: ml_collections.ConfigDict,
+        seed: int,
+    ):
         self.graphdef, self.mesh, self.data_dir = graphdef, mesh, data_dir
         self.batch_size, self.pcav, self.seed = batch_size, pcav, seed
 
     def run(self, state: dict) -> dict:
-        bank = momentum_embeddings(self.graphdef, self.mesh, self.data_dir, "train",
-                                   self.batch_size, state["ema"], state["rest"])  # fmt: skip
+        bank = momentum_embeddings(
+            self.graphdef,
+            self.mesh,
+            self.data_dir,
+            "train",
+            self.batch_size,
+            state["ema"],
+            state["rest"],
+        )
         arrays, levels = find_prototypes(bank, self.pcav, self.seed, self.mesh)
         state["protos"] = jax.device_put(arrays, NamedSharding(self.mesh, PartitionSpec()))
         return {f"prototypes_{g}": len(level["sizes"]) for g, level in enumerate(levels)}
@@ -161,20 +212,26 @@ class MemoryBank:
 def empty_prototypes(pcav: ml_collections.ConfigDict, dim: int) -> dict:
     """Prototype arrays before the first refresh (none valid)."""
     k, levels = pcav.max_prototypes, len(pcav.granularities)
-    return {"audio": jnp.zeros((levels, k, dim)), "visual": jnp.zeros((levels, k, dim)),
-            "gamma": jnp.ones((levels, k)), "valid": jnp.zeros((levels, k), bool)}  # fmt: skip
+    return {
+        "audio": jnp.zeros((levels, k, dim)),
+        "visual": jnp.zeros((levels, k, dim)),
+        "gamma": jnp.ones((levels, k)),
+        "valid": jnp.zeros((levels, k), bool),
+    }
 
 
-def from_config(config: ml_collections.ConfigDict, setup, data_dir: Path,
-                steps_per_epoch: int) -> list[tuple[str, Period, object]]:  # fmt: skip
+def from_config(
+    config: ml_collections.ConfigDict, setup, data_dir: Path, steps_per_epoch: int
+) -> list[tuple[str, Period, object]]:
     """(name, period, evaluator) of every entry of ``config.evals``."""
     evaluators = []
     for name, spec in config.get("evals", {}).items():
         period = Period(
             every_steps=spec.get("every_steps", 0)
             or round(spec.get("every_epochs", 0) * steps_per_epoch),
-            at_start=spec.get("at_start", False), at_end=spec.get("at_end", False),
-        )  # fmt: skip
+            at_start=spec.get("at_start", False),
+            at_end=spec.get("at_end", False),
+        )
         evaluators.append((name, period, build(spec, config, setup, data_dir)))
     return evaluators
 
@@ -185,9 +242,18 @@ def build(spec, config: ml_collections.ConfigDict, setup, data_dir: Path):
     if spec.kind == "classification":
         eval_dir = config.data.get("eval_dir") or data_dir
         frames = tuple(spec.get("frames", (EVAL_FRAME,)))
-        return Classification(graphdef, mesh, eval_dir, spec.get("split", config.data.eval_split),
-                              batch, config.model.label_dim, config.mode, config.loss, frames,
-                              drop_last=spec.get("drop_last", True))  # fmt: skip
+        return Classification(
+            graphdef,
+            mesh,
+            eval_dir,
+            spec.get("split", config.data.eval_split),
+            batch,
+            config.model.label_dim,
+            config.mode,
+            config.loss,
+            frames,
+            drop_last=spec.get("drop_last", True),
+        )
     if spec.kind == "retrieval":
         eval_dir = config.data.get("eval_dir") or data_dir
         return Retrieval(graphdef, mesh, eval_dir, spec.get("split", "train"), batch)

@@ -61,23 +61,32 @@ class Finetuning(Trainer):
         hosts = dict(process_index=jax.process_index(), process_count=jax.process_count())
         loader_config = LoaderConfig(
             batch_size=config.batch_size // jax.process_count(),
-            num_classes=config.model.label_dim, seed=config.seed, freqm=data.freqm,
-            timem=data.timem, mixup=data.mixup, label_smooth=data.label_smooth, noise=data.noise,
-            shuffle_buffer=data.shuffle_buffer, **hosts,
-        )  # fmt: skip
+            num_classes=config.model.label_dim,
+            seed=config.seed,
+            freqm=data.freqm,
+            timem=data.timem,
+            mixup=data.mixup,
+            label_smooth=data.label_smooth,
+            noise=data.noise,
+            shuffle_buffer=data.shuffle_buffer,
+            **hosts,
+        )
         if data.balanced:
             share = host_split(data.train_split, loader_config)
             weights = balanced_weights(data_dir, data.train_split, share, workdir)
             loader_config = dataclasses.replace(loader_config, sample_weights=weights)
         return Loader(data_dir, data.train_split, loader_config)
 
-    def phases(self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-               durations: Durations):  # fmt: skip
+    def phases(
+        self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
+    ):
         return [(durations.num_steps, finetune_loss(graphdef, config.mode, config.loss))]
 
     def extra_state(self, config: ml_collections.ConfigDict, cfg: ModelConfig, params) -> dict:
-        return {"wa_sum": jax.tree.map(jnp.zeros_like, params),
-                "wa_count": jnp.zeros((), jnp.int32)}  # fmt: skip
+        return {
+            "wa_sum": jax.tree.map(jnp.zeros_like, params),
+            "wa_count": jnp.zeros((), jnp.int32),
+        }
 
     def after_update(self, config: ml_collections.ConfigDict, durations: Durations):
         """At the end of an epoch in ``wa_start..wa_end``: add the parameters to the sum."""
@@ -106,10 +115,16 @@ class Finetuning(Trainer):
             params = jax.tree.map(lambda s: s / state["wa_count"], state["wa_sum"])
         frames = tuple(range(10)) if config.eval_frames == 10 else (EVAL_FRAME,)
         final = Classification(
-            setup.graphdef, setup.mesh, config.data.eval_dir or setup.data_dir,
-            config.data.eval_split, config.batch_size, config.model.label_dim, config.mode,
-            config.loss, frames,
-        )  # fmt: skip
+            setup.graphdef,
+            setup.mesh,
+            config.data.eval_dir or setup.data_dir,
+            config.data.eval_split,
+            config.batch_size,
+            config.model.label_dim,
+            config.mode,
+            config.loss,
+            frames,
+        )
         result = final.run({"params": params, "rest": state["rest"]})
         if jax.process_index() == 0:
             convert.save_checkpoint(setup.model(params), workdir / "model")

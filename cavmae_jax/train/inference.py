@@ -38,8 +38,9 @@ def batches_per_host(total: int, local_batch: int, drop_last: bool) -> int:
     return math.ceil(math.ceil(total / hosts) / local_batch)
 
 
-def _padded(batches: Iterable[Mapping[str, np.ndarray]], keys, local_batch: int, count: int
-            ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+def _padded(
+    batches: Iterable[Mapping[str, np.ndarray]], keys, local_batch: int, count: int
+) -> Iterator[dict[str, np.ndarray]]:
     """Exactly ``count`` batches of ``local_batch`` rows with a ``valid`` mask; short or missing
     batches are zero-padded (shapes taken from the first batch)."""
     template = None
@@ -105,10 +106,14 @@ def predict_split(
 
     local_batch = batch_size // jax.process_count()
     config = LoaderConfig(
-        batch_size=local_batch, num_classes=num_classes, train=False, frame=frame,
-        drop_remainder=drop_last, process_index=jax.process_index(),
+        batch_size=local_batch,
+        num_classes=num_classes,
+        train=False,
+        frame=frame,
+        drop_remainder=drop_last,
+        process_index=jax.process_index(),
         process_count=jax.process_count(),
-    )  # fmt: skip
+    )
     loader = Loader(data_dir, split, config)
     total = loader.builder.info.splits[split].num_examples
     count = batches_per_host(total, local_batch, drop_last)

@@ -37,8 +37,12 @@ def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
             accuracy.plot(steps, [r[name] for r in rows], label=name)
     for name in ("mAP", "acc"):
         if valid:
-            accuracy.plot([r["step"] for r in valid], [r[name] for r in valid], "o-",
-                          label=f"validation {name}")  # fmt: skip
+            accuracy.plot(
+                [r["step"] for r in valid],
+                [r[name] for r in valid],
+                "o-",
+                label=f"validation {name}",
+            )
     for axis in (losses, accuracy):
         axis.set_xlabel("step")
         if axis.lines:

@@ -34,10 +34,12 @@ class PCAVPretraining(Trainer):
     def create(self, cfg: ModelConfig, seed: int) -> nnx.Module:
         return PCAVMAE(cfg, nnx.Rngs(seed))
 
-    def phases(self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-               durations: Durations):  # fmt: skip
-        kwargs = dict(mask_ratio_a=config.mask_ratio_a, mask_ratio_v=config.mask_ratio_v,
-                      tau=config.pcav.tau)  # fmt: skip
+    def phases(
+        self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
+    ):
+        kwargs = dict(
+            mask_ratio_a=config.mask_ratio_a, mask_ratio_v=config.mask_ratio_v, tau=config.pcav.tau
+        )
         decoder_steps = min(durations.steps(config.pcav.decoder_epochs), durations.num_steps)
         phases = [(decoder_steps, pcav_loss(graphdef, kwargs, use_decoder=True))]
         if decoder_steps < durations.num_steps:
@@ -45,8 +47,10 @@ class PCAVPretraining(Trainer):
         return phases
 
     def extra_state(self, config: ml_collections.ConfigDict, cfg: ModelConfig, params) -> dict:
-        return {"ema": jax.tree.map(jnp.copy, params),
-                "protos": empty_prototypes(config.pcav, cfg.embed_dim)}  # fmt: skip
+        return {
+            "ema": jax.tree.map(jnp.copy, params),
+            "protos": empty_prototypes(config.pcav, cfg.embed_dim),
+        }
 
     def after_update(self, config: ml_collections.ConfigDict, durations: Durations):
         momentum = config.pcav.ema_momentum

@@ -19,10 +19,14 @@ class CAVMAEPretraining(Trainer):
     def create(self, cfg: ModelConfig, seed: int) -> nnx.Module:
         return CAVMAE(cfg, nnx.Rngs(seed))
 
-    def phases(self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-               durations: Durations):  # fmt: skip
-        masks = dict(mask_ratio_a=config.mask_ratio_a, mask_ratio_v=config.mask_ratio_v,
-                     mask_mode=config.mask_mode)  # fmt: skip
+    def phases(
+        self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
+    ):
+        masks = dict(
+            mask_ratio_a=config.mask_ratio_a,
+            mask_ratio_v=config.mask_ratio_v,
+            mask_mode=config.mask_mode,
+        )
         return [(durations.num_steps, pretrain_loss(graphdef, masks))]
 
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> float:

@@ -122,8 +122,14 @@ def _placed(tree, shardings):
     )
 
 
-def initial_state(trainer: Trainer, config: ml_collections.ConfigDict, cfg: ModelConfig,
-                  mesh: Mesh, tx, abstract: bool) -> tuple:  # fmt: skip
+def initial_state(
+    trainer: Trainer,
+    config: ml_collections.ConfigDict,
+    cfg: ModelConfig,
+    mesh: Mesh,
+    tx,
+    abstract: bool,
+) -> tuple:
     """(graphdef, state, state shardings): the model created sharded (then overwritten with
     ``config.init``), the optimizer state of ``tx(params)`` and the trainer's extra state in
     the parameters' layout; with ``abstract`` only shapes and shardings."""
@@ -145,8 +151,11 @@ def initial_state(trainer: Trainer, config: ml_collections.ConfigDict, cfg: Mode
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def derived(params):
-        return {"step": jnp.zeros((), jnp.int32), "opt_state": tx.init(params),
-                **trainer.extra_state(config, cfg, params)}  # fmt: skip
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "opt_state": tx.init(params),
+            **trainer.extra_state(config, cfg, params),
+        }
 
     shapes = jax.eval_shape(derived, params)
     params_like = jax.tree.structure(params)
@@ -164,17 +173,23 @@ def initial_state(trainer: Trainer, config: ml_collections.ConfigDict, cfg: Mode
         **{name: like_params(shapes[name]) for name in shapes if name not in ("step", "opt_state")},
     }
     if abstract:
-        state = {"params": _placed(params, param_shardings), "rest": _placed(rest, rest_shardings),
-                 **_placed(shapes, {k: shardings[k] for k in shapes})}  # fmt: skip
+        state = {
+            "params": _placed(params, param_shardings),
+            "rest": _placed(rest, rest_shardings),
+            **_placed(shapes, {k: shardings[k] for k in shapes}),
+        }
     else:
         out = {k: shardings[k] for k in shapes}
-        state = {"params": params, "rest": rest,
-                 **jax.jit(derived, out_shardings=out)(params)}  # fmt: skip
+        state = {"params": params, "rest": rest, **jax.jit(derived, out_shardings=out)(params)}
     return graphdef, state, shardings, tx
 
 
-def build(config: ml_collections.ConfigDict, workdir: Path | None = None,
-          abstract_clips: int | None = None, devices=None) -> Setup:  # fmt: skip
+def build(
+    config: ml_collections.ConfigDict,
+    workdir: Path | None = None,
+    abstract_clips: int | None = None,
+    devices=None,
+) -> Setup:
     """The run of ``config`` in ``workdir``. With ``abstract_clips`` nothing is read or
     allocated: durations assume that many training clips and the state is abstract (for
     ahead-of-time compilation on ``devices``, e.g. a TPU topology's)."""
@@ -197,19 +212,38 @@ def build(config: ml_collections.ConfigDict, workdir: Path | None = None,
 
     def optimizer(params):
         return make_optimizer(
-            schedule, params, config.optimizer, config.weight_decay, clip_norm=config.clip_norm,
+            schedule,
+            params,
+            config.optimizer,
+            config.weight_decay,
+            clip_norm=config.clip_norm,
             **trainer.optimizer_options(config),
-        )  # fmt: skip
+        )
 
     graphdef, state, shardings, tx = initial_state(trainer, config, cfg, mesh, optimizer, abstract)
     after_update = trainer.after_update(config, durations)
     phases = [
-        (last, make_train_step(loss_fn, tx, schedule, config.seed, config.grad_accum,
-                               after_update, shardings, mesh))
+        (
+            last,
+            make_train_step(
+                loss_fn, tx, schedule, config.seed, config.grad_accum, after_update, shardings, mesh
+            ),
+        )
         for last, loss_fn in trainer.phases(graphdef, config, durations)
-    ]  # fmt: skip
-    setup = Setup(config, trainer, cfg, mesh, graphdef, state, shardings, durations, phases,
-                  trainer.clip_flops(config, cfg), data_dir)  # fmt: skip
+    ]
+    setup = Setup(
+        config,
+        trainer,
+        cfg,
+        mesh,
+        graphdef,
+        state,
+        shardings,
+        durations,
+        phases,
+        trainer.clip_flops(config, cfg),
+        data_dir,
+    )
     if not abstract:
         setup.batches_from = loader.iterate_from
         setup.evaluators = evaluators_lib.from_config(
@@ -227,5 +261,7 @@ def abstract_batch(config: ml_collections.ConfigDict, setup: Setup) -> dict[str,
         "image": (b, cfg.img_size, cfg.img_size, 3),
         "label": (b, cfg.label_dim),
     }
-    return {k: jax.ShapeDtypeStruct(shapes[k], "float32", sharding=split)
-            for k in setup.trainer.batch_keys}  # fmt: skip
+    return {
+        k: jax.ShapeDtypeStruct(shapes[k], "float32", sharding=split)
+        for k in setup.trainer.batch_keys
+    }

@@ -105,9 +105,7 @@ def make_train_step(
         done = state["step"]
         key = jax.random.fold_in(jax.random.key(seed), done + 1)
         params = state["params"]
-        grads, metrics = accumulated_gradients(
-            loss_fn, params, state, batch, key, grad_accum, mesh
-        )
+        grads, metrics = accumulated_gradients(loss_fn, params, state, batch, key, grad_accum, mesh)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         new = {**donated, "step": done + 1, "params": new_params, "opt_state": opt_state}
@@ -165,9 +163,14 @@ def pcav_loss(graphdef: nnx.GraphDef, model_kwargs: dict[str, Any], use_decoder:
             audio_m, visual_m, protos["audio"], protos["visual"], protos["valid"]
         )
         out = nnx.merge(graphdef, params, state["rest"])(
-            batch["audio"], batch["image"], protos, targets, key=key, use_decoder=use_decoder,
+            batch["audio"],
+            batch["image"],
+            protos,
+            targets,
+            key=key,
+            use_decoder=use_decoder,
             **model_kwargs,
-        )  # fmt: skip
+        )
         return out["loss"], {name: out[name] for name in PCAV_SCALARS}
 
     return loss_fn

@@ -42,15 +42,19 @@ class Trainer:
         from input_pipeline.dataset import Loader, LoaderConfig
 
         loader_config = LoaderConfig(
-            batch_size=config.batch_size // jax.process_count(), num_classes=config.data.classes,
-            seed=config.seed, process_index=jax.process_index(),
-            process_count=jax.process_count(), noise=config.data.noise,
+            batch_size=config.batch_size // jax.process_count(),
+            num_classes=config.data.classes,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            noise=config.data.noise,
             shuffle_buffer=config.data.shuffle_buffer,
-        )  # fmt: skip
+        )
         return Loader(data_dir, "train", loader_config)
 
-    def phases(self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict,
-               durations: Durations) -> list[tuple[int, LossFn]]:  # fmt: skip
+    def phases(
+        self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
+    ) -> list[tuple[int, LossFn]]:
         """(last update, loss) of each phase of the run, in order."""
         raise NotImplementedError
 
@@ -58,8 +62,9 @@ class Trainer:
         """State kept beside params and optimizer state, a traceable function of the params."""
         return {}
 
-    def after_update(self, config: ml_collections.ConfigDict,
-                     durations: Durations) -> AfterUpdate | None:  # fmt: skip
+    def after_update(
+        self, config: ml_collections.ConfigDict, durations: Durations
+    ) -> AfterUpdate | None:
         return None
 
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> float:
