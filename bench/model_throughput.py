@@ -7,6 +7,7 @@ its own subprocess so that peaks do not mix).
 
     python bench/model_throughput.py            # everything (about 20 minutes on 2 cores)
     python bench/model_throughput.py --modes train --dtypes float32 --batches 2 4
+    python bench/model_throughput.py --modes train infer --batches 2 4 --against-torch 2
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +119,33 @@ def run_one(mode: str, dtype: str, batch: int, steps: int) -> dict:
     )
 
 
+def in_process(command: list[str]) -> dict:
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(modes: list[str], batches: list[int], steps: int, rounds: int) -> None:
+    """JAX (this project) and the PyTorch baseline (``torch_baseline.py``), float32, each
+    configuration in a fresh process, alternated ``rounds`` times so that both see the same
+    machine; prints the range of each and the ratio of the medians."""
+    torch_script = str(Path(__file__).with_name("torch_baseline.py"))
+    print(f"{'mode':6} {'batch':>5} {'JAX clips/s':>16} {'PyTorch clips/s':>16} {'ratio':>6}")
+    for mode in modes:
+        for batch in batches:
+            ours, theirs = [], []
+            for _ in range(rounds):
+                jax_run = [sys.executable, __file__, "--one", mode, "float32", str(batch)]
+                ours.append(in_process(jax_run + ["--steps", str(steps)])["clips_per_s"])
+                torch_run = [sys.executable, torch_script, "--one", mode, str(batch)]
+                theirs.append(in_process(torch_run + ["--steps", str(steps)])["clips_per_s"])
+            ratio = np.median(ours) / np.median(theirs)
+            print(
+                f"{mode:6} {batch:>5} {min(ours):7.3f}-{max(ours):<8.3f} "
+                f"{min(theirs):7.3f}-{max(theirs):<8.3f} {ratio:5.2f}x",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=["train", "infer"])
@@ -124,12 +153,21 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     parser.add_argument(
+        "--against-torch",
+        type=int,
+        metavar="ROUNDS",
+        help="float32 only: alternate fresh JAX and PyTorch processes ROUNDS times per batch",
+    )
+    parser.add_argument(
         "--one", nargs=3, metavar=("MODE", "DTYPE", "BATCH"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.one:
         mode, dtype, batch = args.one
         print(json.dumps(run_one(mode, dtype, int(batch), args.steps)))
+        return
+    if args.against_torch:
+        side_by_side(args.modes, args.batches, args.steps, args.against_torch)
         return
     peak = matmul_peak_gflops()
     print(f"devices: {jax.devices()}  jax {jax.__version__}")

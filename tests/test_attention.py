@@ -51,3 +51,37 @@ def test_low_precision_inputs_keep_their_dtype(dtype):
     assert out.dtype == dtype
     ref = jax.nn.dot_product_attention(q, k, v, scale=0.5)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=0.05)
+
+
+def test_the_implementation_is_resolved_for_the_target_platform():
+    from cavmae_jax.models.attention import resolve
+
+    assert [resolve("auto", p) for p in ("cpu", "gpu", "tpu")] == ["recompute", "recompute", "xla"]
+    assert resolve("xla", "cpu") == "xla" and resolve("cudnn", "gpu") == "cudnn"
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+        resolve("cudnn", "tpu")
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        resolve("flash", "gpu")
+
+
+def test_the_model_setting_chooses_the_kernel():
+    """A model built with ``attention="xla"`` runs XLA's attention, not the recomputing one:
+    same forward values, different compiled programs."""
+    from flax import nnx
+
+    from cavmae_jax.models import CAVMAEFT, tiny
+
+    outputs, programs = [], []
+    for implementation in ("xla", "recompute"):
+        model = CAVMAEFT(tiny(attention=implementation), nnx.Rngs(0))
+        audio = jnp.ones((1, 32, 16))
+        image = jnp.ones((1, 16, 16, 3))
+        graphdef, state = nnx.split(model)
+
+        def loss(state, audio, image):
+            return nnx.merge(graphdef, state)(audio, image).sum()
+
+        outputs.append(np.asarray(model(audio, image)))
+        programs.append(jax.jit(jax.grad(loss)).lower(state, audio, image).as_text())
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    assert programs[0] != programs[1]

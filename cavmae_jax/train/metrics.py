@@ -16,15 +16,17 @@ def _rows(path: Path) -> list[dict]:
 
 def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
     """Training loss terms (left) and accuracies (right: contrastive ``c_acc``, prototype
-    ``p_acc``, validation metrics) against the step, from ``metrics.jsonl`` and
-    ``validation.jsonl``."""
+    ``p_acc``, the ``validation`` evaluator's mAP and accuracy) against the step, from
+    ``metrics.jsonl``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     workdir = Path(workdir)
-    rows, valid = _rows(workdir / "metrics.jsonl"), _rows(workdir / "validation.jsonl")
+    logged = _rows(workdir / "metrics.jsonl")
+    rows = [r for r in logged if "loss" in r]  # update lines (an evaluator may log alone)
+    valid = [r for r in logged if "validation/mAP" in r]
     steps = [r["step"] for r in rows]
     fig, (losses, accuracy) = plt.subplots(1, 2, figsize=(10, 3.5))
     for name in ("loss", "loss_mae_a", "loss_mae_v", "loss_pje", "loss_pcpe"):
@@ -39,7 +41,7 @@ def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
         if valid:
             accuracy.plot(
                 [r["step"] for r in valid],
-                [r[name] for r in valid],
+                [r[f"validation/{name}"] for r in valid],
                 "o-",
                 label=f"validation {name}",
             )
