@@ -78,7 +78,7 @@ def test_the_model_setting_chooses_the_kernel():
         image = jnp.ones((1, 16, 16, 3))
         graphdef, state = nnx.split(model)
 
-        def loss(state, audio, image):
+        def loss(state, audio, image, graphdef=graphdef):
             return nnx.merge(graphdef, state)(audio, image).sum()
 
         outputs.append(np.asarray(model(audio, image)))
