@@ -127,12 +127,12 @@ def initial_state(
     config: ml_collections.ConfigDict,
     cfg: ModelConfig,
     mesh: Mesh,
-    tx,
+    optimizer_for: Callable,
     abstract: bool,
 ) -> tuple:
-    """(graphdef, state, state shardings): the model created sharded (then overwritten with
-    ``config.init``), the optimizer state of ``tx(params)`` and the trainer's extra state in
-    the parameters' layout; with ``abstract`` only shapes and shardings."""
+    """(graphdef, state, state shardings, optimizer): the model created sharded (then
+    overwritten with ``config.init``), the state of ``optimizer_for(params)`` and the trainer's
+    extra state in the parameters' layout; with ``abstract`` only shapes and shardings."""
     rules = sharding.RULES[config.sharding]
 
     def make():
@@ -145,7 +145,7 @@ def initial_state(
         if config.init:
             copy_weights(trainer.load_init(config.init, cfg, config.seed), model, config.init)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = tx(params)
+    tx = optimizer_for(params)
     param_shardings = sharding.state_shardings(params, mesh, rules)
     rest_shardings = sharding.state_shardings(rest, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
