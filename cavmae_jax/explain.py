@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 
-from cavmae_jax import convert, prototypes
+from cavmae_jax import convert
 from cavmae_jax.losses import l2_normalize
-from cavmae_jax.train.evaluators import momentum_embeddings
+from cavmae_jax.train.evaluators import find_prototypes, momentum_embeddings
 from cavmae_jax.train.inference import replicated_state
 from cavmae_jax.train.sharding import make_mesh
 
@@ -169,16 +170,7 @@ def explain(
     model = convert.load_checkpoint(workdir / "momentum_model")
     data = dataset_embeddings(model, data_dir, split)
     granularities = tuple(pcav["granularities"])
-    arrays, levels = prototypes.discover(
-        data["audio"],
-        data["visual"],
-        pcav["method"],
-        granularities,
-        pcav["max_prototypes"],
-        pcav["beta"],
-        pcav["gamma_mean"],
-        config["seed"],
-    )
+    arrays, levels = find_prototypes(data, ml_collections.ConfigDict(pcav), config["seed"])
     report = prototype_report(levels, arrays, data, granularities)
     (output / "prototypes.json").write_text(json.dumps(report, indent=1))
     tsne_figure(data, levels, output / "tsne.png", config["seed"])

@@ -25,7 +25,7 @@ import pytest
 from cavmae_jax import convert
 from cavmae_jax.models import ModelConfig, tiny
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = Path(__file__).with_name("data")  # fixtures: tests/data/README.md
 
 
 def random_state_dict(kind: str, cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

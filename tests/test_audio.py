@@ -5,11 +5,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import DATA
 
 from input_pipeline import audio
 
-FIXTURES = np.load(SHARED / "reference" / "fbank_fixtures.npz")
+FIXTURES = np.load(DATA / "fbank_fixtures.npz")
 SIGNALS = sorted({key.split("__")[0] for key in FIXTURES.files})
 TOL = 1e-4  # absolute, log domain
 # The fixtures are torchaudio's float32 computation. In bins more than ~12 nats below their
@@ -93,7 +93,7 @@ def test_normalisation_constants_and_padding_value():
     )
 
 
-CLIP = SHARED / "data" / "00W1lcxW-WU_40.000.mp4"  # AAC 44.1 kHz stereo, 10 s
+CLIP = DATA / "00W1lcxW-WU_40.000.mp4"  # AAC 44.1 kHz stereo, 10 s
 
 
 def test_load_audio_resamples_to_16k_and_keeps_the_first_channel():

@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, random_inputs, random_state_dict
+from conftest import DATA, random_inputs, random_state_dict
 from flax import nnx
 
 from cavmae_jax import convert
@@ -27,7 +27,7 @@ SMALL_OFFICIAL = tiny(depth=12, modality_specific_depth=11, decoder_depth=8, tr_
 
 
 def official_names(kind):
-    return json.loads((SHARED / "reference" / REFERENCE[kind]).read_text())
+    return json.loads((DATA / REFERENCE[kind]).read_text())
 
 
 @pytest.mark.parametrize("kind", list(REFERENCE))

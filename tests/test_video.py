@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import DATA
 from PIL import Image
 
 from input_pipeline import video
@@ -34,9 +34,9 @@ def official_frames(path) -> np.ndarray:
 
 @pytest.mark.parametrize("name", CLIPS)
 def test_frames_equal_the_official_extraction_bit_for_bit(name):
-    ours = video.extract_frames(SHARED / "data" / name)
+    ours = video.extract_frames(DATA / name)
     assert ours.shape == (10, 224, 224, 3) and ours.dtype == np.uint8
-    np.testing.assert_array_equal(ours, official_frames(SHARED / "data" / name))
+    np.testing.assert_array_equal(ours, official_frames(DATA / name))
 
 
 def test_frame_indices_follow_the_official_seek():
@@ -45,7 +45,7 @@ def test_frame_indices_follow_the_official_seek():
 
 
 def test_jpeg_round_trip_is_close():
-    frames = video.extract_frames(SHARED / "data" / CLIPS[0])
+    frames = video.extract_frames(DATA / CLIPS[0])
     data = video.encode_jpeg(frames[5])
     assert data[:2] == b"\xff\xd8"
     decoded = video.decode_jpeg(data)
