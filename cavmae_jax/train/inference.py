@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cavmae_jax.train.sharding import global_batch
 
@@ -21,9 +22,6 @@ from cavmae_jax.train.sharding import global_batch
 def replicated_state(model, mesh: Mesh) -> tuple:
     """(graphdef, ``{"params", "rest"}`` replicated on ``mesh``) of a loaded model: the state
     evaluators run on outside training."""
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
-
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = jax.device_put((params, rest), NamedSharding(mesh, PartitionSpec()))
     return graphdef, {"params": params, "rest": rest}
