@@ -19,12 +19,12 @@ from pathlib import Path
 from input_pipeline import prepare, synthetic
 from input_pipeline.dataset import Loader, LoaderConfig
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SAMPLES = Path(__file__).resolve().parents[1] / "tests" / "data"  # the two real sample clips
 
 
 def prepare_rate(work: Path, repeat: int) -> list[tuple[str, float]]:
     rates = []
-    for clip in sorted(SHARED.glob("*.mp4")):
+    for clip in sorted(SAMPLES.glob("*.mp4")):
         listing = work / f"{clip.stem}.csv"
         with open(listing, "w", newline="") as f:
             csv.writer(f).writerows([[str(clip)]] * repeat)
