@@ -94,7 +94,8 @@ class Loader:
         self.config = config
         self.builder = tfds.builder_from_directory(str(data_dir))
         self.split = host_split(split, config)
-        self.num_examples = self.builder.info.splits[self.split].num_examples
+        self.num_examples = self.builder.info.splits[self.split].num_examples  # this host's
+        self.split_examples = self.builder.info.splits[split].num_examples  # all hosts'
         self.has_waveform = "waveform" in self.builder.info.features
         weights = config.sample_weights
         if weights is not None and len(weights) != self.num_examples:

@@ -113,6 +113,6 @@ def predict_split(
         process_count=jax.process_count(),
     )
     loader = Loader(data_dir, split, config)
-    total = loader.builder.info.splits[split].num_examples
+    total = loader.split_examples
     count = batches_per_host(total, local_batch, drop_last)
     return gather_outputs(apply, loader, mesh, local_batch, count, keys)

@@ -205,7 +205,7 @@ def build(
         data_dir = prepared_dataset(config, workdir)
         loader = trainer.loader(config, data_dir, workdir)
         steps_per_epoch = loader.batches_per_epoch
-        clips = loader.builder.info.splits[loader.split.split("[")[0]].num_examples
+        clips = loader.split_examples
     durations = durations_lib.resolve(config, clips, steps_per_epoch)
     schedule = durations_lib.learning_rate(config, durations)
     cfg = model_config(trainer, config, mesh)
