@@ -1,4 +1,5 @@
-"""Evaluate a small CAVMAEFT and a PCAV-MAE memory bank on a mesh; print the results as JSON.
+"""Evaluate a small CAVMAEFT, a PCAV-MAE memory bank and its retrieval recall on a mesh; print
+the results as JSON.
 
 Executed in subprocesses by test_finetune.py (fake CPU devices must be set before JAX starts):
 ``python tests/eval_worker.py DATA_DIR GLOBAL_BATCH [DEVICES ...]``: one result per mesh over the
@@ -15,7 +16,7 @@ import jax
 from flax import nnx
 from worker_env import join_from_env
 
-from cavmae_jax import prototypes
+from cavmae_jax import prototypes, retrieval
 from cavmae_jax.models import CAVMAEFT, ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE, pcav_config
 from cavmae_jax.train.evaluators import Classification, momentum_embeddings
@@ -64,6 +65,8 @@ def evaluate(data_dir: str, batch_size: int, devices: int) -> dict:
         visual=bank["visual"].tolist(),
         gamma=arrays["gamma"].tolist(),
         sizes=levels[0]["sizes"].tolist() + kmeans["sizes"].tolist(),
+        # blocks of 5 queries: a short last block, candidates padded over the devices
+        recall=retrieval.recall(bank["audio"], bank["visual"], mesh, block=5),
     )
     return result
 

@@ -224,13 +224,15 @@ def canonical(result: dict) -> dict:
         "visual": np.asarray(result["visual"])[by_audio],
         "gamma": np.asarray(result["gamma"]),
         "sizes": sorted(result["sizes"]),
+        "recall": result["recall"],
     }
 
 
 def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset):
     """12 clips, global batch 8: one device, 8 fake devices and 2 processes x 2 devices give the
     same logits for every clip (the short last batches are padded, then dropped), and the same
-    PCAV-MAE memory bank and prototypes (its refresh runs through the same batched path)."""
+    PCAV-MAE memory bank and prototypes (its refresh runs through the same batched path), and
+    the same retrieval recall ranked in blocks on each mesh."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -254,3 +256,4 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
             np.testing.assert_allclose(result[name], single[name], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(result["gamma"], single["gamma"], rtol=1e-4)
         assert result["sizes"] == single["sizes"]
+        assert result["recall"] == pytest.approx(single["recall"])
