@@ -127,21 +127,9 @@ def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, ca
     evaluation; ten frames: the statistics of the mean of the ten frames' sigmoids (NumPy)."""
     from cavmae_jax import cli
 
-    cli.main(
-        [
-            "evaluate",
-            "--model",
-            str(finetuned / "model"),
-            "--data",
-            str(dataset),
-            "--split",
-            "train",
-            "--frames",
-            "1",
-            "--batch-size",
-            "8",
-        ]
-    )
+    evaluate = ["evaluate", "--model", str(finetuned / "model"), "--data", str(dataset)]
+    evaluate += ["--split", "train", "--batch-size", "8"]
+    cli.main([*evaluate, "--frames", "1"])
     one = json.loads(capsys.readouterr().out.splitlines()[0])
     model = convert.load_checkpoint(finetuned / "model")
     logits, labels = direct_logits(model, dataset)
@@ -152,21 +140,7 @@ def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, ca
     final = json.loads((finetuned / "evaluation.json").read_text())
     assert one["mAP"] == pytest.approx(final["mAP"], abs=1e-6)
     output = tmp_path / "e.json"
-    cli.main(
-        [
-            "evaluate",
-            "--model",
-            str(finetuned / "model"),
-            "--data",
-            str(dataset),
-            "--split",
-            "train",
-            "--batch-size",
-            "8",
-            "--output",
-            str(output),
-        ]
-    )
+    cli.main([*evaluate, "--output", str(output)])
     ten = json.loads(output.read_text())
     mean_sigmoid = np.mean(1 / (1 + np.exp(-logits.astype(np.float64))), axis=0)
     expected = evaluation.classification_stats(mean_sigmoid, labels)
