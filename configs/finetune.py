@@ -111,8 +111,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = recipe["loss"]  # bce (mAP tasks) | ce (accuracy tasks)
     # final evaluation: 10 = mean over frames 0..9 (official); 1 = frame 5 (audio-only models)
     config.eval_frames = 1 if config.mode == "audioonly" else 10
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    config.sharding = "dp"
+    # One slice's mesh (slices add an outer data-parallel axis by themselves); FSDP over all
+    # its chips: the recipes' global batches then fit 16 GiB v5e chips (docs/tpu.md).
+    config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (train/sharding.py)
     config.init = ""  # pretrained .pth / model dir ("" = random init)
     config.seed = 0
     config.batch_size = recipe["batch"]  # global batch per update

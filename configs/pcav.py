@@ -60,8 +60,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             shuffle_buffer=10_000,
         )
     )
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    config.sharding = "dp"
+    # One slice's mesh (slices add an outer data-parallel axis by themselves); FSDP over all
+    # its chips: the recipes' global batches then fit 16 GiB v5e chips (docs/tpu.md).
+    config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (train/sharding.py)
     config.init = ""
     config.seed = 0
     config.batch_size = 512  # the paper's (accumulated) global batch per update

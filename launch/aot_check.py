@@ -1,17 +1,25 @@
-"""Ahead-of-time check of a recipe on a mesh: compile its full-size training step, allocate nothing.
+"""Ahead-of-time check of a recipe: compile its full-size training step, allocate nothing.
 
 Before a long run, this builds the run through the trainers' own setup (``train/setup.py``,
 abstractly: no data read, no parameter allocated), lowers and compiles the exact sharded step
-(model, optimizer, accumulation, extra state, mesh, sharding rules, global batch), then prints
-the per-device memory the compiled program needs (state + batch, temporaries) and its FLOPs
-(analytic: XLA's own count sees a scanned layer once). On the target host it checks the real
-devices; on a CPU it can stand in for N devices (``--devices``) to catch sharding mistakes
-(indivisible batch, mesh that does not fit) before you get a pod. Every trainer is covered:
+(model, optimizer, accumulation, extra state, mesh, sharding rules, global batch) and reports
+what the compiled program needs per device: memory (arguments, temporaries, peak), matmul FLOPs
+(read from the compiled program, loops weighed by their trip counts) against the analytic count,
+the collectives it runs and a roofline lower bound on the step time.
 
-    python launch/aot_check.py configs/pretrain.py:as-scale++ --devices 8 --config.mesh.fsdp=4 \\
-        --config.sharding=fsdp
-    python launch/aot_check.py configs/pcav.py:as,tiny --devices 8
-    python launch/aot_check.py configs/finetune.py:as20k          # on the GPU/TPU host itself
+Targets:
+  * ``--topology NAME``: a TPU slice compiled for from any machine (``jax[tpu]`` installed),
+    e.g. ``v5e-16``, ``v5p-64``, ``v6e-256``, ``"2x v5p-64"`` (two slices over DCN): the memory
+    is the TPU's own and the verdict says whether it fits the chip's HBM;
+  * ``--devices N``: N CPU stand-ins, to catch sharding mistakes (indivisible batch, mesh that
+    does not fit) without libtpu;
+  * neither: the devices of this host (run it on the GPU or TPU host itself).
+
+    python launch/aot_check.py configs/pretrain.py:as-scale++ --topology v5e-16
+    python launch/aot_check.py configs/pcav.py:as --topology v5p-8 --config.model.attention=xla
+    python launch/aot_check.py configs/finetune.py:as20k --devices 8
+
+The last line printed is one JSON object (for scripts and ``docs/tpu.md``).
 """
 
 from __future__ import annotations
@@ -20,16 +28,46 @@ import argparse
 import json
 import os
 import sys
+import time
 
 NOMINAL_CLIPS = 100_000  # durations do not change shapes: any dataset size compiles the same
+GIB = 2.0**30
 
 
-def main(argv: list[str]) -> None:
+def _figure(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def _compile_only_environment(slice_) -> None:
+    """libtpu on a machine that is not a TPU VM: skip the metadata server (and its warnings),
+    allow several compiling processes, keep JAX's own backend on the CPU."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    kind = {"v5e": "v5litepod", "v5": "v5p"}.get(slice_.chip.generation, slice_.chip.generation)
+    cores = slice_.chips * slice_.chip.cores_per_name
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{kind}-{cores}")
+
+
+def _memory_exhausted(error: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(error) or "Ran out of memory" in str(error)
+
+
+def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", help="config file[:variant]")
-    parser.add_argument("--devices", type=int, help="stand in for N devices on this CPU")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--topology", help="TPU slice to compile for, e.g. v5e-16, '2x v5p-64'")
+    target.add_argument("--devices", type=int, help="stand in for N devices on this CPU")
     args, overrides = parser.parse_known_args(argv)
-    if args.devices:
+
+    from cavmae_jax import tpu
+
+    slice_ = tpu.parse(args.topology) if args.topology else None
+    if slice_:
+        _compile_only_environment(slice_)
+    elif args.devices:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")
             + f" --xla_force_host_platform_device_count={args.devices}"
@@ -37,32 +75,101 @@ def main(argv: list[str]) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
+    from cavmae_jax import hlo_stats
     from cavmae_jax.config_loading import apply_overrides, load_config
     from cavmae_jax.train.setup import abstract_batch, build
 
     config = load_config(args.config)
     apply_overrides(config, overrides)
-    setup = build(config, abstract_clips=NOMINAL_CLIPS)
-    step = setup.step_at(1)
-    compiled = step.lower(setup.state, abstract_batch(config, setup)).compile()
-    memory = compiled.memory_analysis()
-    gib = 2.0**30
+    devices = tpu.devices(slice_) if slice_ else None
+    setup = build(config, abstract_clips=NOMINAL_CLIPS, devices=devices)
+    count = setup.mesh.size
     report = {
+        "config": args.config,
+        "topology": slice_.name if slice_ else jax.default_backend(),
+        "chips": count,
         "trainer": config.trainer,
-        "backend": jax.default_backend(),
-        "mesh": dict(setup.mesh.shape),
+        "mesh": {k: v for k, v in setup.mesh.shape.items()},
+        "sharding": config.sharding,
         "global_batch": config.batch_size,
         "grad_accum": config.grad_accum,
         "attention": setup.cfg.attention,
-        "arguments_gib_per_device": round(memory.argument_size_in_bytes / gib, 3),
-        "temporaries_gib_per_device": round(memory.temp_size_in_bytes / gib, 3),
-        "outputs_gib_per_device": round(memory.output_size_in_bytes / gib, 3),
-        # analytic count
-        "tflop_per_step_per_device": round(
-            setup.clip_flops * config.batch_size / setup.mesh.size / 1e12, 3
-        ),
+        "remat": setup.cfg.remat,
+        "hbm_gib": slice_.chip.hbm_gib if slice_ else None,
+        "tflop_per_chip_analytic": _figure(setup.clip_flops * config.batch_size / count / 1e12),
     }
+    started = time.perf_counter()
+    try:
+        lowered = setup.step_at(1).lower(setup.state, abstract_batch(config, setup))
+        compiled = lowered.compile()
+    except Exception as error:  # the compiler's verdict on memory is the check's result
+        if not (slice_ and _memory_exhausted(error)):
+            raise
+        first = next(line for line in str(error).splitlines() if line.strip())
+        report.update(fits=False, compile_error=first[:300])
+        print(json.dumps(report))
+        return report
+    report["compile_s"] = round(time.perf_counter() - started, 1)
+    memory = compiled.memory_analysis()
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    stats = hlo_stats.analyze(compiled.as_text())
+    report.update(
+        arguments_gib=round(memory.argument_size_in_bytes / GIB, 3),
+        temporaries_gib=round(memory.temp_size_in_bytes / GIB, 3),
+        peak_gib=round(peak / GIB, 3),
+        tflop_per_chip_compiled=_figure(stats.matmul_flops / 1e12),
+        hbm_traffic_gib=round(stats.bytes_accessed / GIB, 1),
+        collectives={
+            kind: {"count": c["count"], "gib": round(c["bytes"] / GIB, 3)}
+            for kind, c in sorted(stats.collectives.items())
+        },
+    )
+    if stats.unknown_trip_counts:
+        report["loops_counted_once"] = stats.unknown_trip_counts
+    if slice_:
+        chip = slice_.chip
+        compute_ms = stats.matmul_flops / (chip.peak_tflops * 1e12) * 1e3
+        memory_ms = stats.bytes_accessed / (chip.hbm_gbps * 1e9) * 1e3
+        report.update(
+            fits=peak <= chip.hbm_gib * GIB,
+            roofline_ms={"compute": round(compute_ms, 1), "hbm": round(memory_ms, 1)},
+            clips_per_s_bound=round(config.batch_size / (max(compute_ms, memory_ms) / 1e3), 1),
+        )
+    _print_summary(report)
     print(json.dumps(report))
+    return report
+
+
+def _print_summary(report: dict) -> None:
+    mesh = " x ".join(f"{k} {v}" for k, v in report["mesh"].items() if v > 1) or "1 device"
+    print(
+        f"{report['config']} on {report['topology']} ({report['chips']} chips, {mesh}, "
+        f"{report['sharding']} sharding, attention {report['attention']}): global batch "
+        f"{report['global_batch']} in {report['grad_accum']} micro-batch(es)"
+    )
+    capacity = f" of {report['hbm_gib']} GiB" if report["hbm_gib"] else ""
+    print(
+        f"  memory per chip: {report['arguments_gib']} GiB state + batch, "
+        f"{report['temporaries_gib']} GiB temporaries, peak {report['peak_gib']} GiB{capacity}"
+        + (f" -> {'fits' if report['fits'] else 'DOES NOT FIT'}" if "fits" in report else "")
+    )
+    print(
+        f"  matmul TFLOP per chip: {report['tflop_per_chip_compiled']} compiled, "
+        f"{report['tflop_per_chip_analytic']} analytic"
+    )
+    for kind, c in report["collectives"].items():
+        print(f"  {kind}: {c['count']} per step, {c['gib']} GiB")
+    if "roofline_ms" in report:
+        r = report["roofline_ms"]
+        print(
+            f"  roofline: {r['compute']} ms of matmuls at peak, {r['hbm']} ms of HBM traffic "
+            f"-> at most {report['clips_per_s_bound']} clips/s"
+        )
 
 
 if __name__ == "__main__":

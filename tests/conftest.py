@@ -18,6 +18,10 @@ os.environ.setdefault(
 # about speed, trains without this flag; the JAX fbank's parity is checked at the default level.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
 
+# The test environment has libtpu (for compile-only TPU checks); the tests themselves run on the
+# CPU, and without this every process would first try to start a TPU runtime.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax  # noqa: E402
 import numpy as np
 import pytest

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,23 +22,45 @@ def aot(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_batches():
-    done = aot(
-        "configs/finetune.py:as20k,tiny",
-        "--devices",
-        "8",
-        "--config.mesh.fsdp=4",
-        "--config.sharding=fsdp",
-    )
+def last_json(done: subprocess.CompletedProcess) -> dict:
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1} and report["global_batch"] == 8
-    assert report["arguments_gib_per_device"] > 0 and report["tflop_per_step_per_device"] > 0
-    pcav = aot("configs/pcav.py:as,tiny", "--devices", "8", "--config.grad_accum=2")
-    assert pcav.returncode == 0, pcav.stderr[-2000:]
-    report = json.loads(pcav.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_batches():
+    report = last_json(
+        aot("configs/finetune.py:as20k,tiny", "--devices", "8", "--config.mesh.data=2")
+    )
+    assert report["mesh"] == {"slice": 1, "data": 2, "fsdp": 4, "tensor": 1}
+    assert report["global_batch"] == 8 and report["sharding"] == "fsdp"
+    assert report["arguments_gib"] > 0 and report["tflop_per_chip_analytic"] > 0
+    assert report["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the parameters
+    report = last_json(aot("configs/pcav.py:as,tiny", "--devices", "8", "--config.grad_accum=2"))
     assert report["trainer"] == "pcav" and report["grad_accum"] == 2
     assert report["attention"] == "recompute"  # auto, resolved for the mesh's CPU devices
     bad = aot("configs/pretrain.py:as-base,tiny", "--devices", "8", "--config.batch_size=12")
     assert bad.returncode != 0
     assert "global batch 12 does not split over 8 batch shards" in bad.stderr
+
+
+def test_aot_check_compiles_for_a_tpu_slice_from_this_cpu():
+    """libtpu's compile-only devices: the memory is the TPU compiler's, the attention is the
+    TPU's (flash, not the host's choice), the matmul FLOPs read from the compiled program (its
+    layer loops weighed by their trip counts) agree with the analytic count up to the padding
+    of attention to 128-token blocks, and the data-parallel gradient is all-reduced."""
+    pretrain = last_json(aot("configs/pretrain.py:as-base,tiny", "--topology", "v5e-4"))
+    finetune = last_json(
+        aot("configs/finetune.py:as20k,tiny", "--topology", "v5e-4", "--config.model.attention=xla")
+    )
+    for report in (pretrain, finetune):
+        assert report["topology"] == "v5e-4" and report["chips"] == 4 and report["fits"]
+        assert 0 < report["arguments_gib"] < report["peak_gib"] < report["hbm_gib"] == 16.0
+        assert report["collectives"]["all-reduce"]["count"] > 0
+        assert report["roofline_ms"]["hbm"] > 0
+    assert pretrain["attention"] == "flash" and finetune["attention"] == "xla"
+    # XLA attention: no padding, the compiled matmuls are the analytic count
+    assert finetune["tflop_per_chip_compiled"] == pytest.approx(
+        finetune["tflop_per_chip_analytic"], rel=0.05
+    )
+    # flash pads 32 audio / 16 visual tokens to 128: more compiled FLOPs, never fewer
+    assert pretrain["tflop_per_chip_compiled"] > pretrain["tflop_per_chip_analytic"]

@@ -75,7 +75,7 @@ def test_mesh_shapes_are_checked():
     import jax
 
     mesh = make_mesh({"data": -1})
-    assert dict(mesh.shape) == {"data": len(jax.devices()), "fsdp": 1, "tensor": 1}
+    assert dict(mesh.shape) == {"slice": 1, "data": len(jax.devices()), "fsdp": 1, "tensor": 1}
     with pytest.raises(ValueError, match="does not fit"):
         make_mesh({"data": -1, "fsdp": 3})
     assert FSDP_RULES["embed"] == "fsdp"

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cavmae_jax.models import mesh_context
 from cavmae_jax.models.attention import dot_product_attention
 
 LN_EPS = 1e-5  # PyTorch nn.LayerNorm default, used everywhere in the official model (quirk 1).
@@ -224,8 +225,9 @@ class BlockStack(nnx.Module):
             state = jax.tree.map(lambda p: p[-1:], state)
 
         def body(carry, layer_state):
-            return nnx.merge(graphdef, layer_state)(carry, modality), None
+            block = nnx.merge(graphdef, mesh_context.gathered(layer_state))
+            return mesh_context.split_over_batch(block(carry, modality)), None
 
         if self.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        return jax.lax.scan(body, x, state)[0]
+        return jax.lax.scan(body, mesh_context.split_over_batch(x), state)[0]

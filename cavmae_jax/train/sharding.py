@@ -4,6 +4,11 @@ Parameters carry logical axis names (``embed``, ``mlp``, ``qkv``, ``heads``, ``l
 rules table maps each to a mesh axis (``data``, ``fsdp``, ``tensor``) or to nothing (replicated),
 so data parallel, FSDP or tensor parallel is configuration. A dimension that a mesh axis does not
 divide, or that an earlier dimension of the same parameter already uses, stays replicated.
+
+The outermost mesh axis, ``slice``, is the number of TPU slices the devices come from (1 on a
+single slice or a GPU host). Slices talk over the data-centre network (DCN), much slower than
+the chips' interconnect, so they only split the batch: parameters are replicated across slices
+and sharded within one, and the configured mesh shape is that of one slice.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallel too
+MESH_AXES = ("slice", "data", "fsdp", "tensor")
+BATCH_AXES = ("slice", "data", "fsdp")  # FSDP is data parallel too
 
 DATA_PARALLEL_RULES: dict[str, str | None] = {}  # every parameter replicated
 FSDP_RULES = {"embed": "fsdp", "decoder": "fsdp", "vocab": "fsdp"}
@@ -26,18 +32,27 @@ RULES = {"dp": DATA_PARALLEL_RULES, "fsdp": FSDP_RULES, "tensor": TENSOR_RULES} 
 
 
 def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
-    """Mesh over ``data``, ``fsdp``, ``tensor``; one size may be -1 (the remaining devices)."""
+    """Mesh over ``slice``, ``data``, ``fsdp``, ``tensor``: ``shape`` gives the last three
+    within one slice (one size may be -1: the remaining devices); ``slice`` is the devices'
+    slice count."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    per_slice = len(devices) // slices
+    sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES[1:]]
     known = int(np.prod([s for s in sizes if s != -1]))
-    if sizes.count(-1) > 1 or len(devices) % known:
-        raise ValueError(f"mesh {dict(shape)} does not fit {len(devices)} devices")
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if int(np.prod(sizes)) != len(devices):
-        shown = dict(zip(MESH_AXES, sizes, strict=True))
-        raise ValueError(f"mesh {shown} needs {np.prod(sizes)} devices")
+    if sizes.count(-1) > 1 or per_slice % known:
+        raise ValueError(f"mesh {dict(shape)} does not fit {per_slice} devices per slice")
+    sizes = [per_slice // known if s == -1 else s for s in sizes]
+    if int(np.prod(sizes)) != per_slice:
+        shown = dict(zip(MESH_AXES[1:], sizes, strict=True))
+        raise ValueError(f"mesh {shown} needs {np.prod(sizes)} devices per slice, not {per_slice}")
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+    if slices == 1:
+        return jax.make_mesh((1, *sizes), MESH_AXES, axis_types=auto, devices=devices)
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (1, *sizes), (slices, 1, 1, 1), devices, allow_split_physical_axes=True
+    )
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def _spec(names, shape, mesh: Mesh, rules: Mapping[str, str | None]) -> PartitionSpec:
@@ -96,7 +111,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     if batch_size % shards or batch_size % jax.process_count():
         raise ValueError(
             f"global batch {batch_size} does not split over {shards} batch shards "
-            f"(mesh data x fsdp) and {jax.process_count()} host(s)"
+            f"(mesh slice x data x fsdp) and {jax.process_count()} host(s)"
         )
 
 

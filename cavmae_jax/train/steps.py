@@ -101,6 +101,12 @@ def make_train_step(
     at the optimizer's count, which is the number of updates done."""
 
     def update(donated, rest, batch):
+        if mesh is None:
+            return update_on_mesh(donated, rest, batch)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # for shard_map'd kernels
+            return update_on_mesh(donated, rest, batch)
+
+    def update_on_mesh(donated, rest, batch):
         state = {**donated, "rest": rest}
         done = state["step"]
         key = jax.random.fold_in(jax.random.key(seed), done + 1)

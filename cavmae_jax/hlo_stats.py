@@ -1,0 +1,286 @@
+"""What a compiled XLA program does per device, read from its optimized HLO text.
+
+``Compiled.cost_analysis()`` counts the body of a ``while`` loop once, so a model whose layers
+run in a ``lax.scan`` (ours) reports a fraction of its FLOPs. Here every computation is weighed
+by how often it runs (the product of the trip counts of the loops around it), and three things
+are summed: matrix-multiply FLOPs (``dot`` and ``convolution``, the part that runs on the
+matrix units, plus what a Pallas kernel's cost estimate states), the bytes the unfused
+instructions read and write (XLA's model of HBM traffic: each kernel reads its inputs and
+writes its outputs once), and the collectives (kind, executions, bytes).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4}
+_BYTES |= {"u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9]\w*)?)\[([0-9,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*?)\)(.*)$")
+_HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
+_CALLED = re.compile(r"(?:condition|body|calls|to_apply)=%([\w.-]+)")
+_BRANCHES = re.compile(r"(?:branch_computations|called_computations)=\{([^}]*)\}")
+# Matmuls of the flash-attention backward kernels (operands q [B, H, Nq, d], k [B, H, Nk, d]):
+# dkv recomputes q.k^T and forms dv, dp and dk; dq recomputes q.k^T and forms dp and dq.
+_FLASH_BACKWARD = {"flash_mha_bwd_dkv": 4, "flash_mha_bwd_dq": 3}
+# Not memory traffic of their own: bookkeeping, or control flow whose bodies are counted.
+_FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all"}
+_FREE |= {"while", "conditional", "call"}
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    shape: str  # the result type, e.g. "bf16[8,128]{1,0}" or a tuple of them
+    op: str
+    operands: list[str]
+    attributes: str
+    raw_operands: str = ""  # the text inside the parentheses (a constant's value)
+    root: bool = False
+
+
+@dataclasses.dataclass
+class Stats:
+    matmul_flops: float = 0.0
+    bytes_accessed: float = 0.0
+    collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {count, bytes}
+    unknown_trip_counts: int = 0  # loops whose trip count could not be read (counted once)
+
+
+def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of every array in an HLO type string (tuples flattened)."""
+    found = []
+    for dtype, dims in _ARRAY.findall(shape):
+        if dtype in _BYTES or dtype.startswith("f8"):
+            found.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+    return found
+
+
+def nbytes(shape: str) -> int:
+    return sum(_BYTES.get(dtype, 1) * math.prod(dims) for dtype, dims in arrays(shape))
+
+
+def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
+    """Computations by name (each a list of instructions) and the entry computation's name."""
+    computations: dict[str, list[Instruction]] = {}
+    entry = current = None
+    for line in text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+            if line.startswith("ENTRY"):
+                entry = header.group(1)
+            continue
+        match = _INSTRUCTION.match(line) if current is not None else None
+        if match:
+            root, name, shape, op, operands, attributes = match.groups()
+            names = re.findall(r"%([\w.-]+)", operands)
+            current.append(Instruction(name, shape, op, names, attributes, operands, bool(root)))
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+    return computations, entry
+
+
+def _trip_count(loop: Instruction, computations: dict[str, list[Instruction]]) -> int | None:
+    """The compiler's ``known_trip_count``, else ``i < N`` with a constant N in the condition
+    (plain or wrapped in a fusion): the loops ``lax.scan`` makes count from 0 by 1."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attributes)
+    if known:
+        return int(known.group(1))
+    name = re.search(r"condition=%([\w.-]+)", loop.attributes)
+    condition = computations.get(name.group(1), []) if name else []
+    constants = {
+        ins.name: int(ins.raw_operands)
+        for ins in condition
+        if ins.op == "constant" and re.fullmatch(r"-?\d+", ins.raw_operands)
+    }
+    for ins in condition:
+        compare = ins.op == "compare" and "direction=LT" in ins.attributes
+        if ins.op == "fusion":
+            callee = re.search(r"calls=%([\w.-]+)", ins.attributes)
+            inner = computations.get(callee.group(1), []) if callee else []
+            compare = any(i.op == "compare" and "direction=LT" in i.attributes for i in inner)
+        if compare and len(ins.operands) == 2 and ins.operands[1] in constants:
+            return constants[ins.operands[1]]
+    return None
+
+
+def _window_products(size: int, window: int, out: int, stride: int, pad_lo: int, lhs_dilate: int):
+    """Multiply-adds along one spatial dimension that meet a real input element (not padding
+    nor an inserted dilation hole): the dots XLA writes as convolutions hit mostly holes."""
+    span = (size - 1) * lhs_dilate + 1
+    total = 0
+    for j in range(out):
+        for k in range(window):
+            at = j * stride + k - pad_lo
+            total += 0 <= at < span and at % lhs_dilate == 0
+    return total
+
+
+def _convolution_flops(ins: Instruction, shapes: dict[str, str]) -> float:
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", ins.attributes)
+    lhs, rhs = (arrays(shapes.get(name, ""))[:1] for name in ins.operands[:2])
+    result = arrays(ins.shape)[:1]
+    if not (labels and lhs and rhs and result):
+        return 0.0
+    lhs_labels, rhs_labels, out_labels = labels.groups()
+    lhs_dims, rhs_dims, out_dims = lhs[0][1], rhs[0][1], result[0][1]
+    window = re.search(r"window=\{([^}]*)\}", ins.attributes)
+    fields = dict(f.split("=") for f in window.group(1).split()) if window else {}
+    spatial = [c for c in out_labels if c.isdigit()]
+
+    def field(key, i, default):
+        values = fields.get(key)
+        return int(values.split("x")[i]) if values else default
+
+    products = 2.0 * rhs_dims[rhs_labels.index("i")]
+    for i, dim in enumerate(spatial):
+        pad_lo = int(fields["pad"].split("x")[i].split("_")[0]) if "pad" in fields else 0
+        products *= _window_products(
+            lhs_dims[lhs_labels.index(dim)],
+            rhs_dims[rhs_labels.index(dim)],
+            out_dims[out_labels.index(dim)],
+            field("stride", i, 1),
+            pad_lo,
+            field("lhs_dilate", i, 1),
+        )
+    others = math.prod(out_dims[out_labels.index(c)] for c in out_labels if not c.isdigit())
+    return products * others
+
+
+def _dot_flops(ins: Instruction, shapes: dict[str, str]) -> float:
+    lhs = arrays(shapes.get(ins.operands[0], ""))[:1]
+    contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", ins.attributes)
+    if not (lhs and contracting):
+        return 0.0
+    size = math.prod(lhs[0][1][int(d)] for d in contracting.group(1).split(",") if d)
+    return 2.0 * math.prod(arrays(ins.shape)[0][1]) * size
+
+
+def _kernel_flops(ins: Instruction, shapes: dict[str, str]) -> float:
+    """A Pallas kernel's FLOPs: its own cost estimate, or for the flash-attention backward
+    kernels (which state none) their matmul count times one q.k^T product."""
+    estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)"', ins.attributes)
+    if estimate:
+        return float(estimate.group(1))
+    for kernel, matmuls in _FLASH_BACKWARD.items():
+        if kernel in ins.attributes and len(ins.operands) >= 2:
+            (_, q), (_, k) = arrays(shapes[ins.operands[0]])[0], arrays(shapes[ins.operands[1]])[0]
+            return matmuls * 2.0 * math.prod(q) * k[-2]
+    return 0.0
+
+
+def _collective_bytes(ins: Instruction, kind: str, shapes: dict[str, str]) -> int:
+    """The full tensor a collective moves: its output, or its input for a reduce-scatter."""
+    if kind == "reduce-scatter":
+        return sum(nbytes(shapes.get(name, "")) for name in ins.operands)
+    if ins.op.endswith("-start") and kind != "all-reduce":  # (inputs, outputs, ...) tuple
+        parts = arrays(ins.shape)
+        half = parts[len(parts) // 2 :] if len(parts) > 1 else parts
+        return sum(_BYTES.get(d, 1) * math.prod(s) for d, s in half)
+    return nbytes(ins.shape)
+
+
+def _parameter_reads(computation: list[Instruction]) -> dict[int, int | None]:
+    """Bytes a fused computation reads of each parameter when it reads only slices of it
+    (``None``: the whole parameter); a parameter updated in place is not read."""
+    index = {ins.name: int(ins.raw_operands) for ins in computation if ins.op == "parameter"}
+    reads: dict[int, int | None] = {}
+    users = collections.defaultdict(list)
+    for ins in computation:
+        for position, operand in enumerate(ins.operands):
+            users[operand].append((ins, position))
+    for name, i in index.items():
+        uses = users.get(name, [])
+        if uses and all(u.op in ("dynamic-slice", "slice") for u, _ in uses):
+            reads[i] = sum(nbytes(u.shape) for u, _ in uses)
+        elif uses and all(u.op == "dynamic-update-slice" and p == 0 for u, p in uses):
+            reads[i] = 0
+        else:
+            reads[i] = None
+    return reads
+
+
+def _written(computation: list[Instruction]) -> int | None:
+    """Bytes a fused computation writes when its root updates a slice in place."""
+    shapes = {ins.name: ins.shape for ins in computation}
+    root = next((ins for ins in computation if ins.root), None)
+    if root is not None and root.op == "dynamic-update-slice":
+        return 2 * nbytes(shapes.get(root.operands[1], ""))
+    return None
+
+
+def _bytes_moved(ins: Instruction, shapes: dict[str, str], computations) -> float:
+    """HBM bytes an unfused instruction reads and writes (slices count as the slice)."""
+    if ins.op in ("dynamic-slice", "slice"):
+        return 2 * nbytes(ins.shape)
+    if ins.op == "dynamic-update-slice":
+        return 2 * nbytes(shapes.get(ins.operands[1], ""))
+    if ins.op in ("copy-start", "copy-done") or ins.op.endswith("-done"):
+        return 0
+    callee = re.search(r"calls=%([\w.-]+)", ins.attributes) if ins.op == "fusion" else None
+    body = computations.get(callee.group(1), []) if callee else []
+    reads = _parameter_reads(body) if body else {}
+    total = 0
+    for i, operand in enumerate(ins.operands):
+        part = reads.get(i)
+        total += nbytes(shapes.get(operand, "")) if part is None else part
+    written = _written(body) if body else None
+    return total + (nbytes(ins.shape) if written is None else written)
+
+
+def analyze(text: str) -> Stats:
+    """Per-device FLOPs, bytes and collectives of the optimized HLO module ``text``."""
+    computations, entry = parse(text)
+    stats = Stats()
+    counts: dict[str, float] = collections.Counter()
+    fused: set[str] = set()
+    order = [entry]
+    counts[entry] = 1.0
+    seen = {entry}
+    while order:  # breadth-first: a computation's callers are weighed before it
+        name = order.pop(0)
+        for ins in computations.get(name, []):
+            called = _CALLED.findall(ins.attributes)
+            for group in _BRANCHES.findall(ins.attributes):
+                called += re.findall(r"%([\w.-]+)", group)
+            times = 1.0
+            if ins.op == "while":
+                trips = _trip_count(ins, computations)
+                stats.unknown_trip_counts += trips is None
+                times = float(trips or 1)
+            for callee in called:
+                counts[callee] += counts[name] * times
+                if ins.op == "fusion" or "to_apply" in ins.attributes:
+                    fused.add(callee)
+                if callee not in seen:
+                    seen.add(callee)
+                    order.append(callee)
+    collectives: dict[str, dict[str, float]] = {}
+    for name, instructions in computations.items():
+        times = counts.get(name, 0.0)
+        if not times:
+            continue
+        shapes = {ins.name: ins.shape for ins in instructions}
+        for ins in instructions:
+            if ins.op == "convolution":
+                stats.matmul_flops += times * _convolution_flops(ins, shapes)
+            elif ins.op == "dot":
+                stats.matmul_flops += times * _dot_flops(ins, shapes)
+            elif ins.op == "custom-call":
+                stats.matmul_flops += times * _kernel_flops(ins, shapes)
+            kind = ins.op.removesuffix("-start")
+            if kind in COLLECTIVES:
+                entry_stats = collectives.setdefault(kind, {"count": 0.0, "bytes": 0.0})
+                entry_stats["count"] += times
+                entry_stats["bytes"] += times * _collective_bytes(ins, kind, shapes)
+            if name not in fused and ins.op not in _FREE:
+                stats.bytes_accessed += times * _bytes_moved(ins, shapes, computations)
+    stats.collectives = {
+        k: {"count": int(v["count"]), "bytes": v["bytes"]} for k, v in collectives.items()
+    }
+    return stats
