@@ -75,9 +75,9 @@ def _evaluate(args, overrides):
     )
     result = evaluator.run(state)
     if args.output and jax.process_index() == 0:
-        from pathlib import Path
+        from cavmae_jax import paths
 
-        Path(args.output).write_text(json.dumps(result, indent=1))
+        paths.path(args.output).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("AP", "AUC")}))
     print(
         f"{args.metric} {result[args.metric]:.4f} over {result['clips']} clips, "
@@ -154,16 +154,14 @@ def _export(args, overrides):
 
 
 def _retrieval(args, overrides):
-    from pathlib import Path
-
-    from cavmae_jax import convert
+    from cavmae_jax import convert, paths
     from cavmae_jax.train.evaluators import Retrieval
     from cavmae_jax.train.inference import replicated_state
     from cavmae_jax.train.sharding import make_mesh
 
     if overrides:
         raise SystemExit(f"cavmae retrieval: unrecognised arguments {overrides}")
-    workdir = Path(args.workdir)
+    workdir = paths.path(args.workdir)
     data = args.data or workdir / "data" / "dataset"
     mesh = make_mesh({"data": -1})
     graphdef, state = replicated_state(convert.load_checkpoint(workdir / "model"), mesh)

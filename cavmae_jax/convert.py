@@ -13,7 +13,6 @@ import logging
 import math
 import re
 from collections import OrderedDict
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cavmae_jax import paths
 from cavmae_jax.models import CAVMAE, CAVMAEFT, CAVMAEFTAudio, ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE
 from cavmae_jax.pth import CheckpointError, load_pth
@@ -259,7 +259,7 @@ def from_torch_state_dict(
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load_torch_checkpoint(path: str | Path, **kwargs) -> Model:
+def load_torch_checkpoint(path: paths.PathLike, **kwargs) -> Model:
     """Load an official ``.pth`` (a state dict, or a dict holding one under ``model``)."""
     obj = load_pth(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -269,7 +269,7 @@ def load_torch_checkpoint(path: str | Path, **kwargs) -> Model:
     return from_torch_state_dict(obj, source=str(path), **kwargs)
 
 
-def save_torch_checkpoint(model: Model, path: str | Path, module_prefix: bool = True) -> None:
+def save_torch_checkpoint(model: Model, path: paths.PathLike, module_prefix: bool = True) -> None:
     """Write an official-format ``.pth`` (needs PyTorch); keys get ``module.`` like the releases."""
     import torch
 
@@ -277,7 +277,8 @@ def save_torch_checkpoint(model: Model, path: str | Path, module_prefix: bool = 
     sd = OrderedDict(
         (prefix + k, torch.from_numpy(np.array(v))) for k, v in to_torch_state_dict(model).items()
     )
-    torch.save(sd, str(path))
+    with paths.path(path).open("wb") as f:
+        torch.save(sd, f)
 
 
 def export_encoder(model: CAVMAE, label_dim: int, seed: int = 0) -> CAVMAEFT:
@@ -343,11 +344,11 @@ def mae_imagenet_init(mae_state_dict: dict[str, Any], seed: int = 0, **config_ov
 # Orbax checkpoints of our own models ---------------------------------------------------------
 
 
-def save_checkpoint(model: Model, directory: str | Path) -> None:
+def save_checkpoint(model: Model, directory: paths.PathLike) -> None:
     """Save parameters and config as an Orbax checkpoint (``state``) plus ``model.json``."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
+    directory = paths.path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as checkpointer:
@@ -358,11 +359,11 @@ def save_checkpoint(model: Model, directory: str | Path) -> None:
     (directory / "model.json").write_text(json.dumps(meta, indent=1))
 
 
-def load_checkpoint(directory: str | Path) -> Model:
+def load_checkpoint(directory: paths.PathLike) -> Model:
     """Restore a model written by ``save_checkpoint``."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory).absolute()
+    directory = paths.path(directory)
     meta_file = directory / "model.json"
     if not meta_file.exists():
         raise CheckpointError(f"{directory}: no model.json, not a cavmae-jax model checkpoint")

@@ -10,13 +10,13 @@ similarity, drawn as the prototype clips' frame and spectrogram (``explain_<id>.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ml_collections
 import numpy as np
 
-from cavmae_jax import convert
+from cavmae_jax import convert, paths
 from cavmae_jax.losses import l2_normalize
+from cavmae_jax.paths import Path
 from cavmae_jax.train.evaluators import find_prototypes, momentum_embeddings
 from cavmae_jax.train.inference import replicated_state
 from cavmae_jax.train.sharding import make_mesh
@@ -117,7 +117,7 @@ def explain_clip(index: int, data: dict, arrays: dict, levels, media: dict, path
             draw_media(axes_pair, media[clip], f"level {g} #{k}: {clip}\nsim {sims[k]:.3f}")
         column += SHOWN_PER_LEVEL
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    paths.save_figure(fig, path, dpi=80)
     plt.close(fig)
 
 
@@ -149,24 +149,24 @@ def tsne_figure(data: dict, levels, path: Path, seed: int = 0) -> None:
     axis.legend(fontsize=7, loc="lower left")
     axis.set_title("clip embeddings (t-SNE) and prototypes")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    paths.save_figure(fig, path)
     plt.close(fig)
 
 
 def explain(
-    workdir: str | Path,
-    output: str | Path,
-    data_dir: str | Path | None = None,
+    workdir: paths.PathLike,
+    output: paths.PathLike,
+    data_dir: paths.PathLike | None = None,
     split: str = "train",
     clips: int = 4,
 ) -> dict:
     """Write ``prototypes.json``, ``tsne.png`` and ``explain_<id>.png`` for the first ``clips``
     clips of a finished PCAV-MAE run in ``workdir``; returns the prototype report."""
-    workdir, output = Path(workdir), Path(output)
+    workdir, output = paths.path(workdir), paths.path(output)
     output.mkdir(parents=True, exist_ok=True)
     config = json.loads((workdir / "config.json").read_text())
     pcav = config["pcav"]
-    data_dir = Path(data_dir or config["data"]["dir"] or workdir / "data" / "dataset")
+    data_dir = paths.path(data_dir or config["data"]["dir"] or workdir / "data" / "dataset")
     model = convert.load_checkpoint(workdir / "momentum_model")
     data = dataset_embeddings(model, data_dir, split)
     granularities = tuple(pcav["granularities"])

@@ -10,10 +10,12 @@ from __future__ import annotations
 import collections
 import pickle
 import zipfile
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+
+from cavmae_jax import paths
+from cavmae_jax.paths import Path
 
 STORAGE_DTYPES = {
     "DoubleStorage": np.float64,
@@ -90,15 +92,21 @@ def _rebuild_parameter(data, requires_grad=False, hooks=None):
     return data
 
 
-def load_pth(path: str | Path):
-    """Load a ``torch.save`` zip file: tensors become NumPy arrays, dicts stay dicts."""
-    path = Path(path)
-    if not zipfile.is_zipfile(path):
+def load_pth(path: paths.PathLike):
+    """Load a ``torch.save`` zip file (local or in a bucket): tensors become NumPy arrays,
+    dicts stay dicts."""
+    path = paths.path(path)
+    with path.open("rb") as stream:
+        return _load_archive(stream, path)
+
+
+def _load_archive(stream, path: Path):
+    if not zipfile.is_zipfile(stream):
         raise CheckpointError(
             f"{path}: not a PyTorch zip checkpoint (files saved with torch < 1.6 or other "
             "formats are not supported; re-save it with a recent torch.save)"
         )
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(stream) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {pickles}")

@@ -40,6 +40,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.peak_tflops = 0.48  # per device, for MFU (this 2-core CPU's float32 matmul peak)
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
+    config.async_checkpoints = True  # write while training goes on
+    config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
     config.init = ""  # official .pth or cavmae-jax model dir to start from ("" = random init)
     config.seed = 0
     config.batch_size = 16  # global batch per update

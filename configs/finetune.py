@@ -137,6 +137,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 100
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
+    config.async_checkpoints = True  # write while training goes on
+    config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
     config.peak_tflops = 197.0  # per device: TPU v4 / A100-class bf16; set for your hardware
     # the official per-epoch validation: frame 5, full batches (train/evaluators.py)
     config.evals = ml_collections.ConfigDict(

@@ -106,6 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 100
     config.checkpoint_every = 2000
     config.keep_checkpoints = 3
+    config.async_checkpoints = True  # write while training goes on
+    config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
     config.peak_tflops = 197.0  # per device: TPU v4 / A100-class bf16; set for your hardware
     config.evals = ml_collections.ConfigDict()  # e.g. retrieval: see train/evaluators.py
     if "tiny" in modifiers:

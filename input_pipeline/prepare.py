@@ -15,12 +15,12 @@ import csv
 import dataclasses
 import json
 import multiprocessing
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 
+from cavmae_jax import paths
+from cavmae_jax.paths import Path
 from input_pipeline import audio, video
 
 DATASET_NAME = "clips"
@@ -55,10 +55,10 @@ class ClipError(Exception):
 # Manifests -------------------------------------------------------------------------------------
 
 
-def read_manifest(source: str | Path) -> list[Clip]:
+def read_manifest(source: paths.PathLike) -> list[Clip]:
     """Clips from a folder (every non-hidden file), a CSV (path[, comma-separated labels]) or an
     official JSON datafile (video_id, wav, video_path, labels)."""
-    source = Path(source)
+    source = paths.path(source)
     if source.is_dir():
         files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
         return [Clip(p.name.rsplit(".", 1)[0], str(p)) for p in files]
@@ -68,10 +68,13 @@ def read_manifest(source: str | Path) -> list[Clip]:
             Clip(r["video_id"], r["wav"], tuple(_split_labels(r["labels"])), r["video_path"])
             for r in records
         ]
-    with open(source, newline="") as f:
-        rows = [row for row in csv.reader(f) if row and row[0].strip()]
+    rows = [row for row in csv.reader(source.read_text().splitlines()) if row and row[0].strip()]
     return [
-        Clip(Path(row[0]).name.rsplit(".", 1)[0], row[0], tuple(_split_labels(",".join(row[1:]))))
+        Clip(
+            row[0].rsplit("/", 1)[-1].rsplit(".", 1)[0],
+            row[0],
+            tuple(_split_labels(",".join(row[1:]))),
+        )
         for row in rows
     ]
 
@@ -80,10 +83,10 @@ def _split_labels(text: str) -> list[str]:
     return [label.strip() for label in text.split(",") if label.strip()]
 
 
-def read_label_csv(path: str | Path) -> dict[str, int]:
+def read_label_csv(path: paths.PathLike) -> dict[str, int]:
     """Official label CSV (index,mid,display_name) -> {mid: index}."""
-    with open(path, newline="") as f:
-        return {row["mid"]: int(row["index"]) for row in csv.DictReader(f)}
+    rows = csv.DictReader(paths.path(path).read_text().splitlines())
+    return {row["mid"]: int(row["index"]) for row in rows}
 
 
 # One clip --------------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def _official_frames(clip: Clip) -> list[bytes]:
     frames = []
     for k in range(video.NUM_FRAMES):
         for j in range(k, -1, -1):
-            path = Path(f"{clip.frames_dir}/frame_{j}/{clip.id}.jpg")
+            path = paths.path(f"{clip.frames_dir}/frame_{j}/{clip.id}.jpg")
             if path.is_file():
                 frames.append(path.read_bytes())
                 break
@@ -106,23 +109,29 @@ def _official_frames(clip: Clip) -> list[bytes]:
 
 def process_clip(clip: Clip, options: Options) -> tuple[dict, str | None]:
     """The example of one clip and a warning (or None); raises ``ClipError`` if unusable."""
-    if not Path(clip.path).is_file():
+    source = paths.path(clip.path)
+    if not source.is_file():
         raise ClipError("read", f"no such file: {clip.path}")
-    if Path(clip.path).stat().st_size == 0:
+    if source.stat().length == 0:
         raise ClipError("read", "empty file")
+    with paths.local_copy(clip.path) as local:
+        return _decode(clip, local, options)
+
+
+def _decode(clip: Clip, local: str, options: Options) -> tuple[dict, str | None]:
     try:
-        waveform = audio.load_audio(clip.path)
+        waveform = audio.load_audio(local)
     except audio.AudioError as err:
-        raise ClipError("audio", str(err).removeprefix(f"{clip.path}: ")) from err
+        raise ClipError("audio", str(err).removeprefix(f"{local}: ")) from err
     if len(waveform) < audio.FRAME_LENGTH:
         raise ClipError("audio", f"only {len(waveform)} samples: shorter than one fbank frame")
     if clip.frames_dir is not None:
         jpegs = _official_frames(clip)
     else:
         try:
-            jpegs = [video.encode_jpeg(f) for f in video.extract_frames(clip.path)]
+            jpegs = [video.encode_jpeg(f) for f in video.extract_frames(local)]
         except video.VideoError as err:
-            raise ClipError("video", str(err).removeprefix(f"{clip.path}: ")) from err
+            raise ClipError("video", str(err).removeprefix(f"{local}: ")) from err
     labels = []
     for label in clip.labels:
         if options.label_index is None or label not in options.label_index:
@@ -183,48 +192,40 @@ def shard_path(output: Path, split: str, index: int, count: int) -> Path:
     return output / f"{DATASET_NAME}-{split}.tfrecord-{index:05d}-of-{count:05d}"
 
 
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def _write_shard(output, split, index, count, examples, records, spec) -> None:
+    """The shard, then its report (its example count and the clips' failure records): a shard
+    whose report exists is complete, also in a bucket."""
     import tensorflow as tf
 
-    def write_records(tmp: Path) -> None:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    def write_report(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump({"examples": len(examples), "records": records}, f)
 
-    def write_examples(tmp: Path) -> None:
-        with tf.io.TFRecordWriter(str(tmp)) as writer:
+    def write_examples(tmp: str) -> None:
+        with tf.io.TFRecordWriter(tmp) as writer:
             for example in examples:
                 # protobuf map order varies between processes: sort it, so reruns are bytewise equal
                 proto = tf.train.Example.FromString(spec.serialize_example(example))
                 writer.write(proto.SerializeToString(deterministic=True))
 
-    _write_atomically(output / f"failures-{index:05d}.jsonl", write_records)
-    _write_atomically(shard_path(output, split, index, count), write_examples)
+    paths.publish(shard_path(output, split, index, count), write_examples)
+    paths.publish(_report_path(output, index), write_report)
 
 
-def _shard_sizes(output: Path, split: str, count: int) -> list[int]:
-    import tensorflow as tf
-
-    return [
-        sum(1 for _ in tf.data.TFRecordDataset(str(shard_path(output, split, i, count))))
-        for i in range(count)
-    ]
+def _report_path(output: Path, index: int) -> Path:
+    return output / f"report-{index:05d}.json"
 
 
 def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]]:
     """Merge the per-shard reports and write the TFDS metadata. Returns (examples, records)."""
     import tensorflow_datasets as tfds
 
-    records = []
+    records, sizes = [], []
     for i in range(count):
-        lines = (output / f"failures-{i:05d}.jsonl").read_text().splitlines()
-        records.extend(json.loads(line) for line in lines)
+        report = json.loads(_report_path(output, i).read_text())
+        records.extend(report["records"])
+        sizes.append(report["examples"])
     (output / "failures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    sizes = _shard_sizes(output, split, count)
     template = tfds.core.ShardedFileTemplate(
         data_dir=output,
         template=SHARD_TEMPLATE,
@@ -236,7 +237,7 @@ def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]
     split_info = tfds.core.SplitInfo(
         name=split,
         shard_lengths=sizes,
-        num_bytes=sum(f.stat().st_size for f in files),
+        num_bytes=sum(f.stat().length for f in files),
         filename_template=template,
     )
     tfds.folder_dataset.write_metadata(
@@ -252,7 +253,7 @@ def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]
 def _pending(clips: list[Clip], output: Path, split: str, shard_size: int) -> Iterator[int]:
     count = max(1, -(-len(clips) // shard_size))
     for i in range(count):
-        if not shard_path(output, split, i, count).exists():
+        if not _report_path(output, i).exists():
             yield i
 
 
@@ -269,7 +270,7 @@ def prepare(
     """Build the dataset; resumes from finished shards. Returns (prepared, failed) clip counts."""
     from tqdm import tqdm
 
-    output = Path(output)
+    output = paths.path(output)
     output.mkdir(parents=True, exist_ok=True)
     options = options or Options()
     if labels is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,43 @@ def test_aot_check_compiles_for_a_tpu_slice_from_this_cpu():
     )
     # flash pads 32 audio / 16 visual tokens to 128: more compiled FLOPs, never fewer
     assert pretrain["tflop_per_chip_compiled"] > pretrain["tflop_per_chip_analytic"]
+
+
+def test_the_tpu_pod_launcher_runs_the_requested_revision_with_the_runtime_only(tmp_path):
+    """``gcloud`` replaced by a recorder: the command every worker runs checks the Python
+    version, moves a checkout to the requested revision (also an existing one), installs the
+    runtime and libtpu (no test tools, no torch) and runs ``cavmae train`` (the trainer comes
+    from the config, not from its file name) with the gs:// paths and overrides intact."""
+    recorder = tmp_path / "gcloud"
+    recorder.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$GCLOUD_LOG"\n')
+    recorder.chmod(0o755)
+    log = tmp_path / "log"
+    env = dict(
+        os.environ,
+        PATH=f"{tmp_path}:{os.environ['PATH']}",
+        GCLOUD_LOG=str(log),
+        REPO="https://example.com/cavmae-jax.git",
+        REV="v1.2",
+    )
+    done = subprocess.run(
+        ["bash", "launch/tpu_pod.sh", "tpu1", "zone1", "configs/my_ft.py:as2m", "gs://b/run"]
+        + ["--config.data.dir=gs://b/data set", "--config.init=gs://b/init.pth"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    args = log.read_text().split("\n")
+    assert args[:6] == ["compute", "tpus", "tpu-vm", "ssh", "tpu1", "--zone"]
+    script = args[args.index("--command") + 1 :]
+    text = "\n".join(script)
+    assert "sys.version_info >= (3, 11)" in text
+    assert "git fetch -q origin v1.2 && git checkout -q --detach FETCH_HEAD" in script
+    assert "pip install -q '.[data,tpu]'" in text and "torch" not in text and "test" not in text
+    assert (
+        ".venv/bin/cavmae train --distributed --config configs/my_ft.py:as2m --workdir gs://b/run"
+        " --config.data.dir=gs://b/data\\ set --config.init=gs://b/init.pth" in script
+    )
+    check = subprocess.run(["bash", "-n", "-c", text], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr

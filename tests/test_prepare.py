@@ -85,9 +85,11 @@ def test_an_interrupted_run_resumes_to_the_same_dataset(corpus, tmp_path):
     prepare.prepare(root, one, shard_size=3, progress=False)
     resumed = tmp_path / "resumed"
     prepare.prepare(root, resumed, shard_size=3, progress=False)
-    # simulate a kill: the last shard and the metadata were never written, a temp file was left
+    # simulate a kill: the last shard's report (written after the shard, it marks the shard
+    # complete) and the metadata were never written, a temp file was left
     shards = sorted(resumed.glob("clips-train.tfrecord-*"))
     shards[-1].rename(shards[-1].with_name(shards[-1].name + ".tmp"))
+    sorted(resumed.glob("report-*.json"))[-1].unlink()
     for name in ("dataset_info.json", "features.json", "failures.jsonl"):
         (resumed / name).unlink()
     before = {p.name: p.stat().st_mtime_ns for p in shards[:-1]}
@@ -167,8 +169,8 @@ def test_prepare_killed_mid_run_resumes_to_the_same_dataset(tmp_path):
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    def finished():
-        return [p for p in out.glob("clips-train.tfrecord-*") if not p.name.endswith(".tmp")]
+    def finished():  # a shard is complete once its report is written
+        return [p for p in out.glob("report-*.json") if not p.name.endswith(".tmp")]
 
     deadline = time.monotonic() + 120
     while not finished() and time.monotonic() < deadline:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from runs import ROOT, logged_steps, start_and_stop
+from worker_env import fake_devices_env
 
 from cavmae_jax import convert
 from input_pipeline import prepare, synthetic
@@ -72,6 +75,86 @@ def test_killed_and_preempted_runs_end_with_the_same_parameters(dataset, uninter
     assert logged_steps(tmp_path) == list(range(1, STEPS + 1))
     resumed = final_parameters(tmp_path)
     for name, value in uninterrupted.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+def test_an_unreadable_newest_checkpoint_is_named_and_the_one_before_resumes(
+    dataset, uninterrupted, tmp_path
+):
+    """The newest checkpoint's largest file truncated (a disk filled, a copy cut short): the
+    restart names it and why, sets it aside, resumes from the previous one and ends as the
+    uninterrupted run. A checkpoint asked for by hand that does not exist is named."""
+    start_and_stop(command(tmp_path, dataset), tmp_path, 4, signal.SIGTERM)
+    folder = tmp_path / "checkpoints"
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    assert len(steps) >= 2
+    files = [p for p in (folder / str(steps[-1])).rglob("*") if p.is_file()]
+    largest = max(files, key=lambda p: p.stat().st_size)
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    missing = subprocess.run(
+        command(tmp_path, dataset) + ["--config.restore_step=999"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode != 0 and "no checkpoint of step 999" in missing.stderr
+    done = subprocess.run(command(tmp_path, dataset), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"checkpoints/{steps[-1]}: unreadable checkpoint (" in done.stdout
+    assert (folder / f"unreadable-{steps[-1]}").is_dir()
+    assert logged_steps(tmp_path) == list(range(1, STEPS + 1))
+    resumed = final_parameters(tmp_path)
+    for name, value in uninterrupted.items():
+        np.testing.assert_array_equal(resumed[name], value, err_msg=name)
+
+
+def two_processes(workdir: Path, dataset: Path) -> list[subprocess.Popen]:
+    """The run as two processes (one CPU device each) joined by ``jax.distributed``."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    joined = ["--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    return [
+        subprocess.Popen(
+            command(workdir, dataset) + joined + ["--process-id", str(i)],
+            cwd=ROOT,
+            env=fake_devices_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+
+
+def finished(processes: list[subprocess.Popen]) -> list[str]:
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-2000:]
+    return [out for out, _ in outputs]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_saved_step(dataset, tmp_path):
+    """A pod host is preempted: SIGTERM reaches process 1 only. JAX's preemption service makes
+    both agree on one step; both save it, print it and exit 0; the restarted pair resumes
+    there and ends with the parameters of an uninterrupted two-process run."""
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    finished(two_processes(straight, dataset))
+    processes = two_processes(stopped, dataset)
+    deadline = time.monotonic() + 300
+    while max(logged_steps(stopped), default=0) < 2 and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in processes), "the run ended before the signal"
+        time.sleep(0.01)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = finished(processes)
+    saved = {int(out.split("SIGTERM: saved step ")[1].split(",")[0]) for out in outputs}
+    assert len(saved) == 1 and 2 <= min(saved) < STEPS, outputs
+    assert (stopped / "checkpoints" / str(saved.pop())).is_dir()
+    assert not (stopped / "model").exists()
+    finished(two_processes(stopped, dataset))
+    assert logged_steps(stopped) == list(range(1, STEPS + 1))
+    resumed, expected = final_parameters(stopped), final_parameters(straight)
+    for name, value in expected.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cavmae_jax import evaluation, prototypes, retrieval
 from cavmae_jax.losses import CLASSIFICATION_LOSSES
+from cavmae_jax.paths import Path
 from cavmae_jax.train.inference import predict_split
 from cavmae_jax.train.steps import make_logits_step
 

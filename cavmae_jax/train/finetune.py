@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +21,7 @@ from flax import nnx
 
 from cavmae_jax import convert, flops
 from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
+from cavmae_jax.paths import Path
 from cavmae_jax.train.durations import Durations
 from cavmae_jax.train.evaluators import EVAL_FRAME, Classification
 from cavmae_jax.train.steps import finetune_loss
@@ -36,8 +36,10 @@ def balanced_weights(data_dir: Path, split: str, share: str, workdir: Path) -> t
 
     cache = workdir / f"sample_weights_{jax.process_index()}.npy"
     if not cache.exists():
-        np.save(cache, label_sample_weights(data_dir, split, share))
-    return tuple(np.load(cache).tolist())
+        with cache.open("wb") as f:
+            np.save(f, label_sample_weights(data_dir, split, share))
+    with cache.open("rb") as f:
+        return tuple(np.load(f).tolist())
 
 
 class Finetuning(Trainer):

@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import jax
 import ml_collections
 from tqdm import tqdm
 
+from cavmae_jax import paths
+from cavmae_jax.paths import Path
 from cavmae_jax.train import durations as durations_lib
 from cavmae_jax.train import sharding
-from cavmae_jax.train.checkpoint import Checkpointer, PreemptionFlag
+from cavmae_jax.train.checkpoint import Checkpointer, Preemption
 from cavmae_jax.train.metrics import MetricsWriter
 from cavmae_jax.train.setup import Setup, build
 
@@ -41,7 +42,7 @@ def evaluate(setup: Setup, state: dict, due: list, step: int, workdir: Path) -> 
         scalars.update({f"{name}/{k}": v for k, v in numbers.items()})
         if len(numbers) < len(result) and jax.process_index() == 0:
             folder = workdir / name
-            folder.mkdir(exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             (folder / f"step_{step}.json").write_text(json.dumps({"step": step, **result}))
     return scalars
 
@@ -54,10 +55,12 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
     SIGTERM)."""
     config, total = setup.config, setup.durations.num_steps
     state = setup.state
-    checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-    start = checkpointer.latest_step() or 0
-    if start:
-        state, _ = checkpointer.restore(start, state)
+    checkpointer = Checkpointer(
+        workdir / "checkpoints", config.keep_checkpoints, config.async_checkpoints
+    )
+    start, state = checkpointer.restore_newest_readable(state, config.restore_step)
+    if start and jax.process_index() == 0:
+        print(f"resuming from the checkpoint of step {start}")
     keep_lines_until(workdir / "metrics.jsonl", start if start else -1)
     writer = MetricsWriter(workdir, active=jax.process_index() == 0)
     if start == 0:
@@ -65,7 +68,7 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
         if at_start:
             writer.write(0, {"step": 0, **evaluate(setup, state, at_start, 0, workdir)})
     batches = setup.batches_from(start)
-    preemption = PreemptionFlag()
+    preemption = Preemption()
     logged: dict[str, float] = {}
     clock, clock_step = time.perf_counter(), start
 
@@ -95,7 +98,7 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
                 bar.update()
                 due = [e for e in setup.evaluators if e[1].due(step, total)]
                 evaluated = evaluate(setup, state, due, step, workdir) if due else {}
-                stop = preemption.requested  # read once: log, save and exit agree
+                stop = preemption.due(step)  # the same step on every process
                 if step % config.log_every == 0 or step == total or evaluated:
                     logged = log_metrics(step, metrics, evaluated)
                     shown = [name for name in setup.trainer.shown if name in logged]
@@ -113,11 +116,11 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
     return state, logged, not preemption.requested
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
     """Train ``config.trainer`` in ``workdir`` (resuming if possible), then let the trainer
     finish (save the model, final evaluation). Returns the last logged metrics, updated with
     the trainer's final result."""
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     setup = build(config, workdir)
     if jax.process_index() == 0:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
+import tempfile
+
+from cavmae_jax import paths
+from cavmae_jax.paths import Path
 
 
 def _rows(path: Path) -> list[dict]:
@@ -14,7 +18,7 @@ def _rows(path: Path) -> list[dict]:
     )
 
 
-def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
+def plot_curves(workdir: paths.PathLike, png_path: paths.PathLike) -> None:
     """Training loss terms (left) and accuracies (right: contrastive ``c_acc``, prototype
     ``p_acc``, the ``validation`` evaluator's mAP and accuracy) against the step, from
     ``metrics.jsonl``."""
@@ -23,7 +27,7 @@ def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    workdir = Path(workdir)
+    workdir = paths.path(workdir)
     logged = _rows(workdir / "metrics.jsonl")
     rows = [r for r in logged if "loss" in r]  # update lines (an evaluator may log alone)
     valid = [r for r in logged if "validation/mAP" in r]
@@ -51,24 +55,33 @@ def plot_curves(workdir: str | Path, png_path: str | Path) -> None:
             axis.legend()
     accuracy.set_ylim(0, 1)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    paths.save_figure(fig, png_path)
     plt.close(fig)
 
 
 class MetricsWriter:
     """Appends one JSON object per logged step to ``<stem>.jsonl`` and writes the same scalars
     as TensorBoard summaries under ``tensorboard/`` (``tensorboard/<stem>`` for other logs than
-    the training metrics); process 0 only, others write nothing."""
+    the training metrics); process 0 only, others write nothing.
+
+    A bucket object cannot be appended to, and TensorBoard's writer reaches buckets only through
+    TensorFlow's own client: for a ``gs://`` workdir both files are written in a local folder
+    and copied up whole after every write (a few kB to MB per run)."""
 
     def __init__(self, workdir: Path, active: bool, stem: str = "metrics"):
         self.active = active
-        if active:
-            import tensorflow as tf
+        if not active:
+            return
+        import tensorflow as tf
 
-            self._tf = tf
-            self._log = open(workdir / f"{stem}.jsonl", "a")
-            board = workdir / "tensorboard" / ("" if stem == "metrics" else stem)
-            self._summary = tf.summary.create_file_writer(str(board))
+        self._tf = tf
+        self._workdir = workdir
+        self._local = Path(tempfile.mkdtemp()) if paths.is_remote(workdir) else workdir
+        self._names = [f"{stem}.jsonl", "tensorboard/" + ("" if stem == "metrics" else stem)]
+        if self._local != workdir and (workdir / self._names[0]).exists():
+            (self._local / self._names[0]).write_text((workdir / self._names[0]).read_text())
+        self._log = (self._local / self._names[0]).open("a")
+        self._summary = tf.summary.create_file_writer(str(self._local / self._names[1]))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:
@@ -80,8 +93,24 @@ class MetricsWriter:
                 if name != "step":
                     self._tf.summary.scalar(name, value)
         self._summary.flush()
+        self._upload()
+
+    def _upload(self) -> None:
+        if self._local == self._workdir:
+            return
+        board = self._local / self._names[1]
+        for local in [
+            self._local / self._names[0],
+            *(paths.files(board) if board.exists() else []),
+        ]:
+            remote = self._workdir / local.relative_to(self._local)
+            remote.parent.mkdir(parents=True, exist_ok=True)
+            remote.write_bytes(local.read_bytes())
 
     def close(self) -> None:
         if self.active:
             self._log.close()
             self._summary.close()
+            self._upload()
+            if self._local != self._workdir:
+                shutil.rmtree(self._local)

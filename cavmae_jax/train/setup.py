@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -16,6 +15,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cavmae_jax import paths
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.attention import resolve as resolve_attention
 from cavmae_jax.train import durations as durations_lib
@@ -41,7 +41,7 @@ class Setup:
     durations: Durations
     phases: list[tuple[int, Callable]]  # (last update, jitted step)
     clip_flops: float
-    data_dir: Path | None = None
+    data_dir: paths.Path | None = None
     batches_from: Callable[[int], Iterator[dict]] | None = None  # start update -> host batches
     evaluators: list = dataclasses.field(default_factory=list)  # (name, Period, evaluator)
 
@@ -53,7 +53,7 @@ class Setup:
         return nnx.merge(self.graphdef, params, self.state["rest"])
 
 
-def prepared_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+def prepared_dataset(config: ml_collections.ConfigDict, workdir: paths.Path) -> paths.Path:
     """The prepared dataset ``config.data.dir``; with ``config.data.generate`` the demo videos
     are first generated and prepared (resumably) under ``workdir/data``."""
     from input_pipeline import prepare, synthetic
@@ -61,7 +61,7 @@ def prepared_dataset(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     data = config.data
     if not data.dir and not data.generate:
         raise ValueError("no training data: set --config.data.dir to a `cavmae prepare` output")
-    data_dir = Path(data.dir) if data.dir else workdir / "data" / "dataset"
+    data_dir = paths.path(data.dir) if data.dir else workdir / "data" / "dataset"
     if data.generate and not (data_dir / "dataset_info.json").exists():
         videos = workdir / "data" / "videos"
         listing = videos / "clips.csv"
@@ -186,7 +186,7 @@ def initial_state(
 
 def build(
     config: ml_collections.ConfigDict,
-    workdir: Path | None = None,
+    workdir: paths.Path | None = None,
     abstract_clips: int | None = None,
     devices=None,
 ) -> Setup:

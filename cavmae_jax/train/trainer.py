@@ -7,13 +7,13 @@ the step and the loop are shared (``train/setup.py``, ``train/steps.py``, ``trai
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import ml_collections
 from flax import nnx
 
 from cavmae_jax import convert
 from cavmae_jax.models import ModelConfig
+from cavmae_jax.paths import Path
 from cavmae_jax.train.durations import Durations
 from cavmae_jax.train.metrics import plot_curves
 from cavmae_jax.train.steps import AfterUpdate, LossFn
