@@ -345,18 +345,22 @@ def mae_imagenet_init(mae_state_dict: dict[str, Any], seed: int = 0, **config_ov
 
 
 def save_checkpoint(model: Model, directory: paths.PathLike) -> None:
-    """Save parameters and config as an Orbax checkpoint (``state``) plus ``model.json``."""
+    """Save parameters and config as an Orbax checkpoint (``state``) plus ``model.json``.
+    In a multi-process run every process calls it (Orbax writes the arrays together)."""
     import orbax.checkpoint as ocp
 
     directory = paths.path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    first = jax.process_index() == 0
+    if first:
+        directory.mkdir(parents=True, exist_ok=True)
     state = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "state", state, force=True)
     # the attention implementation is chosen where the model runs, not stored with it
     config = dataclasses.asdict(model.cfg.replace(attention="auto"))
     meta = {"kind": type(model).__name__, "config": config}
-    (directory / "model.json").write_text(json.dumps(meta, indent=1))
+    if first:
+        (directory / "model.json").write_text(json.dumps(meta, indent=1))
 
 
 def load_checkpoint(directory: paths.PathLike) -> Model:
@@ -369,8 +373,11 @@ def load_checkpoint(directory: paths.PathLike) -> Model:
         raise CheckpointError(f"{directory}: no model.json, not a cavmae-jax model checkpoint")
     meta = json.loads(meta_file.read_text())
     graphdef, abstract_state = nnx.split(_abstract(meta["kind"], ModelConfig(**meta["config"])))
+    # on this process's first device, whatever mesh the model was saved from (a pod's)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here),
+        nnx.to_pure_dict(abstract_state),
     )
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(directory / "state", target)

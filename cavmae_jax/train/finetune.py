@@ -128,8 +128,8 @@ class Finetuning(Trainer):
             frames,
         )
         result = final.run({"params": params, "rest": state["rest"]})
+        convert.save_checkpoint(setup.model(params), workdir / "model")
         if jax.process_index() == 0:
-            convert.save_checkpoint(setup.model(params), workdir / "model")
             (workdir / "evaluation.json").write_text(json.dumps(result, indent=1))
             write_run_files(config, workdir)
         return result

@@ -65,8 +65,8 @@ class PCAVPretraining(Trainer):
         return train + flops.features_forward(cfg)
 
     def finish(self, setup, state: dict, workdir) -> dict:
+        convert.save_checkpoint(setup.model(state["params"]), workdir / "model")
+        convert.save_checkpoint(setup.model(state["ema"]), workdir / "momentum_model")
         if jax.process_index() == 0:
-            convert.save_checkpoint(setup.model(state["params"]), workdir / "model")
-            convert.save_checkpoint(setup.model(state["ema"]), workdir / "momentum_model")
             write_run_files(setup.config, workdir)
         return {}

@@ -78,8 +78,8 @@ class Trainer:
         """After the last update, on every process: save the model (process 0)."""
         import jax
 
+        convert.save_checkpoint(setup.model(state["params"]), workdir / "model")
         if jax.process_index() == 0:
-            convert.save_checkpoint(setup.model(state["params"]), workdir / "model")
             write_run_files(setup.config, workdir)
         return {}
 
