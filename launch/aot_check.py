@@ -5,7 +5,8 @@ abstractly: no data read, no parameter allocated), lowers and compiles the exact
 (model, optimizer, accumulation, extra state, mesh, sharding rules, global batch) and reports
 what the compiled program needs per device: memory (arguments, temporaries, peak), matmul FLOPs
 (read from the compiled program, loops weighed by their trip counts) against the analytic count,
-the collectives it runs and a roofline lower bound on the step time.
+the collectives it runs, the time of those FLOPs at the chip's peak (a lower bound on the step)
+and of its estimated HBM traffic.
 
 Targets:
   * ``--topology NAME``: a TPU slice compiled for from any machine (``jax[tpu]`` installed),
@@ -138,7 +139,7 @@ def main(argv: list[str]) -> dict:
         report.update(
             fits=peak <= chip.hbm_gib * GIB,
             roofline_ms={"compute": round(compute_ms, 1), "hbm": round(memory_ms, 1)},
-            clips_per_s_bound=round(config.batch_size / (max(compute_ms, memory_ms) / 1e3), 1),
+            clips_per_s_bound=round(config.batch_size / (compute_ms / 1e3), 1),
         )
     _print_summary(report)
     print(json.dumps(report))
@@ -167,8 +168,9 @@ def _print_summary(report: dict) -> None:
     if "roofline_ms" in report:
         r = report["roofline_ms"]
         print(
-            f"  roofline: {r['compute']} ms of matmuls at peak, {r['hbm']} ms of HBM traffic "
-            f"-> at most {report['clips_per_s_bound']} clips/s"
+            f"  roofline: {r['compute']} ms of matmuls at the chip's peak (a lower bound on the "
+            f"step: at most {report['clips_per_s_bound']} clips/s); HBM traffic in XLA's "
+            f"model (an estimate, likely high): {r['hbm']} ms"
         )
 
 
