@@ -63,6 +63,11 @@ def prepared_dataset(config: ml_collections.ConfigDict, workdir: paths.Path) -> 
         raise ValueError("no training data: set --config.data.dir to a `cavmae prepare` output")
     data_dir = paths.path(data.dir) if data.dir else workdir / "data" / "dataset"
     if data.generate and not (data_dir / "dataset_info.json").exists():
+        if paths.is_remote(workdir):
+            raise ValueError(
+                f"{workdir}: the demo videos are generated on a local disk; run the demo with "
+                "a local workdir, or prepare data with `cavmae prepare` and set --config.data.dir"
+            )
         videos = workdir / "data" / "videos"
         listing = videos / "clips.csv"
         if not listing.exists():
