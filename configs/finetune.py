@@ -137,7 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 100
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
-    config.async_checkpoints = True  # write while training goes on
+    config.checkpoint_ocdbt = True  # TensorStore's OCDBT format (False: a folder per array)
     config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
     config.peak_tflops = 197.0  # per device: TPU v4 / A100-class bf16; set for your hardware
     # the official per-epoch validation: frame 5, full batches (train/evaluators.py)

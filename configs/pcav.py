@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log_every = 100
     config.checkpoint_every = 2000
     config.keep_checkpoints = 3
-    config.async_checkpoints = True  # write while training goes on
+    config.checkpoint_ocdbt = True  # TensorStore's OCDBT format (False: a folder per array)
     config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
     config.peak_tflops = 197.0
     # the memory-bank refresh: before the first update, then every epoch (train/evaluators.py)

@@ -21,7 +21,13 @@ from cavmae_jax.pth import CheckpointError
 class Checkpointer:
     """Save / restore ``{"params", "opt_state"}`` trees plus JSON metadata under ``directory``."""
 
-    def __init__(self, directory: paths.PathLike, max_to_keep: int = 3, asynchronous: bool = True):
+    def __init__(
+        self,
+        directory: paths.PathLike,
+        max_to_keep: int = 3,
+        asynchronous: bool = True,
+        ocdbt: bool = True,
+    ):
         # cleanup: a checkpoint cut short (no rename in a bucket: never marked committed) is
         # removed at start, so that its step can be written again
         options = ocp.CheckpointManagerOptions(
@@ -30,7 +36,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = paths.path(directory)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options, item_handlers=handlers
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

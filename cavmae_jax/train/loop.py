@@ -56,7 +56,7 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
     config, total = setup.config, setup.durations.num_steps
     state = setup.state
     checkpointer = Checkpointer(
-        workdir / "checkpoints", config.keep_checkpoints, config.async_checkpoints
+        workdir / "checkpoints", config.keep_checkpoints, ocdbt=config.checkpoint_ocdbt
     )
     start, state = checkpointer.restore_newest_readable(state, config.restore_step)
     if start and jax.process_index() == 0:
