@@ -61,8 +61,10 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
     start, state = checkpointer.restore_newest_readable(state, config.restore_step)
     if start and jax.process_index() == 0:
         print(f"resuming from the checkpoint of step {start}")
-    keep_lines_until(workdir / "metrics.jsonl", start if start else -1)
-    writer = MetricsWriter(workdir, active=jax.process_index() == 0)
+    first = jax.process_index() == 0  # the one process that writes the run's files
+    if first:
+        keep_lines_until(workdir / "metrics.jsonl", start if start else -1)
+    writer = MetricsWriter(workdir, active=first)
     if start == 0:
         at_start = [e for e in setup.evaluators if e[1].at_start]
         if at_start:
