@@ -1,8 +1,9 @@
-"""Training checkpoints: Orbax CheckpointManager (async, keep N), resume, save on SIGTERM.
+"""Training checkpoints: Orbax CheckpointManager (async, keep N), resume, agreed preemption.
 
-A checkpoint holds the trainable parameters, the optimizer state and a JSON ``meta`` (step, data
-position, config). Orbax writes each step into a temporary folder and renames it when complete,
-so a checkpoint interrupted while being written is never listed, hence never restored.
+A checkpoint holds the train state and a JSON ``meta`` (step, data position, config), on disk
+or in a bucket. Orbax writes each step into a temporary folder and renames it when complete
+(in a bucket, where there is no rename, it writes a commit marker), so a checkpoint cut short
+is never listed, hence never restored; one that is listed but does not restore is set aside.
 """
 
 from __future__ import annotations

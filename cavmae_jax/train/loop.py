@@ -1,9 +1,10 @@
 """The training loop of every trainer: batches, steps, evaluators, metrics, checkpoints, resume.
 
-A run in ``workdir`` resumes by itself from the newest checkpoint (the whole train state); the
-data stream restarts at the same batch (the loader is keyed by batch index) and the random key
-of update s is ``fold_in(seed, s)``, so a resumed run ends with the same parameters as an
-uninterrupted one. SIGTERM saves a checkpoint at the next step boundary and exits.
+A run in ``workdir`` (local or ``gs://``) resumes by itself from the newest readable checkpoint
+(the whole train state); the data stream restarts at the same batch (the loader is keyed by
+batch index) and the random key of update s is ``fold_in(seed, s)``, so a resumed run ends with
+the same parameters as an uninterrupted one. SIGTERM, to any process of a multi-process run,
+saves a checkpoint of one agreed step on every process and exits.
 """
 
 from __future__ import annotations
