@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pretrain_command(workdir, dataset, steps: int, *extra: str) -> list[str]:
+    """``cavmae pretrain`` of the demo model on ``dataset`` for ``steps`` updates of 4 clips,
+    logging every update and checkpointing every 2."""
+    return [
+        sys.executable,
+        "-m",
+        "cavmae_jax.cli",
+        "pretrain",
+        "--config",
+        "configs/demo.py",
+        "--workdir",
+        str(workdir),
+        f"--config.num_steps={steps}",
+        "--config.log_every=1",
+        "--config.checkpoint_every=2",
+        "--config.batch_size=4",
+        f"--config.data.dir={dataset}",
+        "--config.data.generate=False",
+        *extra,
+    ]
 
 
 def logged_steps(workdir: Path) -> list[int]:

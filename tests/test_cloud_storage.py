@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 import pytest
-from runs import ROOT, logged_steps
+from runs import ROOT, logged_steps, pretrain_command
 
 from cavmae_jax import convert, paths
 from input_pipeline import prepare, synthetic
@@ -94,23 +94,7 @@ def test_a_dataset_prepared_from_and_into_a_bucket_equals_the_local_one(datasets
 
 
 def run_command(workdir: str, data: paths.Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cavmae_jax.cli",
-        "pretrain",
-        "--config",
-        "configs/demo.py",
-        "--workdir",
-        workdir,
-        f"--config.num_steps={STEPS}",
-        "--config.log_every=1",
-        "--config.checkpoint_every=2",
-        "--config.batch_size=4",
-        f"--config.data.dir={data}",
-        "--config.data.generate=False",
-        "--config.checkpoint_ocdbt=False",  # see the module docstring
-    ]
+    return pretrain_command(workdir, data, STEPS, "--config.checkpoint_ocdbt=False")
 
 
 def test_a_run_in_a_bucket_is_killed_resumes_from_its_checkpoint_and_is_evaluated(

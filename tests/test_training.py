@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runs import ROOT, logged_steps, start_and_stop
+from runs import ROOT, logged_steps, pretrain_command, start_and_stop
 from worker_env import fake_devices_env
 
 from cavmae_jax import convert
@@ -31,22 +31,7 @@ def dataset(tmp_path_factory):
 
 
 def command(workdir: Path, dataset: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "cavmae_jax.cli",
-        "pretrain",
-        "--config",
-        "configs/demo.py",
-        "--workdir",
-        str(workdir),
-        f"--config.num_steps={STEPS}",
-        "--config.log_every=1",
-        "--config.checkpoint_every=2",
-        "--config.batch_size=4",
-        f"--config.data.dir={dataset}",
-        "--config.data.generate=False",
-    ]
+    return pretrain_command(workdir, dataset, STEPS)
 
 
 def final_parameters(workdir: Path) -> dict[str, np.ndarray]:
