@@ -1,37 +1,47 @@
-# Set-up and everyday commands. `make demo` and `make test` create .venv by themselves.
+# Set-up and everyday commands. `make demo` and `make test` create their environments by
+# themselves: .venv has the runtime and the data extra (what a user installs), .venv-test adds
+# the test tools (PyTorch, libtpu, OpenCV, Jupyter ...).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+TEST_VENV := .venv-test
+TEST_BIN := $(TEST_VENV)/bin
 
-.PHONY: install test demo lint bench clean
+.PHONY: install install-test test demo lint bench clean
 
-install: $(STAMP)
+install: $(VENV)/.installed
+install-test: $(TEST_VENV)/.installed
 
-$(STAMP): pyproject.toml
+$(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[data,test]"
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[data]"
+	touch $@
+
+$(TEST_VENV)/.installed: pyproject.toml
+	test -x $(TEST_BIN)/python || $(PYTHON) -m venv $(TEST_VENV)
+	$(TEST_BIN)/python -m pip install -q --upgrade pip
+	$(TEST_BIN)/python -m pip install -q -e ".[data,test]"
+	touch $@
 
 # pytest exits 5 when it collected no test: that is a failure here too. Two workers, one test
 # file each at a time (module fixtures are built once): XLA compiles and process start-ups are
 # mostly single-threaded, so the two cores overlap them. The longest files are handed out first.
 LONG_TESTS := tests/test_training.py tests/test_finetune.py tests/test_sharding.py \
 	tests/test_pcav_mae.py tests/test_launch.py tests/test_cli.py tests/test_cloud_storage.py
-test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(LONG_TESTS) tests
+test: install-test
+	$(TEST_BIN)/python -m pytest -q -n 2 --dist loadfile $(LONG_TESTS) tests
 
 demo: install
 	$(BIN)/cavmae pretrain --config configs/demo.py --workdir workdir/demo
-	$(BIN)/cavmae retrieval --workdir workdir/demo
+	$(BIN)/cavmae retrieval --model workdir/demo/model --data workdir/demo/data/dataset
 
-lint: install
-	$(BIN)/ruff check cavmae_jax input_pipeline tests bench configs launch
-	$(BIN)/ruff format --check cavmae_jax input_pipeline tests bench configs launch
+lint: install-test
+	$(TEST_BIN)/ruff check cavmae_jax input_pipeline tests bench launch
+	$(TEST_BIN)/ruff format --check cavmae_jax input_pipeline tests bench launch
 
-bench: install
-	$(BIN)/python bench/model_throughput.py
+bench: install-test
+	$(TEST_BIN)/python bench/model_throughput.py
 
 clean:
-	rm -rf $(VENV) workdir
+	rm -rf $(VENV) $(TEST_VENV) workdir

@@ -1,15 +1,37 @@
-"""The ``cavmae`` command: ``train`` (``pretrain``, ``finetune``), ``evaluate``, ``retrieval``,
-``explain``, ``export``, ``convert``, ``prepare``."""
+"""The ``cavmae`` command.
+
+A MODEL argument is one of our model directories (``WORKDIR/model``, a ``cavmae convert``
+output), an official ``.pth`` file, or the name of a released checkpoint (``cavmae convert
+--list``; downloaded once). A mistake (a missing file, a bad option) prints one line and exits
+with status 2; ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-import numpy as np
+from cavmae_jax.errors import UserError
 
-from cavmae_jax.config_loading import apply_overrides, load_config
+EXTRAS = {
+    "tensorflow": "data",
+    "tensorflow_datasets": "data",
+    "av": "data",
+    "PIL": "data",
+    "tensorboard": "data",
+    "torch": "torch",
+}
+
+
+def _quiet_libraries() -> None:
+    """Keep TensorFlow's and absl's start-up notices out of the commands' output."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # set either way, TF prints no notice
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)
 
 
 def _join_processes(args) -> None:
@@ -28,90 +50,114 @@ def _join_processes(args) -> None:
         jax.distributed.initialize(initialization_timeout=args.init_timeout)
 
 
+def _no_overrides(args, overrides) -> None:
+    if overrides:
+        raise UserError(
+            f"unrecognised arguments {' '.join(overrides)} (see cavmae {args.command} -h)"
+        )
+
+
+def _load(spec: str, **overrides):
+    from cavmae_jax import pretrained
+
+    return pretrained.load(spec, **overrides)
+
+
 def _train(args, overrides):
     """``cavmae train`` (and ``pretrain`` / ``finetune``): the trainer the config names."""
+    from cavmae_jax.config_loading import apply_overrides, load_config
     from cavmae_jax.train.loop import run
 
-    _join_processes(args)
     config = load_config(args.config)
     apply_overrides(config, overrides)
     expected = {"pretrain": ("pretrain", "pcav"), "finetune": ("finetune",)}.get(args.command)
     if expected and config.trainer not in expected:
-        raise SystemExit(
-            f"cavmae {args.command}: {args.config} trains {config.trainer!r}; use cavmae train"
-        )
+        raise UserError(f"{args.config} trains {config.trainer!r}; use cavmae train")
+    _join_processes(args)
     result = run(config, args.workdir)
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, int | float)}))
     if "mAP" in result:
         print(f"mAP {result['mAP']:.4f}, accuracy {result['acc']:.4f} over {result['clips']} clips")
 
 
+def _finetuning(loaded, mode: str | None, metric: str | None) -> tuple[str, str]:
+    """The mode and loss to run a classifier with: as asked, else as the model was trained."""
+    known = loaded.finetuning or {}
+    loss = {"mAP": "bce", "acc": "ce"}.get(metric) or known.get("loss", "bce")
+    return mode or known.get("mode", "multimodal"), loss
+
+
 def _evaluate(args, overrides):
     import jax
 
-    from cavmae_jax import convert
+    from cavmae_jax import paths
     from cavmae_jax.train.evaluators import EVAL_FRAME, Classification
     from cavmae_jax.train.inference import replicated_state
     from cavmae_jax.train.sharding import make_mesh
 
-    if overrides:
-        raise SystemExit(f"cavmae evaluate: unrecognised arguments {overrides}")
+    _no_overrides(args, overrides)
     _join_processes(args)
-    model = convert.load_checkpoint(args.model)
+    loaded = _load(args.model)
+    mode, loss = _finetuning(loaded, args.mode, args.metric)
+    metric = "mAP" if loss == "bce" else "acc"
     mesh = make_mesh({"data": -1})
     frames = tuple(range(10)) if args.frames == 10 else (EVAL_FRAME,)
-    graphdef, state = replicated_state(model, mesh)
-    loss = "bce" if args.metric == "mAP" else "ce"
+    graphdef, state = replicated_state(loaded.model, mesh)
+    classes = loaded.model.cfg.label_dim
     evaluator = Classification(
-        graphdef,
-        mesh,
-        args.data,
-        args.split,
-        args.batch_size,
-        model.cfg.label_dim,
-        args.mode,
-        loss,
-        frames,
+        graphdef, mesh, args.data, args.split, args.batch_size, classes, mode, loss, frames
     )
     result = evaluator.run(state)
     if args.output and jax.process_index() == 0:
-        from cavmae_jax import paths
-
         paths.path(args.output).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k not in ("AP", "AUC")}))
     print(
-        f"{args.metric} {result[args.metric]:.4f} over {result['clips']} clips, "
-        f"{len(frames)} frame(s)"
+        f"{metric} {result[metric]:.4f} over {result['clips']} clips, {len(frames)} frame(s), "
+        f"mode {mode}"
     )
+
+
+def _list_releases() -> None:
+    from cavmae_jax.pretrained import RELEASES
+
+    for r in RELEASES.values():
+        what = f"finetuned on {r.finetune_data}, {r.mode}" if r.finetune_data else "pretrained"
+        print(f"{r.name:34s} {r.file:26s} {what}; {r.reported or r.model}")
 
 
 def _convert(args, overrides):
     from cavmae_jax import convert
 
-    if overrides:
-        raise SystemExit(f"cavmae convert: unrecognised arguments {overrides}")
+    _no_overrides(args, overrides)
+    if args.list:
+        _list_releases()
+        return
+    if not (args.input and args.output):
+        raise UserError("convert needs INPUT and OUTPUT (or --list)")
     if args.to_torch:
-        model = convert.load_checkpoint(args.input)
-        convert.save_torch_checkpoint(model, args.output)
+        convert.save_torch_checkpoint(convert.load_checkpoint(args.input), args.output)
     elif args.mae_init:
         from cavmae_jax.pth import load_pth
 
-        convert.save_checkpoint(
-            convert.mae_imagenet_init(load_pth(args.input), args.seed), args.output
-        )
+        init = convert.mae_imagenet_init(load_pth(args.input), args.seed)
+        convert.save_checkpoint(init, args.output)
     else:
-        model = convert.load_torch_checkpoint(
-            args.input, kind=args.kind, **({"norm_pix_loss": True} if args.norm_pix_loss else {})
-        )
-        convert.save_checkpoint(model, args.output)
+        sizes = {
+            "kind": args.kind,
+            "num_heads": args.num_heads,
+            "decoder_num_heads": args.decoder_num_heads,
+            "num_mel_bins": args.num_mel_bins,
+            "norm_pix_loss": True if args.norm_pix_loss else None,
+        }
+        loaded = _load(args.input, **{k: v for k, v in sizes.items() if v is not None})
+        convert.save_checkpoint(loaded.model, args.output, loaded.finetuning)
     print(f"wrote {args.output}")
 
 
 def _prepare(args, overrides):
     from input_pipeline.prepare import Options, prepare
 
-    if overrides:
-        raise SystemExit(f"cavmae prepare: unrecognised arguments {overrides}")
+    _no_overrides(args, overrides)
     options = Options(fbank_dtype=args.fbank_dtype, keep_waveform=args.keep_waveform)
     prepared, failed = prepare(
         args.input,
@@ -128,10 +174,11 @@ def _prepare(args, overrides):
 
 
 def _explain(args, overrides):
+    import numpy as np
+
     from cavmae_jax.explain import explain
 
-    if overrides:
-        raise SystemExit(f"cavmae explain: unrecognised arguments {overrides}")
+    _no_overrides(args, overrides)
     result = explain(args.workdir, args.output, args.data, args.split, args.clips)
     for level in result["levels"]:
         known = [p["purity"] for p in level["prototypes"] if p["purity"] is not None]
@@ -146,26 +193,21 @@ def _explain(args, overrides):
 def _export(args, overrides):
     from cavmae_jax import convert
 
-    if overrides:
-        raise SystemExit(f"cavmae export: unrecognised arguments {overrides}")
-    model = convert.load_checkpoint(args.model)
+    _no_overrides(args, overrides)
+    model = _load(args.model).model
     convert.save_checkpoint(convert.export_encoder(model, args.label_dim, args.seed), args.output)
     print(f"wrote {args.output} (CAVMAEFT, {args.label_dim} classes)")
 
 
 def _retrieval(args, overrides):
-    from cavmae_jax import convert, paths
     from cavmae_jax.train.evaluators import Retrieval
     from cavmae_jax.train.inference import replicated_state
     from cavmae_jax.train.sharding import make_mesh
 
-    if overrides:
-        raise SystemExit(f"cavmae retrieval: unrecognised arguments {overrides}")
-    workdir = paths.path(args.workdir)
-    data = args.data or workdir / "data" / "dataset"
+    _no_overrides(args, overrides)
     mesh = make_mesh({"data": -1})
-    graphdef, state = replicated_state(convert.load_checkpoint(workdir / "model"), mesh)
-    result = Retrieval(graphdef, mesh, data, args.split, args.batch_size).run(state)
+    graphdef, state = replicated_state(_load(args.model).model, mesh)
+    result = Retrieval(graphdef, mesh, args.data, args.split, args.batch_size).run(state)
     print(json.dumps(result))
     print(
         f"audio->visual R@1 {result['a2v_r1']:.3f}, visual->audio R@1 {result['v2a_r1']:.3f} "
@@ -173,80 +215,214 @@ def _retrieval(args, overrides):
     )
 
 
+def _embed(args, overrides):
+    from cavmae_jax.embed import embed
+
+    _no_overrides(args, overrides)
+    shapes = embed(
+        _load(args.model).model, args.inputs, args.output, args.batch_size, args.tokens, args.split
+    )
+    clips = next(iter(shapes.values()))[0]
+    listed = ", ".join(f"{name}.npy {list(shape)}" for name, shape in shapes.items())
+    print(f"{clips} clips -> {args.output}: ids.txt, {listed}")
+
+
+def _classify(args, overrides):
+    from cavmae_jax.classify import classify
+
+    _no_overrides(args, overrides)
+    loaded = _load(args.model)
+    mode, loss = _finetuning(
+        loaded,
+        args.mode,
+        None if args.activation is None else {"sigmoid": "mAP", "softmax": "acc"}[args.activation],
+    )
+    results = classify(
+        loaded.model, args.inputs, mode, loss, args.top_k, args.labels, args.batch_size, args.split
+    )
+    for result in results:
+        if args.json:
+            print(json.dumps(result))
+            continue
+        print(f"{result['path']} ({mode})")
+        for top in result["top"]:
+            name = top["name"] if top["name"] is not None else f"class {top['index']}"
+            print(f"  {top['score']:.3f}  {name}")
+
+
+def _reconstruct(args, overrides):
+    from cavmae_jax.reconstruct import reconstruct
+
+    _no_overrides(args, overrides)
+    losses = reconstruct(
+        _load(args.model).model,
+        args.video,
+        args.output,
+        args.mask_ratio_a,
+        args.mask_ratio_v,
+        args.mask_mode,
+        args.seed,
+    )
+    print(
+        f"wrote {args.output}: masked-patch MSE audio {losses['loss_mae_a']:.4f}, "
+        f"visual {losses['loss_mae_v']:.4f}"
+    )
+
+
 def _add_process_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coordinator", help="host:port of process 0 (multi-host runs)")
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--process-id", type=int, default=0)
-    p.add_argument("--distributed", action="store_true", help="auto-detected multi-host run")
+    p.add_argument("--num-processes", type=int, default=1, help="processes in a multi-host run")
+    p.add_argument("--process-id", type=int, default=0, help="this process's index")
+    p.add_argument(
+        "--distributed", action="store_true", help="multi-host run JAX detects (TPU pod, SLURM)"
+    )
     p.add_argument("--init-timeout", type=int, default=300, help="seconds to wait for peers")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cavmae", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_inputs(p: argparse.ArgumentParser, batch: int) -> None:
+    p.add_argument("model", help="model directory, official .pth, or released name")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="video files, folders of videos, or one dataset"
+    )
+    p.add_argument("--split", default="eval", help="split, when INPUT is a prepared dataset")
+    p.add_argument("--batch-size", type=int, default=batch, help="clips per batch on the mesh")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="cavmae", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    top.add_argument("--debug", action="store_true", help="show tracebacks of mistakes")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, what: str, run) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=what, description=what)
+        p.set_defaults(run=run)
+        return p
+
     for name, what in (
         ("train", "run the trainer the config names"),
         ("pretrain", "pretrain CAV-MAE or PCAV-MAE"),
         ("finetune", "finetune a classifier"),
     ):
-        p = sub.add_parser(name, help=f"{what} (overrides: --config.x=y)")
-        p.add_argument("--config", required=True, help="config file, optionally path:variant")
-        p.add_argument("--workdir", required=True)
+        p = command(name, f"{what}; options --config.x=y override config fields", _train)
+        p.add_argument(
+            "--config",
+            required=True,
+            help="recipe[:variant] (demo, pretrain:as-base, finetune:as20k, pcav:as) or a file",
+        )
+        p.add_argument("--workdir", required=True, help="run folder, local or gs://")
         _add_process_arguments(p)
-        p.set_defaults(run=_train)
-    v = sub.add_parser("evaluate", help="classification statistics of a finetuned model")
-    v.add_argument("--model", required=True, help="model directory (e.g. WORKDIR/model)")
-    v.add_argument("--data", required=True, help="prepared dataset")
-    v.add_argument("--split", default="eval")
-    v.add_argument("--mode", default="multimodal", help="finetuning mode of the model")
-    v.add_argument("--metric", choices=["mAP", "acc"], default="mAP", help="sigmoid or softmax")
-    v.add_argument("--frames", type=int, choices=[1, 10], default=10, help="10-frame ensemble")
-    v.add_argument("--batch-size", type=int, default=48)
-    v.add_argument("--output", help="write the full statistics (per-class AP/AUC) as JSON")
-    _add_process_arguments(v)
-    v.set_defaults(run=_evaluate)
-    c = sub.add_parser("convert", help="official .pth -> Orbax model, or back with --to-torch")
-    c.add_argument("input")
-    c.add_argument("output")
-    c.add_argument("--to-torch", action="store_true", help="Orbax model dir -> official .pth")
-    c.add_argument("--mae-init", action="store_true", help="ImageNet MAE .pth -> CAV-MAE init")
-    c.add_argument("--kind", choices=["CAVMAE", "CAVMAEFT", "CAVMAEFTAudio"])
-    c.add_argument("--norm-pix-loss", action="store_true", help="the model was pretrained with it")
-    c.add_argument(
+
+    p = command("evaluate", "classification statistics of a finetuned model", _evaluate)
+    p.add_argument("--model", required=True, help="model directory, official .pth, or name")
+    p.add_argument("--data", required=True, help="prepared dataset")
+    p.add_argument("--split", default="eval", help="split of the dataset")
+    p.add_argument("--mode", help="finetuning mode (default: the model's, else multimodal)")
+    p.add_argument(
+        "--metric", choices=["mAP", "acc"], help="sigmoid or softmax (default: the model's)"
+    )
+    p.add_argument("--frames", type=int, choices=[1, 10], default=10, help="10-frame ensemble")
+    p.add_argument("--batch-size", type=int, default=48, help="global batch")
+    p.add_argument("--output", help="write the full statistics (per-class AP/AUC) as JSON")
+    _add_process_arguments(p)
+
+    p = command("retrieval", "audio<->visual recall@1/5/10 of a model on a dataset", _retrieval)
+    p.add_argument("--model", required=True, help="model directory, official .pth, or name")
+    p.add_argument("--data", required=True, help="prepared dataset")
+    p.add_argument("--split", default="train", help="split of the dataset")
+    p.add_argument("--batch-size", type=int, default=32, help="global batch")
+
+    p = command("embed", "audio, visual and joint embeddings of clips (.npy)", _embed)
+    _add_inputs(p, 8)
+    p.add_argument("--output", required=True, help="folder for ids.txt and <name>.npy")
+    p.add_argument("--tokens", action="store_true", help="also every token's features")
+
+    p = command("classify", "top-k labels of clips from a finetuned model", _classify)
+    _add_inputs(p, 8)
+    p.add_argument("--top-k", type=int, default=5, help="labels shown per clip")
+    p.add_argument("--labels", help="label CSV (index,mid,display_name); AudioSet's by default")
+    p.add_argument("--json", action="store_true", help="one JSON object per clip")
+    p.add_argument("--mode", help="finetuning mode (default: the model's, else multimodal)")
+    p.add_argument(
+        "--activation", choices=["sigmoid", "softmax"], help="default: how the model was trained"
+    )
+
+    p = command("reconstruct", "inpainting figure of one clip (pretrained model)", _reconstruct)
+    p.add_argument("model", help="model directory, official .pth, or released name")
+    p.add_argument("video", help="a video file")
+    p.add_argument("--output", required=True, help="PNG file")
+    p.add_argument("--mask-ratio-a", type=float, default=0.75, help="audio patches masked")
+    p.add_argument("--mask-ratio-v", type=float, default=0.75, help="visual patches masked")
+    p.add_argument(
+        "--mask-mode", choices=["unstructured", "time", "freq", "tf"], default="unstructured"
+    )
+    p.add_argument("--seed", type=int, default=2, help="of the masks (official: 2)")
+
+    p = command(
+        "convert", "released name or .pth -> model directory; back with --to-torch", _convert
+    )
+    p.add_argument("input", nargs="?", help="released name, .pth, or model dir (--to-torch)")
+    p.add_argument("output", nargs="?", help="model directory (.pth with --to-torch)")
+    p.add_argument("--list", action="store_true", help="list the released checkpoints")
+    p.add_argument("--to-torch", action="store_true", help="model directory -> official .pth")
+    p.add_argument("--mae-init", action="store_true", help="ImageNet MAE .pth -> CAV-MAE init")
+    p.add_argument("--kind", choices=["CAVMAE", "CAVMAEFT", "CAVMAEFTAudio"], help="else inferred")
+    p.add_argument("--norm-pix-loss", action="store_true", help="the model was pretrained with it")
+    p.add_argument("--num-heads", type=int, help="encoder heads (default: width / 64)")
+    p.add_argument("--decoder-num-heads", type=int, help="decoder heads (default: width / 32)")
+    p.add_argument("--num-mel-bins", type=int, help="fbank bins (default 128)")
+    p.add_argument(
         "--seed", type=int, default=0, help="for the random modality tokens (--mae-init)"
     )
-    c.set_defaults(run=_convert)
-    r = sub.add_parser("prepare", help="videos -> TFDS dataset of fbanks and frames")
-    r.add_argument("--input", required=True, help="folder of videos, CSV list, or official JSON")
-    r.add_argument("--output", required=True)
-    r.add_argument("--labels", help="official label CSV (index,mid,display_name)")
-    r.add_argument("--workers", type=int, default=1)
-    r.add_argument("--split", default="train")
-    r.add_argument("--shard-size", type=int, default=256, help="clips per shard (resume unit)")
-    r.add_argument("--fbank-dtype", choices=["float32", "float16"], default="float32")
-    r.add_argument("--keep-waveform", action="store_true", help="also store int16 audio (mixup)")
-    r.set_defaults(run=_prepare)
-    t = sub.add_parser("retrieval", help="audio<->visual recall@1/5/10 of a trained model")
-    t.add_argument("--workdir", required=True, help="holds model/ (from cavmae pretrain)")
-    t.add_argument("--data", help="prepared dataset (default: WORKDIR/data/dataset)")
-    t.add_argument("--split", default="train")
-    t.add_argument("--batch-size", type=int, default=32)
-    t.set_defaults(run=_retrieval)
-    x = sub.add_parser("explain", help="PCAV-MAE prototypes: report, t-SNE, per-clip figures")
-    x.add_argument("--workdir", required=True, help="a finished PCAV-MAE pretraining run")
-    x.add_argument("--output", required=True)
-    x.add_argument("--data", help="prepared dataset (default: the run's)")
-    x.add_argument("--split", default="train")
-    x.add_argument("--clips", type=int, default=4, help="clips to explain one by one")
-    x.set_defaults(run=_explain)
-    e = sub.add_parser("export", help="pretrained model -> encoder-only finetuning model")
-    e.add_argument("model", help="a model directory (e.g. WORKDIR/model)")
-    e.add_argument("output")
-    e.add_argument("--label-dim", type=int, required=True, help="classes (527 AS, 309 VGG)")
-    e.add_argument("--seed", type=int, default=0, help="for the fresh classification head")
-    e.set_defaults(run=_export)
-    args, overrides = parser.parse_known_args(argv)
-    args.run(args, overrides)
+
+    p = command("prepare", "videos -> TFDS dataset of fbanks and frames", _prepare)
+    p.add_argument("--input", required=True, help="folder of videos, CSV list, or official JSON")
+    p.add_argument("--output", required=True, help="dataset folder, local or gs://")
+    p.add_argument("--labels", help="official label CSV (index,mid,display_name)")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes")
+    p.add_argument("--split", default="train", help="split name")
+    p.add_argument("--shard-size", type=int, default=256, help="clips per shard (resume unit)")
+    p.add_argument("--fbank-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--keep-waveform", action="store_true", help="also store int16 audio (mixup)")
+
+    p = command("explain", "PCAV-MAE prototypes: report, t-SNE, per-clip figures", _explain)
+    p.add_argument("--workdir", required=True, help="a finished PCAV-MAE pretraining run")
+    p.add_argument("--output", required=True, help="folder for the report and figures")
+    p.add_argument("--data", help="prepared dataset (default: the run's)")
+    p.add_argument("--split", default="train", help="split of the dataset")
+    p.add_argument("--clips", type=int, default=4, help="clips to explain one by one")
+
+    p = command("export", "pretrained model -> encoder-only finetuning model", _export)
+    p.add_argument("model", help="model directory, official .pth, or released name")
+    p.add_argument("output", help="model directory")
+    p.add_argument("--label-dim", type=int, required=True, help="classes (527 AS, 309 VGG)")
+    p.add_argument("--seed", type=int, default=0, help="for the fresh classification head")
+    return top
+
+
+def _mistake(err: BaseException) -> str | None:
+    """The one line for a user's mistake; None for anything else (a bug: traceback)."""
+    if isinstance(err, UserError | FileNotFoundError):
+        return str(err)
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        extra = EXTRAS.get(err.name.split(".")[0])
+        if extra:
+            return f"this needs {err.name}: pip install 'cavmae-jax[{extra}]'"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parser().parse_known_args(argv)
+    _quiet_libraries()
+    try:
+        args.run(args, overrides)
+    except Exception as err:
+        message = None if args.debug else _mistake(err)
+        if message is None:
+            raise
+        print(f"cavmae {args.command}: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

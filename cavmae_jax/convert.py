@@ -2,7 +2,7 @@
 
 Our parameter paths are the official names with Flax leaf names (``kernel``, ``scale``), so a
 name maps by ``kernel``/``scale`` -> ``weight``; values by transposing Linear weights and
-reshaping the patch-embedding conv weight [D, C, p, p] <-> our [p*p*C, D] (spec 2.3).
+reshaping the patch-embedding conv weight [D, C, p, p] <-> our [p*p*C, D] (official behaviour 6).
 """
 
 from __future__ import annotations
@@ -344,8 +344,12 @@ def mae_imagenet_init(mae_state_dict: dict[str, Any], seed: int = 0, **config_ov
 # Orbax checkpoints of our own models ---------------------------------------------------------
 
 
-def save_checkpoint(model: Model, directory: paths.PathLike) -> None:
-    """Save parameters and config as an Orbax checkpoint (``state``) plus ``model.json``.
+def save_checkpoint(
+    model: Model, directory: paths.PathLike, finetuning: dict | None = None
+) -> None:
+    """Save parameters and config as an Orbax checkpoint (``state``) plus ``model.json``;
+    ``finetuning`` (``{"mode", "loss"}``) records how a classifier was trained, so that
+    evaluation and classification use that mode and that output function by default.
     In a multi-process run every process calls it (Orbax writes the arrays together)."""
     import orbax.checkpoint as ocp
 
@@ -359,8 +363,20 @@ def save_checkpoint(model: Model, directory: paths.PathLike) -> None:
     # the attention implementation is chosen where the model runs, not stored with it
     config = dataclasses.asdict(model.cfg.replace(attention="auto"))
     meta = {"kind": type(model).__name__, "config": config}
+    if finetuning:
+        meta["finetuning"] = dict(finetuning)
     if first:
         (directory / "model.json").write_text(json.dumps(meta, indent=1))
+
+
+def model_info(directory: paths.PathLike) -> dict:
+    """``model.json`` of a saved model: ``kind``, ``config`` and, for classifiers trained here,
+    ``finetuning``."""
+    directory = paths.path(directory)
+    meta_file = directory / "model.json"
+    if not meta_file.exists():
+        raise CheckpointError(f"{directory}: no model.json, not a cavmae-jax model directory")
+    return json.loads(meta_file.read_text())
 
 
 def load_checkpoint(directory: paths.PathLike) -> Model:
@@ -368,10 +384,7 @@ def load_checkpoint(directory: paths.PathLike) -> Model:
     import orbax.checkpoint as ocp
 
     directory = paths.path(directory)
-    meta_file = directory / "model.json"
-    if not meta_file.exists():
-        raise CheckpointError(f"{directory}: no model.json, not a cavmae-jax model checkpoint")
-    meta = json.loads(meta_file.read_text())
+    meta = model_info(directory)
     graphdef, abstract_state = nnx.split(_abstract(meta["kind"], ModelConfig(**meta["config"])))
     # on this process's first device, whatever mesh the model was saved from (a pod's)
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

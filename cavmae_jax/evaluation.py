@@ -1,8 +1,8 @@
 """Evaluation statistics: the official classification statistics, frame and weight averaging.
 
-Statistics follow ``src/utilities/stats.py`` (spec 5.1): per-class average precision and ROC AUC
-(scikit-learn's definitions, computed here with NumPy), mAP, mAUC, d-prime, and single-label
-accuracy. Retrieval recall is ``cavmae_jax/retrieval.py`` (blocked, on the mesh).
+Statistics follow ``src/utilities/stats.py`` (official behaviour 29): per-class average
+precision and ROC AUC (scikit-learn's definitions, computed here with NumPy), mAP, mAUC,
+d-prime, and single-label accuracy. Retrieval recall is ``cavmae_jax/retrieval.py``.
 """
 
 from __future__ import annotations

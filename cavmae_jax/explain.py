@@ -69,9 +69,10 @@ def clip_media(data_dir: Path, split: str, ids: set[str]) -> dict[str, dict]:
     """Frame 5 (RGB uint8) and the fbank [1024, 128] of the clips ``ids``."""
     import tensorflow_datasets as tfds
 
+    from input_pipeline.dataset import open_dataset
     from input_pipeline.video import decode_jpeg
 
-    builder = tfds.builder_from_directory(str(data_dir))
+    builder = open_dataset(data_dir)
     media = {}
     records = builder.as_dataset(split=split, decoders={"frames": tfds.decode.SkipDecoding()})
     for record in tfds.as_numpy(records):

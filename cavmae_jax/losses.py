@@ -12,7 +12,8 @@ def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array, norm_pix: bool
     """Mean squared error over removed patches of the whole batch.
 
     pred, target: [B, L, P]; mask: [B, L] with 1 = removed. With ``norm_pix`` each target patch
-    is standardised with its unbiased variance: (t - mean) / sqrt(var + 1e-6) (quirk 11).
+    is standardised with its unbiased variance: (t - mean) / sqrt(var + 1e-6) (official
+    behaviour 11).
     """
     pred = pred.astype(jnp.float32)
     target = target.astype(jnp.float32)

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from cavmae_jax import paths
+from cavmae_jax.errors import UserError
 from cavmae_jax.paths import Path
 
 STORAGE_DTYPES = {
@@ -31,7 +32,7 @@ STORAGE_DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be read safely; the message names the file and the reason."""
 
 

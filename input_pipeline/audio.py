@@ -2,8 +2,9 @@
 
 Decoding reproduces the official extraction (ffmpeg ``-ar 16000`` to 16-bit PCM, then sox
 ``remix 1``: the first channel, not the channel mean). The fbank is
-``torchaudio.compliance.kaldi.fbank`` with the official arguments (spec 3.3): 25 ms Hann window,
-10 ms shift, DC removal, pre-emphasis 0.97, |FFT(512)|^2, Kaldi mel bank, log floored at eps.
+``torchaudio.compliance.kaldi.fbank`` with the official arguments (official behaviour 19):
+25 ms Hann window, 10 ms shift, DC removal, pre-emphasis 0.97, |FFT(512)|^2, Kaldi mel bank,
+log floored at eps.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Training streams epochs forever; each epoch is shuffled with its own seed and cut into full
 batches (``drop_remainder``, as the official loader). Every random draw of a clip is keyed by
 (seed, epoch, position), so the stream is deterministic and ``start_batch`` resumes it exactly.
-Order per clip (spec 3.3): frame choice, (mixup), SpecAugment, normalise, noise + roll.
+Order per clip (official behaviours 21-25, docs/official_behaviour.md): frame choice,
+(mixup), SpecAugment, normalise, noise + roll.
 Mixup mixes waveforms exactly as the official loader when the dataset stores them
 (``cavmae prepare --keep-waveform``), and mel energies otherwise (``augment.mix_fbanks``).
 Batches are NumPy dicts: ``audio`` [B, 1024, 128], ``image`` [B, 224, 224, 3] (or
@@ -19,6 +20,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from cavmae_jax import paths
+from cavmae_jax.errors import UserError
 from input_pipeline import augment
 from input_pipeline.audio import DATASET_MEAN, DATASET_STD, mixed_fbank
 from input_pipeline.video import IMAGENET_MEAN, IMAGENET_STD, NUM_FRAMES
@@ -26,7 +29,7 @@ from input_pipeline.video import IMAGENET_MEAN, IMAGENET_STD, NUM_FRAMES
 
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
-    """The official dataset-config keys (spec 3.3) plus the stream's seed and host split."""
+    """The official dataset-config keys (official behaviours 21-25), the stream's seed, hosts."""
 
     batch_size: int  # per host
     num_classes: int
@@ -71,7 +74,7 @@ def label_sample_weights(data_dir: str, split: str, share: str | None = None) ->
     ``1000 / (c_k + 0.01)`` over its labels. Returns the weights of the clips of ``share`` (a
     host's part of ``split``, counts still over the whole split), by default of every clip.
     Reads the labels only (the media are skipped, not decoded)."""
-    builder = tfds.builder_from_directory(str(data_dir))
+    builder = open_dataset(data_dir)
     labels = _split_field(builder, split)
     counts = np.bincount(np.concatenate(labels), minlength=1) if labels else np.zeros(1)
     class_weight = 1000.0 / (counts + 0.01)
@@ -87,24 +90,41 @@ def _image(jpeg: tf.Tensor) -> tf.Tensor:
     return (image / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
 
 
+class DatasetError(UserError):
+    """A dataset directory that is missing, or lacks the split or the clips asked for."""
+
+
+def open_dataset(data_dir) -> tfds.core.DatasetBuilder:
+    """The builder of a ``cavmae prepare`` output, or one line saying what is wrong."""
+    if not (paths.path(data_dir) / "dataset_info.json").exists():
+        raise DatasetError(
+            f"{data_dir}: not a prepared dataset (no dataset_info.json); make one with "
+            f"cavmae prepare --input VIDEOS --output {data_dir}"
+        )
+    return tfds.builder_from_directory(str(data_dir))
+
+
 class Loader:
     """Iterable of batches from ``data_dir`` (a ``cavmae prepare`` output)."""
 
     def __init__(self, data_dir: str, split: str, config: LoaderConfig):
         self.config = config
-        self.builder = tfds.builder_from_directory(str(data_dir))
+        self.builder = open_dataset(data_dir)
+        if split not in self.builder.info.splits:
+            known = ", ".join(self.builder.info.splits)
+            raise DatasetError(f"{data_dir}: no split {split!r} (it has {known})")
         self.split = host_split(split, config)
         self.num_examples = self.builder.info.splits[self.split].num_examples  # this host's
         self.split_examples = self.builder.info.splits[split].num_examples  # all hosts'
         self.has_waveform = "waveform" in self.builder.info.features
         weights = config.sample_weights
         if weights is not None and len(weights) != self.num_examples:
-            raise ValueError(
+            raise DatasetError(
                 f"{data_dir}: {len(weights)} sample weights for {self.num_examples} clips in "
                 f"split {self.split}"
             )
         if config.train and self.num_examples < config.batch_size:
-            raise ValueError(
+            raise DatasetError(
                 f"{data_dir}: split {self.split} has {self.num_examples} clips, fewer than one "
                 f"batch of {config.batch_size}"
             )

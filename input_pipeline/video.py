@@ -1,6 +1,7 @@
 """Video: the official 10-frame extraction with PyAV, JPEG storage, the loader's transform.
 
-Extraction (spec 3.2, ``extract_video_frame.py``): ``total = min(frame count, int(fps * 10))``;
+Extraction (official behaviour 20, ``extract_video_frame.py``):
+``total = min(frame count, int(fps * 10))``;
 frame ``i`` of 10 is the decoded frame ``max(int(i * total / 10) - 1, 0)`` (OpenCV's seek to
 ``frame_idx - 1``); shorter side resized to 224 (PIL bilinear, as torchvision's ``Resize`` on a
 PIL image), centre crop 224. The frame count is what actually decodes: one sample clip's header

@@ -12,6 +12,7 @@ from conftest import random_state_dict
 
 from cavmae_jax import cli, convert
 from cavmae_jax.config_loading import apply_overrides, load_config
+from cavmae_jax.errors import UserError
 from cavmae_jax.models import tiny
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.py")
@@ -53,9 +54,9 @@ def test_overrides_keep_types_and_reject_unknown_fields():
     config = load_config(DEMO)
     apply_overrides(config, ["--config.lr=1", "--config.model.depth=6", "--config.mask_mode=tf"])
     assert config.lr == 1.0 and config.model.depth == 6 and config.mask_mode == "tf"
-    with pytest.raises(KeyError, match="no field 'nope'"):
+    with pytest.raises(UserError, match="no field 'nope'"):
         apply_overrides(config, ["--config.nope=1"])
-    with pytest.raises(TypeError, match="expected int"):
+    with pytest.raises(UserError, match="expected int"):
         apply_overrides(config, ["--config.num_steps=abc"])
 
 

@@ -135,7 +135,7 @@ def test_a_run_in_a_bucket_is_killed_resumes_from_its_checkpoint_and_is_evaluate
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 
     evaluated = subprocess.run(
-        [sys.executable, "-m", "cavmae_jax.cli", "retrieval", "--workdir", workdir]
+        [sys.executable, "-m", "cavmae_jax.cli", "retrieval", "--model", f"{workdir}/model"]
         + ["--data", str(data), "--batch-size", "4"],
         cwd=ROOT,
         capture_output=True,

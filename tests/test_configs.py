@@ -118,6 +118,9 @@ def test_tiny_contrastive_only_variant_trains(tmp_path):
     assert (tmp_path / "model" / "model.json").exists()
 
 
-def test_missing_dataset_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="set --config.data.dir"):
+def test_missing_dataset_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         cli.main(["pretrain", "--config", f"{PRETRAIN}:as-base", "--workdir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "set --config.data.dir" in err

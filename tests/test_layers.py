@@ -13,7 +13,7 @@ from cavmae_jax.models.encoder import AudioVisualEncoder
 
 
 def test_audio_tokens_are_frequency_major_with_time_columns():
-    """Token 1 starts at frame 16 and token 64 at mel bin 16 (spec 1.2, quirk 3)."""
+    """Token 1 starts at frame 16 and token 64 at mel bin 16 (official behaviour 3)."""
     cfg = ModelConfig()
     fbank = np.zeros((1, 1024, 128), np.float32)
     fbank[0, 16, 0] = 1.0  # frame 16, mel bin 0
@@ -63,7 +63,7 @@ def test_mlp_uses_exact_erf_gelu():
 
 
 def test_attention_splits_fused_qkv_as_which_head_dim():
-    """Output column s*C + h*(C/H) + d of qkv is (q|k|v)[s], head h, dim d (quirk 5)."""
+    """Output column s*C + h*(C/H) + d of qkv is (q|k|v)[s], head h, dim d (behaviour 5)."""
     dim, heads, n = 8, 2, 5
     attn = layers.Attention(dim, heads, nnx.Rngs(1))
     x = np.random.default_rng(1).standard_normal((1, n, dim)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Losses against independent NumPy references (spec 1.4, quirks 10 and 11)."""
+"""Losses against independent NumPy references (official behaviours 9-11)."""
 
 from __future__ import annotations
 

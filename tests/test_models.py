@@ -140,7 +140,7 @@ def test_config_validation():
 
 
 def test_inputs_of_the_wrong_size_are_reported(cfg):
-    """The audio must be exactly target_length frames to match the position table (quirk 20)."""
+    """The audio must be exactly target_length frames, the position table's (behaviour 15)."""
     model = CAVMAEFT(cfg, nnx.Rngs(0))
     audio, image = random_inputs(cfg, 1)
     with pytest.raises(ValueError, match=r"audio must be \[batch, 32 frames, 16 mel bins\]"):

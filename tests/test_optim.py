@@ -1,4 +1,4 @@
-"""The official optimizer and schedule against PyTorch's Adam and MultiStepLR (spec 4.1)."""
+"""The official optimizer and schedule against PyTorch's Adam and MultiStepLR (behaviour 27)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_schedule_equals_multistep_lr_stepped_per_epoch(start, every):
         sched.step()
 
 
-def test_as20k_recipe_rates_from_the_spec():
+def test_as20k_recipe_rates_per_epoch():
     sched = multistep_schedule(5e-5, 1, 5, 1, 0.5)
     rates = [float(sched(epoch - 1)) for epoch in range(1, 16)]
     assert rates[:5] == pytest.approx([5e-5] * 5)

@@ -1,4 +1,4 @@
-"""Fixed sin-cos position tables against an independent evaluation of the formula (spec 1.3)."""
+"""Fixed sin-cos position tables against an independent evaluation of the formula (behaviour 4)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_table_equals_formula(dim, rows, cols):
     np.testing.assert_allclose(sincos_2d(dim, rows, cols), formula(dim, rows, cols), atol=1e-6)
 
 
-def test_audio_table_sanity_values_from_spec():
+def test_audio_table_reference_values():
     table = sincos_2d(768, 8, 64)
     assert table.shape == (512, 768) and table.dtype == np.float32
     expected = [0.84147096, 0.81525064, 0.78859305]

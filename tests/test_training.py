@@ -168,7 +168,8 @@ def test_demo_pretraining_learns_audio_visual_correspondence(tmp_path):
         capture_output=True,
     )
     done = subprocess.run(
-        [*cavmae, "retrieval", "--workdir", str(tmp_path)],
+        [*cavmae, "retrieval", "--model", str(tmp_path / "model")]
+        + ["--data", str(tmp_path / "data" / "dataset")],
         cwd=ROOT,
         env=env,
         check=True,

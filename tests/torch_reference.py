@@ -1,4 +1,4 @@
-"""An independent PyTorch rendering of the official CAV-MAE math, written from the spec.
+"""An independent PyTorch rendering of the official CAV-MAE math (docs/official_behaviour.md).
 
 It uses the PyTorch idioms of the official code (NCHW Conv2d, nn.LayerNorm, torch GELU, the timm
 attention reshape) so that parity tests check our layout conversions against real PyTorch ops.

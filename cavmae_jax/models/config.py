@@ -17,7 +17,9 @@ class ModelConfig:
     """
 
     img_size: int = 224
-    audio_length: int = 1024  # fbank frames; must match the audio position table (quirk 20)
+    audio_length: int = (
+        1024  # fbank frames; must match the audio position table (official behaviour 15)
+    )
     num_mel_bins: int = 128
     patch_size: int = 16
     in_chans: int = 3

@@ -79,7 +79,8 @@ class AudioVisualEncoder(nnx.Module):
     # Embeddings --------------------------------------------------------------------------------
 
     def audio_patches(self, audio: jax.Array) -> jax.Array:
-        """Fbank [B, T, F] -> patch vectors [B, 512, 256] (token n = f*64 + t, quirk 3)."""
+        """Fbank [B, T, F] -> patch vectors [B, 512, 256]: token n = f*64 + t (official
+        behaviour 3)."""
         expected = (self.cfg.audio_length, self.cfg.num_mel_bins)
         if audio.ndim != 3 or audio.shape[1:] != expected:
             raise ValueError(

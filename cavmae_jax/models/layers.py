@@ -14,7 +14,7 @@ from flax import nnx
 from cavmae_jax.models import mesh_context
 from cavmae_jax.models.attention import dot_product_attention
 
-LN_EPS = 1e-5  # PyTorch nn.LayerNorm default, used everywhere in the official model (quirk 1).
+LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, everywhere in the official model (behaviour 1)
 
 
 def logical(*names: str | None) -> dict:

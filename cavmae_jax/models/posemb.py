@@ -9,7 +9,8 @@ def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:
     """Position table [rows*cols, dim] float32 for a row-major grid (token n = row*cols + col).
 
     Channels [0, D/4) sin(col*w), [D/4, D/2) cos(col*w), [D/2, 3D/4) sin(row*w), [3D/4, D)
-    cos(row*w), with w_k = 10000^(-k/(D/4)): the first half encodes the column (quirk 4).
+    cos(row*w), with w_k = 10000^(-k/(D/4)): the first half encodes the column (official
+    behaviour 4).
     Frequencies and products in float64, cast to float32 once at the end.
     """
     if dim % 4:

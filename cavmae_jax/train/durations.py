@@ -12,6 +12,7 @@ import dataclasses
 import ml_collections
 import optax
 
+from cavmae_jax.errors import UserError
 from cavmae_jax.train.optim import multistep_schedule, warmup_cosine
 
 
@@ -38,7 +39,7 @@ def resolve(config: ml_collections.ConfigDict, clips: int, steps_per_epoch: int)
     """``config.epochs`` epochs of ``steps_per_epoch`` updates, unless ``config.num_steps``
     (> 0) sets the run's length in updates (short runs, tests)."""
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise UserError(
             f"{clips} training clips make no full batch of {config.batch_size}: reduce "
             "--config.batch_size or add data"
         )

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cavmae_jax import evaluation, prototypes, retrieval
+from cavmae_jax.errors import UserError
 from cavmae_jax.losses import CLASSIFICATION_LOSSES
 from cavmae_jax.paths import Path
 from cavmae_jax.train.inference import predict_split
@@ -268,4 +269,4 @@ def build(spec, config: ml_collections.ConfigDict, setup, data_dir: Path):
         return Retrieval(graphdef, mesh, eval_dir, spec.get("split", "train"), batch)
     if spec.kind == "memory_bank":
         return MemoryBank(graphdef, mesh, data_dir, batch, config.pcav, config.seed)
-    raise ValueError(f"unknown evaluator kind {spec.kind!r}")
+    raise UserError(f"unknown evaluator kind {spec.kind!r}")

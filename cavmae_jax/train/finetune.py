@@ -128,7 +128,9 @@ class Finetuning(Trainer):
             frames,
         )
         result = final.run({"params": params, "rest": state["rest"]})
-        convert.save_checkpoint(setup.model(params), workdir / "model")
+        convert.save_checkpoint(
+            setup.model(params), workdir / "model", {"mode": config.mode, "loss": config.loss}
+        )
         if jax.process_index() == 0:
             (workdir / "evaluation.json").write_text(json.dumps(result, indent=1))
             write_run_files(config, workdir)

@@ -6,18 +6,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cavmae_jax.errors import UserError
+
 
 def multistep_schedule(
     lr: float, steps_per_epoch: int, start: int, every: int, decay: float
 ) -> optax.Schedule:
     """lr during epoch E (from 1) is lr * decay^n, n = 0 if E-1 < start else (E-1-start)//every + 1.
 
-    This is ``MultiStepLR(milestones=range(start, 1000, every))`` stepped once per epoch (spec 4.1).
+    This is ``MultiStepLR(milestones=range(start, 1000, every))`` stepped once per epoch
+    (official behaviour 27).
     """
     if start < 1 or every < 1:
-        raise ValueError(
-            f"MultiStep schedule needs start >= 1 and every >= 1, got {start}, {every}"
-        )
+        raise UserError(f"MultiStep schedule needs start >= 1 and every >= 1, got {start}, {every}")
 
     def schedule(step):
         done_epochs = step // steps_per_epoch
@@ -73,7 +74,7 @@ def make_optimizer(
     elif kind == "adamw":
         tx = optax.adamw(schedule, b1=b1, b2=0.999, eps=1e-8, weight_decay=weight_decay)
     else:
-        raise ValueError(f"unknown optimizer {kind!r}; expected 'adam_l2' or 'adamw'")
+        raise UserError(f"unknown optimizer {kind!r}; expected 'adam_l2' or 'adamw'")
     base = optax.set_to_zero() if freeze_base else tx
     head = optax.chain(tx, optax.scale(head_lr)) if head_lr != 1.0 else tx
     tx = optax.multi_transform({"base": base, "head": head}, head_labels(params))

@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cavmae_jax import paths
+from cavmae_jax.errors import UserError
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.attention import resolve as resolve_attention
 from cavmae_jax.train import durations as durations_lib
@@ -60,11 +61,11 @@ def prepared_dataset(config: ml_collections.ConfigDict, workdir: paths.Path) -> 
 
     data = config.data
     if not data.dir and not data.generate:
-        raise ValueError("no training data: set --config.data.dir to a `cavmae prepare` output")
+        raise UserError("no training data: set --config.data.dir to a `cavmae prepare` output")
     data_dir = paths.path(data.dir) if data.dir else workdir / "data" / "dataset"
     if data.generate and not (data_dir / "dataset_info.json").exists():
         if paths.is_remote(workdir):
-            raise ValueError(
+            raise UserError(
                 f"{workdir}: the demo videos are generated on a local disk; run the demo with "
                 "a local workdir, or prepare data with `cavmae prepare` and set --config.data.dir"
             )
@@ -83,7 +84,7 @@ def copy_weights(source: nnx.Module, target: nnx.Module, name: str) -> None:
     state = nnx.state(target)
     expected = nnx.to_pure_dict(state)
     if jax.tree.structure(values) != jax.tree.structure(expected):
-        raise ValueError(
+        raise UserError(
             f"{name}: holds a {type(source).__name__} that does not match the configured "
             f"{type(target).__name__} (other depths or parts)"
         )
@@ -93,7 +94,7 @@ def copy_weights(source: nnx.Module, target: nnx.Module, name: str) -> None:
         strict=True,
     ):
         if value.shape != want.shape:
-            raise ValueError(
+            raise UserError(
                 f"{name}: {jax.tree_util.keystr(path)} has shape {value.shape}, the configured "
                 f"model expects {want.shape} (set --config.model.* to the checkpoint's sizes)"
             )
@@ -113,7 +114,7 @@ def model_config(trainer: Trainer, config: ml_collections.ConfigDict, mesh: Mesh
 def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """The global batch must split into ``grad_accum`` micro-batches that split over the mesh."""
     if config.batch_size % config.grad_accum:
-        raise ValueError(
+        raise UserError(
             f"global batch {config.batch_size} does not split into {config.grad_accum} "
             "micro-batches (grad_accum)"
         )

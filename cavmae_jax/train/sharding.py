@@ -22,6 +22,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cavmae_jax.errors import UserError
+
 MESH_AXES = ("slice", "data", "fsdp", "tensor")
 BATCH_AXES = ("slice", "data", "fsdp")  # FSDP is data parallel too
 
@@ -41,11 +43,11 @@ def make_mesh(shape: Mapping[str, int], devices=None) -> Mesh:
     sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES[1:]]
     known = int(np.prod([s for s in sizes if s != -1]))
     if sizes.count(-1) > 1 or per_slice % known:
-        raise ValueError(f"mesh {dict(shape)} does not fit {per_slice} devices per slice")
+        raise UserError(f"mesh {dict(shape)} does not fit {per_slice} devices per slice")
     sizes = [per_slice // known if s == -1 else s for s in sizes]
     if int(np.prod(sizes)) != per_slice:
         shown = dict(zip(MESH_AXES[1:], sizes, strict=True))
-        raise ValueError(f"mesh {shown} needs {np.prod(sizes)} devices per slice, not {per_slice}")
+        raise UserError(f"mesh {shown} needs {np.prod(sizes)} devices per slice, not {per_slice}")
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if slices == 1:
         return jax.make_mesh((1, *sizes), MESH_AXES, axis_types=auto, devices=devices)
@@ -109,7 +111,7 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """The global batch must split evenly over the batch axes (and over the hosts)."""
     shards = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
     if batch_size % shards or batch_size % jax.process_count():
-        raise ValueError(
+        raise UserError(
             f"global batch {batch_size} does not split over {shards} batch shards "
             f"(mesh slice x data x fsdp) and {jax.process_count()} host(s)"
         )

@@ -12,6 +12,7 @@ import ml_collections
 from flax import nnx
 
 from cavmae_jax import convert
+from cavmae_jax.errors import UserError
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.paths import Path
 from cavmae_jax.train.durations import Durations
@@ -106,5 +107,5 @@ def get(name: str) -> Trainer:
 
     trainers = {"pretrain": CAVMAEPretraining, "finetune": Finetuning, "pcav": PCAVPretraining}
     if name not in trainers:
-        raise ValueError(f"unknown trainer {name!r}; expected one of {list(trainers)}")
+        raise UserError(f"unknown trainer {name!r}; expected one of {list(trainers)}")
     return trainers[name]()

@@ -1,4 +1,4 @@
-"""The official CAV-MAE finetuning recipes (spec 4.3) for AudioSet and VGGSound classification.
+"""The CAV-MAE finetuning recipes of the official ``egs/`` scripts (AudioSet, VGGSound).
 
 Launch (one host; datasets from ``cavmae prepare``, the init is the released CAV-MAE-Scale++
 ``audio_model.21.pth`` or a ``cavmae pretrain`` model directory):
@@ -24,6 +24,8 @@ averaging over the recipe's epochs and the 10-frame ensemble at the end (audio-o
 """
 
 import ml_collections
+
+from cavmae_jax.errors import UserError
 
 RECIPES = {
     "as20k": dict(
@@ -74,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     base, _, mode = name.partition("-")
     if base not in RECIPES or (mode and mode not in MODES) or name == "vgg-audioonly":
         known = [*RECIPES, "as20k-audioonly", "as20k-videoonly", "as2m-audioonly"]
-        raise ValueError(f"unknown recipe {name!r}; expected one of {known}")
+        raise UserError(f"unknown recipe {name!r}; expected one of {known}")
     recipe = RECIPES[base]
     config = ml_collections.ConfigDict()
     config.trainer = "finetune"
@@ -82,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(
             modality_specific_depth=11,
             label_dim=recipe["classes"],
-            tr_pos=True,  # CAVMAEFT trains its position embeddings (quirk 8)
+            tr_pos=True,  # CAVMAEFT trains its position embeddings (official behaviour 8)
             dtype="bfloat16",
             remat=False,
             attention="auto",  # auto | xla | cudnn | recompute (cavmae_jax/models/attention.py)

@@ -1,4 +1,4 @@
-"""The official CAV-MAE pretraining recipes (spec 4.2) and the paper's ablations.
+"""The CAV-MAE pretraining recipes of the official ``egs/`` scripts and the paper's ablations.
 
 Launch (one host; the dataset comes from ``cavmae prepare``, the init is the released
 IN-initial ``ori_mae_11.pth`` or, for ``vgg-from-as``, CAV-MAE-Scale++ ``audio_model.21.pth``):
@@ -26,6 +26,8 @@ official AudioSet-2M list has 1,772,023 training clips: 36,917 updates of 48 per
 
 import ml_collections
 
+from cavmae_jax.errors import UserError
+
 RECIPES = {
     "as-base": dict(batch=48, lr=5e-5, epochs=25),
     "as-scale+": dict(batch=120, lr=1e-4, epochs=25),
@@ -49,7 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     name, *modifiers = (arg or "as-base").split(",")
     recipe = RECIPES.get(name, RECIPES["as-base"])
     if name not in RECIPES and name not in ABLATIONS:
-        raise ValueError(f"unknown recipe {name!r}; expected one of {[*RECIPES, *ABLATIONS]}")
+        raise UserError(f"unknown recipe {name!r}; expected one of {[*RECIPES, *ABLATIONS]}")
     config = ml_collections.ConfigDict()
     config.trainer = "pretrain"
     config.model = ml_collections.ConfigDict(

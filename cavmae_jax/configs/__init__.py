@@ -1,0 +1,1 @@
+"""The recipes, shipped inside the package: ``--config pretrain:as-base`` names one."""

@@ -1,0 +1,69 @@
+"""Embeddings of clips from a pretrained or finetuned model: audio, visual and joint.
+
+Audio and visual embeddings are the official retrieval features (unmasked modality streams,
+mean-pooled); the joint one is the shared layers over both token sets (what the multimodal
+classifier pools). Frame 5, as the official evaluation.
+"""
+
+from __future__ import annotations
+
+import io
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cavmae_jax import clip_inputs, paths
+from cavmae_jax.train.sharding import make_mesh
+
+EVAL_FRAME = 5
+
+
+def embedding_fn(model, per_token: bool):
+    """Jitted ``batch -> {name: array}``; a model without visual parameters gives audio only."""
+    graphdef, state = nnx.split(model)
+    visual = hasattr(model, "patch_embed_v")
+
+    @jax.jit
+    def apply(state, batch):
+        m = nnx.merge(graphdef, state)
+        a = m.encode_audio(batch["audio"])
+        tokens = {"audio": m.modality_stream(a, "a")}
+        if visual:
+            v = m.encode_visual(batch["frames"][:, EVAL_FRAME])
+            tokens["visual"] = m.modality_stream(v, "v")
+            tokens["joint"] = m.joint_stream(jnp.concatenate([a, v], axis=1))
+        out = {name: t.mean(axis=1) for name, t in tokens.items()}
+        if per_token:
+            out.update({f"{name}_tokens": t for name, t in tokens.items()})
+        return out
+
+    return lambda batch: apply(state, batch)
+
+
+def _save(array: np.ndarray, path) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    paths.path(path).write_bytes(buffer.getvalue())
+
+
+def embed(
+    model,
+    inputs: list[str],
+    output,
+    batch_size: int = 8,
+    per_token: bool = False,
+    split: str = "eval",
+) -> dict[str, tuple[int, ...]]:
+    """Write ``<name>.npy`` (row i is clip i of ``ids.txt``) under ``output``; returns shapes."""
+    mesh = make_mesh({"data": -1})
+    ids, outputs = clip_inputs.run_batched(
+        embedding_fn(model, per_token), inputs, mesh, batch_size, split
+    )
+    output = paths.path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    for name, array in outputs.items():
+        _save(array.astype(np.float32), output / f"{name}.npy")
+    return {name: array.shape for name, array in outputs.items()}
