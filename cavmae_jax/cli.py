@@ -355,7 +355,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratio-a", type=float, default=0.75, help="audio patches masked")
     p.add_argument("--mask-ratio-v", type=float, default=0.75, help="visual patches masked")
     p.add_argument(
-        "--mask-mode", choices=["unstructured", "time", "freq", "tf"], default="unstructured"
+        "--mask-mode",
+        choices=["unstructured", "time", "freq", "tf"],
+        default="unstructured",
+        help="audio masking (visual masking is unstructured)",
     )
     p.add_argument("--seed", type=int, default=2, help="of the masks (official: 2)")
 
@@ -383,7 +386,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="decoding processes")
     p.add_argument("--split", default="train", help="split name")
     p.add_argument("--shard-size", type=int, default=256, help="clips per shard (resume unit)")
-    p.add_argument("--fbank-dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument(
+        "--fbank-dtype", choices=["float32", "float16"], default="float32", help="storage type"
+    )
     p.add_argument("--keep-waveform", action="store_true", help="also store int16 audio (mixup)")
 
     p = command("explain", "PCAV-MAE prototypes: report, t-SNE, per-clip figures", _explain)

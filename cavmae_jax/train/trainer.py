@@ -92,8 +92,12 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: Path) -> None:
 
 
 def load_model(source: str, kind: str, **overrides) -> nnx.Module:
-    """An official ``.pth`` (loaded non-strictly into ``kind``, as the official recipes) or a
-    cavmae-jax model directory."""
+    """An official ``.pth`` or released name (loaded non-strictly into ``kind``, as the
+    official recipes) or a cavmae-jax model directory."""
+    from cavmae_jax import pretrained
+
+    if str(source) in pretrained.RELEASES:
+        source = pretrained.download(pretrained.RELEASES[str(source)])
     if str(source).endswith(".pth"):
         return convert.load_torch_checkpoint(source, kind=kind, **overrides)
     return convert.load_checkpoint(source)
