@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -26,12 +27,14 @@ EXTRAS = {
 
 
 def _quiet_libraries() -> None:
-    """Keep TensorFlow's and absl's start-up notices out of the commands' output."""
+    """Keep TensorFlow's, TFDS's and absl's notices out of the commands' output: start-up
+    banners, and TFDS's own deprecated ``map_fn`` call when frames are read undecoded."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # set either way, TF prints no notice
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 def _join_processes(args) -> None:
@@ -80,13 +83,6 @@ def _train(args, overrides):
         print(f"mAP {result['mAP']:.4f}, accuracy {result['acc']:.4f} over {result['clips']} clips")
 
 
-def _finetuning(loaded, mode: str | None, metric: str | None) -> tuple[str, str]:
-    """The mode and loss to run a classifier with: as asked, else as the model was trained."""
-    known = loaded.finetuning or {}
-    loss = {"mAP": "bce", "acc": "ce"}.get(metric) or known.get("loss", "bce")
-    return mode or known.get("mode", "multimodal"), loss
-
-
 def _evaluate(args, overrides):
     import jax
 
@@ -98,7 +94,7 @@ def _evaluate(args, overrides):
     _no_overrides(args, overrides)
     _join_processes(args)
     loaded = _load(args.model)
-    mode, loss = _finetuning(loaded, args.mode, args.metric)
+    mode, loss = loaded.classifier_settings(args.mode, {"mAP": "bce", "acc": "ce"}.get(args.metric))
     metric = "mAP" if loss == "bce" else "acc"
     mesh = make_mesh({"data": -1})
     frames = tuple(range(10)) if args.frames == 10 else (EVAL_FRAME,)
@@ -232,11 +228,8 @@ def _classify(args, overrides):
 
     _no_overrides(args, overrides)
     loaded = _load(args.model)
-    mode, loss = _finetuning(
-        loaded,
-        args.mode,
-        None if args.activation is None else {"sigmoid": "mAP", "softmax": "acc"}[args.activation],
-    )
+    loss = {"sigmoid": "bce", "softmax": "ce"}.get(args.activation)
+    mode, loss = loaded.classifier_settings(args.mode, loss)
     results = classify(
         loaded.model, args.inputs, mode, loss, args.top_k, args.labels, args.batch_size, args.split
     )

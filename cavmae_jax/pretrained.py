@@ -254,6 +254,12 @@ class Loaded:
     finetuning: dict | None
     source: str
 
+    def classifier_settings(self, mode: str | None = None, loss: str | None = None):
+        """``(mode, loss)`` to run the classifier with: as given, else as it was trained, else
+        multimodal with sigmoid scores (``bce``)."""
+        known = self.finetuning or {}
+        return mode or known.get("mode", "multimodal"), loss or known.get("loss", "bce")
+
 
 def weights_dir() -> Path:
     """Where released checkpoints are kept: ``$CAVMAE_WEIGHTS`` or ``~/.cache/cavmae_jax``."""

@@ -93,12 +93,10 @@ def _picture(normalised: np.ndarray) -> np.ndarray:
 
 def figure(views: dict, title: str):
     """Two rows (spectrogram, frame) of original / masked / reconstructed."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(15, 7), gridspec_kw={"height_ratios": [1, 2.2]})
+    fig = Figure(figsize=(15, 7))
+    axes = fig.subplots(2, 3, gridspec_kw={"height_ratios": [1, 2.2]})
     low = views["audio_original"].min()
     high = views["audio_original"].max()
     for column, view in enumerate(("original", "masked", "reconstructed")):
