@@ -28,7 +28,8 @@ $(TEST_VENV)/.installed: pyproject.toml
 # file each at a time (module fixtures are built once): XLA compiles and process start-ups are
 # mostly single-threaded, so the two cores overlap them. The longest files are handed out first.
 LONG_TESTS := tests/test_training.py tests/test_finetune.py tests/test_sharding.py \
-	tests/test_pcav_mae.py tests/test_launch.py tests/test_cli.py tests/test_cloud_storage.py
+	tests/test_pcav_mae.py tests/test_launch.py tests/test_notebooks.py tests/test_cli.py \
+	tests/test_cloud_storage.py
 test: install-test
 	$(TEST_BIN)/python -m pytest -q -n 2 --dist loadfile $(LONG_TESTS) tests
 

@@ -177,6 +177,7 @@ def test_demo_pretraining_learns_audio_visual_correspondence(tmp_path):
         text=True,
     )
     result = json.loads(done.stdout.splitlines()[0])
+    assert "WARNING" not in done.stderr and "deprecated" not in done.stderr
     assert result["clips"] == 48
     assert result["a2v_r1"] >= 4 * result["chance_r1"]
     assert result["v2a_r1"] >= 4 * result["chance_r1"]
