@@ -232,3 +232,39 @@ def test_every_command_documents_its_options():
         for action in sub._actions:
             if action.dest not in ("help",):
                 assert action.help, f"cavmae {name} {action.option_strings or action.dest}"
+
+
+def test_readme_synopsis_lists_every_option_of_every_command():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("## Commands\n\n```\n", 1)[1].split("```", 1)[0]
+    entries: dict[str, str] = {}
+    for line in block.splitlines():
+        if line.startswith("cavmae "):
+            names = line.split()[1].split("|")
+        for name in names:
+            entries[name] = entries.get(name, "") + " " + line
+    commands = cli.parser()._subparsers._group_actions[0].choices
+    assert set(entries) == set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            for option in action.option_strings[-1:]:
+                if option != "--help":
+                    assert option in entries[name], f"README: cavmae {name} {option}"
+
+
+def test_convert_needs_neither_the_data_extra_nor_torch(models, tmp_path):
+    """The runtime alone converts a .pth: TensorFlow, TFDS, PyAV, Pillow and PyTorch are extras."""
+    _, _, ft = models
+    convert.save_torch_checkpoint(ft, tmp_path / "ft.pth")
+    program = (
+        "import sys\n"
+        "from cavmae_jax import cli\n"
+        f"cli.main(['convert', {str(tmp_path / 'ft.pth')!r}, {str(tmp_path / 'out')!r}])\n"
+        "extras = ('tensorflow', 'tensorflow_datasets', 'av', 'PIL', 'torch')\n"
+        "print(sorted(m for m in extras if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=tmp_path, check=True
+    )
+    assert done.stdout.splitlines()[-1] == "[]"
+    assert convert.model_info(tmp_path / "out")["kind"] == "CAVMAEFT"
