@@ -27,11 +27,11 @@ $(TEST_VENV)/.installed: pyproject.toml
 # pytest exits 5 when it collected no test: that is a failure here too. Two workers, one test
 # file each at a time (module fixtures are built once): XLA compiles and process start-ups are
 # mostly single-threaded, so the two cores overlap them. The longest files are handed out first.
-LONG_TESTS := tests/test_training.py tests/test_finetune.py tests/test_sharding.py \
-	tests/test_pcav_mae.py tests/test_launch.py tests/test_notebooks.py tests/test_cli.py \
-	tests/test_cloud_storage.py
+LONG_TESTS := tests/test_cloud_storage.py tests/test_training.py tests/test_notebooks.py \
+	tests/test_finetune.py tests/test_sharding.py tests/test_pcav_mae.py tests/test_launch.py \
+	tests/test_cli.py tests/test_pretrained_commands.py
 test: install-test
-	$(TEST_BIN)/python -m pytest -q -n 2 --dist loadfile $(LONG_TESTS) tests
+	$(TEST_BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 $(LONG_TESTS) tests
 
 demo: install
 	$(BIN)/cavmae pretrain --config configs/demo.py --workdir workdir/demo

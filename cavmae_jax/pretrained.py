@@ -46,26 +46,23 @@ class Release:
         return {"mode": self.mode, "loss": self.loss} if self.mode else None
 
 
-def _pretrained(name, url, model, recipe, reported="", pretrain_data="AudioSet-2M", **kw):
-    return Release(
-        name=name,
-        file=url.rsplit("/", 1)[1].removesuffix("?dl=1"),
-        url=f"{DROPBOX}/{url}",
-        model=model,
-        kind="CAVMAE",
-        pretrain_data=pretrain_data,
-        recipe=recipe,
-        reported=reported,
-        **kw,
+def _release(name: str, url: str, **fields) -> Release:
+    """A release from its Dropbox path (``<key>/<file>?dl=1``): the file name is the URL's."""
+    file = url.rsplit("/", 1)[1].removesuffix("?dl=1")
+    return Release(name=name, file=file, url=f"{DROPBOX}/{url}", **fields)
+
+
+def _pretrained(name, url, model, recipe, pretrain_data="AudioSet-2M", **kw):
+    return _release(
+        name, url, model=model, kind="CAVMAE", pretrain_data=pretrain_data, recipe=recipe, **kw
     )
 
 
 def _finetuned(name, url, model, data, mode, reported, recipe, pretrain="AudioSet-2M"):
     vgg = data.startswith("VGGSound")
-    return Release(
-        name=name,
-        file=url.rsplit("/", 1)[1].removesuffix("?dl=1"),
-        url=f"{DROPBOX}/{url}",
+    return _release(
+        name,
+        url,
         model=model,
         kind="CAVMAEFT",
         pretrain_data=pretrain,

@@ -30,6 +30,17 @@ from cavmae_jax import convert
 from cavmae_jax.models import ModelConfig, tiny
 
 DATA = Path(__file__).with_name("data")  # fixtures: tests/data/README.md
+# Full-size inputs (1024 x 128 fbank, 224 x 224 frames) with a narrow two-layer encoder: what
+# the sample clips can be fed to in a few seconds.
+NARROW_FULL_INPUTS = ModelConfig(
+    embed_dim=64,
+    depth=2,
+    modality_specific_depth=1,
+    num_heads=1,
+    decoder_embed_dim=32,
+    decoder_depth=1,
+    decoder_num_heads=1,
+)
 
 
 def random_state_dict(kind: str, cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

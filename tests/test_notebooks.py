@@ -8,23 +8,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import DATA
+from conftest import DATA, NARROW_FULL_INPUTS
 from flax import nnx
 from nbclient import NotebookClient
 
 from cavmae_jax import convert
-from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
+from cavmae_jax.models import CAVMAE, CAVMAEFT
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NARROW = ModelConfig(
-    embed_dim=64,
-    depth=2,
-    modality_specific_depth=1,
-    num_heads=1,
-    decoder_embed_dim=32,
-    decoder_depth=1,
-    decoder_num_heads=1,
-)
+NARROW = NARROW_FULL_INPUTS
 
 
 def execute(name: str, monkeypatch, **env: str) -> nbformat.NotebookNode:

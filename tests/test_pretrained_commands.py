@@ -10,26 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, NARROW_FULL_INPUTS
 from flax import nnx
 
 from cavmae_jax import classify, cli, clip_inputs, config_loading, convert, pretrained, reconstruct
-from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
+from cavmae_jax.models import CAVMAE, CAVMAEFT
 from cavmae_jax.models.cav_mae_ft import FT_MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = sorted(str(p) for p in DATA.glob("*.mp4"))
-# Full-size inputs (1024 x 128 fbank, 224 x 224 frames), a narrow two-layer encoder.
-NARROW = ModelConfig(
-    embed_dim=64,
-    depth=2,
-    modality_specific_depth=1,
-    num_heads=1,
-    decoder_embed_dim=32,
-    decoder_depth=1,
-    decoder_num_heads=1,
-    norm_pix_loss=True,
-)
+NARROW = NARROW_FULL_INPUTS.replace(norm_pix_loss=True)
 
 
 @pytest.fixture(scope="module")
