@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import json
 import multiprocessing
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -55,6 +56,14 @@ class ClipError(Exception):
 # Manifests -------------------------------------------------------------------------------------
 
 
+def _from_list(listing: Path, entry: str) -> str:
+    """A path written in a list: as it is when absolute or in a bucket, else from the list's
+    own folder (so a list works wherever ``cavmae prepare`` runs)."""
+    if paths.is_remote(entry) or os.path.isabs(entry):
+        return entry
+    return str(listing.parent / entry)
+
+
 def read_manifest(source: paths.PathLike) -> list[Clip]:
     """Clips from a folder (every non-hidden file), a CSV (path[, comma-separated labels]) or an
     official JSON datafile (video_id, wav, video_path, labels)."""
@@ -65,14 +74,19 @@ def read_manifest(source: paths.PathLike) -> list[Clip]:
     if source.suffix == ".json":
         records = json.loads(source.read_text())["data"]
         return [
-            Clip(r["video_id"], r["wav"], tuple(_split_labels(r["labels"])), r["video_path"])
+            Clip(
+                r["video_id"],
+                _from_list(source, r["wav"]),
+                tuple(_split_labels(r["labels"])),
+                _from_list(source, r["video_path"]),
+            )
             for r in records
         ]
     rows = [row for row in csv.reader(source.read_text().splitlines()) if row and row[0].strip()]
     return [
         Clip(
             row[0].rsplit("/", 1)[-1].rsplit(".", 1)[0],
-            row[0],
+            _from_list(source, row[0]),
             tuple(_split_labels(",".join(row[1:]))),
         )
         for row in rows

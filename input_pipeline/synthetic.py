@@ -3,8 +3,8 @@
 Each class pairs a picture (a coloured shape on a dark background, moving slowly) with a sound
 (a tone, a chirp or a noise band at a class-specific frequency). Every clip draws its own
 position, motion, loudness and noise, so clips of one class differ while their audio and video
-agree. ``labels.csv`` (official ``index,mid,display_name`` format) and ``clips.csv`` (path,labels)
-are written beside the videos.
+agree. ``labels.csv`` (official ``index,mid,display_name`` format) and ``clips.csv`` (file name,
+labels; names resolve from the list's folder) are written beside the videos.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def generate(output: str | Path, clips: int = 200, classes: int = 4, seed: int =
         cls = i % classes
         path = output / f"clip_{i:05d}.mp4"
         write_clip(path, cls, seed * 100003 + i)
-        rows.append((str(path), f"/synthetic/{cls}"))
+        rows.append((path.name, f"/synthetic/{cls}"))
     with open(output / "clips.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     return output / "clips.csv"

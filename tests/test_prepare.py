@@ -99,8 +99,9 @@ def test_an_interrupted_run_resumes_to_the_same_dataset(corpus, tmp_path):
         assert (one / name).read_bytes() == (resumed / name).read_bytes()
 
 
-def test_official_json_datafile_with_label_csv(tmp_path):
-    """The official format: wav files and frame_<k>/<id>.jpg folders, labels by mid."""
+def test_official_json_datafile_with_label_csv(tmp_path, monkeypatch):
+    """The official format: wav files and frame_<k>/<id>.jpg folders, labels by mid; relative
+    paths resolve from the datafile's folder, wherever prepare runs."""
     frames_dir = tmp_path / "frames"
     synthetic.write_clip(tmp_path / "clip.mp4", cls=1, seed=0)
     wav_dir = tmp_path / "wav"
@@ -114,8 +115,8 @@ def test_official_json_datafile_with_label_csv(tmp_path):
     records = [
         {
             "video_id": "clip",
-            "wav": str(wav_dir / "clip.mp4"),
-            "video_path": str(frames_dir),
+            "wav": "wav/clip.mp4",
+            "video_path": "frames/",
             "labels": "/m/a,/m/c",
         },
         {
@@ -127,6 +128,8 @@ def test_official_json_datafile_with_label_csv(tmp_path):
     ]
     (tmp_path / "data.json").write_text(json.dumps({"data": records}))
     (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/a,A\n1,/m/b,B\n2,/m/c,C\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
     prepared, failed = prepare.prepare(
         tmp_path / "data.json", tmp_path / "ds", labels=tmp_path / "labels.csv", progress=False
     )
@@ -185,3 +188,12 @@ def test_prepare_killed_mid_run_resumes_to_the_same_dataset(tmp_path):
     assert sorted(p.name for p in out.glob("clips-train.tfrecord-*")) == reference
     for name in reference + ["failures.jsonl"]:
         assert (out / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+
+
+def test_a_list_of_relative_paths_works_from_any_folder(tmp_path, monkeypatch):
+    listing = synthetic.generate(tmp_path / "videos", clips=2, classes=2, seed=7)
+    assert not listing.read_text().startswith("/")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    labels = tmp_path / "videos" / "labels.csv"
+    assert prepare.prepare(listing, tmp_path / "ds", labels=labels, progress=False) == (2, 0)
