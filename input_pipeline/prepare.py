@@ -6,7 +6,8 @@ float16 optionally), ``frames`` (10 JPEGs, the official extraction), ``label`` (
 for exact waveform-domain mixup). Clips are processed in parallel by worker processes (pure
 NumPy / PyAV); the parent writes fixed-size shards atomically, so an interrupted run resumes
 where it stopped and produces the same dataset. Unusable clips go to ``failures.jsonl`` with the
-stage and reason; nothing is ever replaced by a dummy example.
+split, stage and reason; nothing is ever replaced by a dummy example. One directory holds several
+splits (``train``, ``eval``, ...), prepared one at a time with the same options.
 """
 
 from __future__ import annotations
@@ -223,23 +224,48 @@ def _write_shard(output, split, index, count, examples, records, spec) -> None:
                 writer.write(proto.SerializeToString(deterministic=True))
 
     paths.publish(shard_path(output, split, index, count), write_examples)
-    paths.publish(_report_path(output, index), write_report)
+    paths.publish(report_path(output, split, index), write_report)
 
 
-def _report_path(output: Path, index: int) -> Path:
-    return output / f"report-{index:05d}.json"
+def report_path(output: Path, split: str, index: int) -> Path:
+    return output / f"report-{split}-{index:05d}.json"
+
+
+def _reports(output: Path, split: str, count: int) -> tuple[list[int], list[dict]]:
+    """Example count per shard, and the failure records (with their split), of a split."""
+    sizes, records = [], []
+    for i in range(count):
+        report = json.loads(report_path(output, split, i).read_text())
+        sizes.append(report["examples"])
+        records.extend({**r, "split": split} for r in report["records"])
+    return sizes, records
+
+
+def _other_splits(output: Path, split: str, spec) -> list:
+    """The SplitInfos of the directory's other splits; their features must be this split's."""
+    import tensorflow_datasets as tfds
+
+    if not (output / "dataset_info.json").exists():
+        return []
+    info = tfds.builder_from_directory(str(output)).info
+    if repr(info.features) != repr(spec):
+        raise ValueError(
+            f"{output} holds splits {list(info.splits)} prepared with other options "
+            "(--fbank-dtype, --keep-waveform): prepare every split of a directory alike"
+        )
+    return [info.splits[name] for name in info.splits if name != split]
 
 
 def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]]:
-    """Merge the per-shard reports and write the TFDS metadata. Returns (examples, records)."""
+    """Merge the per-shard reports and write the TFDS metadata of every split, and
+    ``failures.jsonl`` of every split. Returns this split's (examples, records)."""
     import tensorflow_datasets as tfds
 
-    records, sizes = [], []
-    for i in range(count):
-        report = json.loads(_report_path(output, i).read_text())
-        records.extend(report["records"])
-        sizes.append(report["examples"])
-    (output / "failures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    others = _other_splits(output, split, spec)
+    sizes, records = _reports(output, split, count)
+    everything = [r for s in others for r in _reports(output, s.name, s.num_shards)[1]]
+    everything += records
+    (output / "failures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in everything))
     template = tfds.core.ShardedFileTemplate(
         data_dir=output,
         template=SHARD_TEMPLATE,
@@ -257,7 +283,7 @@ def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]
     tfds.folder_dataset.write_metadata(
         data_dir=output,
         features=spec,
-        split_infos=[split_info],
+        split_infos=[*others, split_info],
         filename_template=template,
         check_data=False,
     )
@@ -267,7 +293,7 @@ def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]
 def _pending(clips: list[Clip], output: Path, split: str, shard_size: int) -> Iterator[int]:
     count = max(1, -(-len(clips) // shard_size))
     for i in range(count):
-        if not _report_path(output, i).exists():
+        if not report_path(output, split, i).exists():
             yield i
 
 

@@ -197,3 +197,30 @@ def test_a_list_of_relative_paths_works_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "elsewhere")
     labels = tmp_path / "videos" / "labels.csv"
     assert prepare.prepare(listing, tmp_path / "ds", labels=labels, progress=False) == (2, 0)
+
+
+def test_splits_are_added_to_one_directory_one_at_a_time(tmp_path):
+    import tensorflow_datasets as tfds
+
+    train = synthetic.generate(tmp_path / "train", clips=3, classes=3, seed=8)
+    synthetic.generate(tmp_path / "eval", clips=2, classes=2, seed=9)
+    for listing in ("clips.csv", "labels.csv"):
+        (tmp_path / "eval" / listing).unlink()  # a folder of videos, no labels
+    (tmp_path / "eval" / "broken.mp4").write_bytes(b"not a video")
+    labels = tmp_path / "train" / "labels.csv"
+    out = tmp_path / "ds"
+    assert prepare.prepare(train, out, labels=labels, progress=False) == (3, 0)
+    assert prepare.prepare(tmp_path / "eval", out, split="eval", progress=False) == (2, 1)
+    splits = tfds.builder_from_directory(str(out)).info.splits
+    assert {name: splits[name].num_examples for name in splits} == {"train": 3, "eval": 2}
+    assert len(read_dataset(out, "train")) == 3 and len(read_dataset(out, "eval")) == 2
+    records = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["path"].rsplit("/", 1)[-1]) for r in records] == [("eval", "broken.mp4")]
+    with pytest.raises(ValueError, match="prepare every split of a directory alike"):
+        prepare.prepare(
+            tmp_path / "eval",
+            out,
+            split="test",
+            options=prepare.Options(fbank_dtype="float16"),
+            progress=False,
+        )
