@@ -150,10 +150,32 @@ def _convert(args, overrides):
     print(f"wrote {args.output}")
 
 
+def _verify(data_dir: str) -> None:
+    from input_pipeline.dataset import open_dataset
+    from input_pipeline.verify import verify
+
+    open_dataset(data_dir)  # one line if it is not a prepared dataset
+    bad = 0
+    for split, problems in verify(data_dir).items():
+        print(
+            f"{split}: {'every record read' if not problems else f'{len(problems)} bad shard(s)'}"
+        )
+        for problem in problems:
+            print(f"  {problem}")
+        bad += len(problems)
+    if bad:
+        raise SystemExit(1)
+
+
 def _prepare(args, overrides):
     from input_pipeline.prepare import Options, prepare
 
     _no_overrides(args, overrides)
+    if args.verify:
+        _verify(args.verify)
+        return
+    if not (args.input and args.output):
+        raise UserError("prepare needs --input and --output (or --verify DIR)")
     options = Options(fbank_dtype=args.fbank_dtype, keep_waveform=args.keep_waveform)
     prepared, failed = prepare(
         args.input,
@@ -373,8 +395,9 @@ def parser() -> argparse.ArgumentParser:
     )
 
     p = command("prepare", "videos -> TFDS dataset of fbanks and frames", _prepare)
-    p.add_argument("--input", required=True, help="folder of videos, CSV list, or official JSON")
-    p.add_argument("--output", required=True, help="dataset folder, local or gs://")
+    p.add_argument("--input", help="folder of videos, CSV list, or official JSON")
+    p.add_argument("--output", help="dataset folder, local or gs://")
+    p.add_argument("--verify", metavar="DIR", help="read back every record of a dataset")
     p.add_argument("--labels", help="official label CSV (index,mid,display_name)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes")
     p.add_argument("--split", default="train", help="split name")

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 
 from cavmae_jax import paths
 from cavmae_jax.errors import UserError
-from input_pipeline import augment
+from input_pipeline import augment, verify
 from input_pipeline.audio import DATASET_MEAN, DATASET_STD, mixed_fbank
 from input_pipeline.video import IMAGENET_MEAN, IMAGENET_STD, NUM_FRAMES
 
@@ -108,7 +108,7 @@ class Loader:
     """Iterable of batches from ``data_dir`` (a ``cavmae prepare`` output)."""
 
     def __init__(self, data_dir: str, split: str, config: LoaderConfig):
-        self.config = config
+        self.config, self.data_dir, self.split_name = config, data_dir, split
         self.builder = open_dataset(data_dir)
         if split not in self.builder.info.splits:
             known = ", ".join(self.builder.info.splits)
@@ -251,7 +251,14 @@ class Loader:
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(tfds.as_numpy(self.dataset()))
+        return self.iterate_from(0)
 
     def iterate_from(self, start_batch: int) -> Iterator[dict[str, np.ndarray]]:
-        return iter(tfds.as_numpy(self.dataset(start_batch)))
+        """Batches from ``start_batch`` on; a shard that cannot be read stops the stream with a
+        line naming it and the command that rebuilds it."""
+        try:
+            yield from tfds.as_numpy(self.dataset(start_batch))
+        except tf.errors.DataLossError as err:
+            found = verify.shard_problems(self.data_dir, self.split_name)
+            reason = found[0] if found else f"{self.data_dir}: {err.message.splitlines()[0]}"
+            raise DatasetError(reason) from err

@@ -24,6 +24,7 @@ import numpy as np
 from cavmae_jax import paths
 from cavmae_jax.paths import Path
 from input_pipeline import audio, video
+from input_pipeline.verify import invocation_path
 
 DATASET_NAME = "clips"
 SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
@@ -322,6 +323,14 @@ def prepare(
         raise ValueError(f"{source} lists labels: give the label CSV (--labels) to index them")
     count = max(1, -(-len(clips) // shard_size))
     spec = features(options)
+    made = {
+        "input": str(paths.path(source)),
+        "labels": None if labels is None else str(paths.path(labels)),
+        "shard_size": shard_size,
+        "fbank_dtype": options.fbank_dtype,
+        "keep_waveform": options.keep_waveform,
+    }
+    invocation_path(output, split).write_text(json.dumps(made))
     todo = list(_pending(clips, output, split, shard_size))
     jobs = [
         (pos, clips[pos], options)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +226,43 @@ def test_splits_are_added_to_one_directory_one_at_a_time(tmp_path):
             options=prepare.Options(fbank_dtype="float16"),
             progress=False,
         )
+
+
+def test_a_corrupt_shard_is_named_with_the_command_that_rebuilds_it(tmp_path, capsys):
+    import shlex
+    import subprocess
+
+    from input_pipeline.dataset import DatasetError, Loader, LoaderConfig
+
+    listing = synthetic.generate(tmp_path / "videos", clips=4, classes=2, seed=10)
+    out = tmp_path / "ds"
+    labels = ["--labels", str(tmp_path / "videos" / "labels.csv")]
+    cli.main(
+        ["prepare", "--input", str(listing), "--output", str(out), "--shard-size", "2", *labels]
+    )
+    cli.main(["prepare", "--verify", str(out)])
+    assert "train: every record read" in capsys.readouterr().out
+    shard = sorted(out.glob("clips-train.tfrecord-*"))[1]
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["prepare", "--verify", str(out)])
+    assert exit_info.value.code == 1
+    printed = capsys.readouterr().out
+    assert "train: 1 bad shard(s)" in printed and f"{shard}: " in printed
+    loader = Loader(out, "train", LoaderConfig(batch_size=1, num_classes=2, train=False))
+    with pytest.raises(DatasetError, match="rebuild it: rm") as error:
+        list(loader)
+    assert str(error.value).startswith(f"{shard}: ")
+
+    rebuild = str(error.value).split("rebuild it: ", 1)[1]
+    removal, command = rebuild.split(" && ")
+    for name in shlex.split(removal)[1:]:
+        Path(name).unlink()
+    cavmae = shlex.split(command)
+    assert cavmae[:2] == ["cavmae", "prepare"]
+    subprocess.run([sys.executable, "-m", "cavmae_jax.cli", *cavmae[1:]], check=True)
+    assert shard.read_bytes() == intact
+    cli.main(["prepare", "--verify", str(out)])
+    assert "train: every record read" in capsys.readouterr().out
