@@ -185,8 +185,16 @@ def _prepare(args, overrides):
         split=args.split,
         shard_size=args.shard_size,
         options=options,
+        videos=args.videos,
+        coverage_threshold=args.coverage_threshold,
     )
     print(f"prepared {prepared} clips, {failed} failed (report: {args.output}/failures.jsonl)")
+    if args.videos:
+        from cavmae_jax import paths
+        from input_pipeline.official_lists import summary
+
+        report = json.loads((paths.path(args.output) / "coverage.json").read_text())[args.split]
+        print(summary(report) + f" (report: {args.output}/coverage.json)")
     if not prepared:
         raise SystemExit(1)
 
@@ -395,7 +403,18 @@ def parser() -> argparse.ArgumentParser:
     )
 
     p = command("prepare", "videos -> TFDS dataset of fbanks and frames", _prepare)
-    p.add_argument("--input", help="folder of videos, CSV list, or official JSON")
+    p.add_argument(
+        "--input",
+        help="folder of videos, CSV list, official JSON; with --videos an official list "
+        "(AudioSet segment CSV, VGGSound CSV, JSON datafile)",
+    )
+    p.add_argument("--videos", help="folder or bucket of downloaded videos, found by clip id")
+    p.add_argument(
+        "--coverage-threshold",
+        type=float,
+        default=0.2,
+        help="name the classes missing more than this fraction of their listed clips",
+    )
     p.add_argument("--output", help="dataset folder, local or gs://")
     p.add_argument("--verify", metavar="DIR", help="read back every record of a dataset")
     p.add_argument("--labels", help="official label CSV (index,mid,display_name)")

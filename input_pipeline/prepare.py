@@ -22,8 +22,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from cavmae_jax import paths
+from cavmae_jax.errors import UserError
 from cavmae_jax.paths import Path
-from input_pipeline import audio, video
+from input_pipeline import audio, official_lists, video
 from input_pipeline.verify import invocation_path
 
 DATASET_NAME = "clips"
@@ -99,10 +100,18 @@ def _split_labels(text: str) -> list[str]:
     return [label.strip() for label in text.split(",") if label.strip()]
 
 
+def _label_rows(path: paths.PathLike) -> list[dict]:
+    return list(csv.DictReader(paths.path(path).read_text().splitlines()))
+
+
 def read_label_csv(path: paths.PathLike) -> dict[str, int]:
-    """Official label CSV (index,mid,display_name) -> {mid: index}."""
-    rows = csv.DictReader(paths.path(path).read_text().splitlines())
-    return {row["mid"]: int(row["index"]) for row in rows}
+    """Official label CSV (index,mid,display_name) -> {mid: index}, display names too (the
+    VGGSound list names its labels)."""
+    rows = _label_rows(path)
+    return {
+        **{row["display_name"]: int(row["index"]) for row in rows},
+        **{row["mid"]: int(row["index"]) for row in rows},
+    }
 
 
 # One clip --------------------------------------------------------------------------------------
@@ -250,7 +259,7 @@ def _other_splits(output: Path, split: str, spec) -> list:
         return []
     info = tfds.builder_from_directory(str(output)).info
     if repr(info.features) != repr(spec):
-        raise ValueError(
+        raise UserError(
             f"{output} holds splits {list(info.splits)} prepared with other options "
             "(--fbank-dtype, --keep-waveform): prepare every split of a directory alike"
         )
@@ -307,8 +316,12 @@ def prepare(
     shard_size: int = 256,
     options: Options | None = None,
     progress: bool = True,
+    videos: str | Path | None = None,
+    coverage_threshold: float = 0.2,
 ) -> tuple[int, int]:
-    """Build the dataset; resumes from finished shards. Returns (prepared, failed) clip counts."""
+    """Build the dataset; resumes from finished shards. Returns (prepared, failed) clip counts.
+    With ``videos``, ``source`` is an official list whose clips are looked up there by id, and
+    ``coverage.json`` reports what the folder lacks."""
     from tqdm import tqdm
 
     output = paths.path(output)
@@ -316,11 +329,18 @@ def prepare(
     options = options or Options()
     if labels is not None:
         options = dataclasses.replace(options, label_index=read_label_csv(labels))
-    clips = read_manifest(source)
+    if videos is None:
+        clips = read_manifest(source)
+    else:
+        listed = official_lists.read_list(source, split)
+        found, missing = official_lists.match(listed, videos)
+        clips = [Clip(item.id, path, item.labels) for item, path in found]
+        if listed and not clips:
+            raise UserError(f"none of the {len(listed)} clips of {source} is in {videos}")
     if not clips:
-        raise ValueError(f"{source}: no clips listed")
+        raise UserError(f"{source}: no clips listed")
     if options.label_index is None and any(clip.labels for clip in clips):
-        raise ValueError(f"{source} lists labels: give the label CSV (--labels) to index them")
+        raise UserError(f"{source} lists labels: give the label CSV (--labels) to index them")
     count = max(1, -(-len(clips) // shard_size))
     spec = features(options)
     made = {
@@ -354,7 +374,19 @@ def prepare(
         bar.close()
     prepared, records = _finish(output, split, count, spec)
     failed = sum(1 for r in records if not r.get("kept"))
+    if videos is not None:
+        names = {row["mid"]: row["display_name"] for row in _label_rows(labels)} if labels else {}
+        report = official_lists.coverage(listed, missing, records, names, coverage_threshold)
+        _write_coverage(output, split, report)
     return prepared, failed
+
+
+def _write_coverage(output: Path, split: str, report: dict) -> None:
+    """``coverage.json``: the coverage report of each split prepared from an official list."""
+    target = output / "coverage.json"
+    reports = json.loads(target.read_text()) if target.exists() else {}
+    reports[split] = report
+    target.write_text(json.dumps(reports, indent=1))
 
 
 class _InlinePool:

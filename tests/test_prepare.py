@@ -266,3 +266,71 @@ def test_a_corrupt_shard_is_named_with_the_command_that_rebuilds_it(tmp_path, ca
     assert shard.read_bytes() == intact
     cli.main(["prepare", "--verify", str(out)])
     assert "train: every record read" in capsys.readouterr().out
+
+
+def test_official_lists_are_matched_by_id_and_the_missing_clips_reported(tmp_path, capsys):
+    """An AudioSet segment CSV naming 9 clips of 3 classes: 5 downloaded (two naming schemes),
+    1 broken download, 3 never downloaded (class 0 loses 3 of its 5); and a VGGSound CSV
+    (labels by name, one split)."""
+    synthetic.generate(tmp_path / "gen", clips=6, classes=3, seed=11)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    classes = ["/synthetic/0", "/synthetic/1", "/synthetic/2"]
+    rows, downloaded = [], {0: "{y}_30.000", 1: "{y}", 2: "{y}_30.000", 3: "{y}", 4: "{y}_30.000"}
+    for i in range(9):
+        ytid = f"yt{i:09d}"
+        label = classes[i % 3 if i < 6 else 0]  # the three never downloaded are all class 0
+        rows.append(f'{ytid}, 30.000, 40.000, "{label},/m/extra"')
+        if i in downloaded:
+            name = downloaded[i].format(y=ytid) + ".mp4"
+            shutil.copy(tmp_path / "gen" / f"clip_{i:05d}.mp4", videos / name)
+    (videos / "yt000000005_30.000.mp4").write_bytes(b"broken download")
+    header = "# Segments csv created Sun Mar  5 10:54:31 2017\n# YTID, start, end, labels\n"
+    (tmp_path / "segments.csv").write_text(header + "\n".join(rows) + "\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "index,mid,display_name\n0,/synthetic/0,Zero\n1,/synthetic/1,One\n2,/synthetic/2,Two\n"
+        '3,/m/extra,"Extra, shared"\n'
+    )
+    out = tmp_path / "ds"
+    command = ["prepare", "--input", str(tmp_path / "segments.csv"), "--videos", str(videos)]
+    cli.main([*command, "--output", str(out), "--labels", str(labels)])
+    printed = capsys.readouterr().out
+    report = json.loads((out / "coverage.json").read_text())["train"]
+    assert {k: report[k] for k in ("listed", "found", "prepared", "failed", "missing")} == {
+        "listed": 9,
+        "found": 6,
+        "prepared": 5,
+        "failed": 1,
+        "missing": 3,
+    }
+    assert report["missing_ids"] == [
+        "yt000000006_30.000",
+        "yt000000007_30.000",
+        "yt000000008_30.000",
+    ]
+    assert {label: (c["listed"], c["missing"]) for label, c in report["classes"].items()} == {
+        "/synthetic/0": (5, 3),
+        "/synthetic/1": (2, 0),
+        "/synthetic/2": (2, 0),
+        "/m/extra": (9, 3),
+    }
+    assert [c["name"] for c in report["classes_over_threshold"]] == ["Zero", "Extra, shared"]
+    assert "9 listed, 6 found (66.7%), 5 prepared, 1 failed, 3 missing" in printed
+    examples = read_dataset(out)
+    assert sorted(e["id"].decode() for e in examples) == [f"yt{i:09d}_30.000" for i in range(5)]
+    assert all(
+        sorted(e["label"]) == [i % 3, 3]
+        for i, e in enumerate(sorted(examples, key=lambda e: e["id"]))
+    )
+
+    vgg = ["yt000000000,30,One,train", "yt000000001,30,Two,test", "yt000000009,7,Zero,train"]
+    (tmp_path / "vggsound.csv").write_text("\n".join(vgg) + "\n")
+    shutil.copy(tmp_path / "gen" / "clip_00001.mp4", videos / "yt000000009_000007.mp4")
+    assert prepare.prepare(
+        tmp_path / "vggsound.csv", tmp_path / "vgg", labels=labels, videos=videos, progress=False
+    ) == (2, 0)
+    assert sorted(e["id"].decode() for e in read_dataset(tmp_path / "vgg")) == [
+        "yt000000000_000030",
+        "yt000000009_000007",
+    ]
