@@ -23,6 +23,7 @@ EXTRAS = {
     "PIL": "data",
     "tensorboard": "data",
     "torch": "torch",
+    "apache_beam": "beam",
 }
 
 
@@ -170,7 +171,8 @@ def _verify(data_dir: str) -> None:
 def _prepare(args, overrides):
     from input_pipeline.prepare import Options, prepare
 
-    _no_overrides(args, overrides)
+    if args.runner == "local":
+        _no_overrides(args, overrides)
     if args.verify:
         _verify(args.verify)
         return
@@ -187,6 +189,8 @@ def _prepare(args, overrides):
         options=options,
         videos=args.videos,
         coverage_threshold=args.coverage_threshold,
+        runner=args.runner,
+        beam_args=tuple(overrides),
     )
     print(f"prepared {prepared} clips, {failed} failed (report: {args.output}/failures.jsonl)")
     if args.videos:
@@ -418,7 +422,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="dataset folder, local or gs://")
     p.add_argument("--verify", metavar="DIR", help="read back every record of a dataset")
     p.add_argument("--labels", help="official label CSV (index,mid,display_name)")
-    p.add_argument("--workers", type=int, default=1, help="decoding processes")
+    p.add_argument("--workers", type=int, default=1, help="decoding processes (local runner)")
+    p.add_argument(
+        "--runner",
+        default="local",
+        help="local (a process pool), beam (Beam's DirectRunner) or a Beam runner's name "
+        "(DataflowRunner, FlinkRunner, SparkRunner); Beam pipeline options follow the command",
+    )
     p.add_argument("--split", default="train", help="split name")
     p.add_argument("--shard-size", type=int, default=256, help="clips per shard (resume unit)")
     p.add_argument(

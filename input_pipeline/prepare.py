@@ -177,7 +177,7 @@ def _decode(clip: Clip, local: str, options: Options) -> tuple[dict, str | None]
     return example, warning
 
 
-def _work(args: tuple[int, Clip, Options]) -> tuple[int, dict | None, dict | None]:
+def decode_job(args: tuple[int, Clip, Options]) -> tuple[int, dict | None, dict | None]:
     """Worker: (position, example or None, report record or None)."""
     position, clip, options = args
     try:
@@ -215,6 +215,46 @@ def features(options: Options):
 
 def shard_path(output: Path, split: str, index: int, count: int) -> Path:
     return output / f"{DATASET_NAME}-{split}.tfrecord-{index:05d}-of-{count:05d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a split's shards go, and which positions of the clip list each holds."""
+
+    output: str
+    split: str
+    shard_size: int
+    count: int
+    clips: int
+
+    def members(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.clips))
+
+
+def write_shard(layout: Layout, shard: int, done: list[tuple], spec) -> None:
+    """Write a shard from its clips' ``(example or None, record or None)`` in list order."""
+    examples = [e for e, _ in done if e is not None]
+    records = [r for _, r in done if r is not None]
+    output = paths.path(layout.output)
+    _write_shard(output, layout.split, shard, layout.count, examples, records, spec)
+
+
+def _run_local(jobs: list, layout: Layout, options: Options, workers: int, progress: bool):
+    """Clips on a pool of worker processes; each shard written as soon as its clips are done."""
+    from tqdm import tqdm
+
+    spec = features(options)
+    results: dict[int, tuple[dict | None, dict | None]] = {}
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) if workers > 1 else _InlinePool() as pool:
+        bar = tqdm(total=len(jobs), desc="prepare", disable=not progress)
+        for pos, example, record in pool.imap_unordered(decode_job, jobs, chunksize=1):
+            results[pos] = (example, record)
+            bar.update()
+            shard = pos // layout.shard_size
+            if all(m in results for m in layout.members(shard)):
+                write_shard(layout, shard, [results.pop(m) for m in layout.members(shard)], spec)
+        bar.close()
 
 
 def _write_shard(output, split, index, count, examples, records, spec) -> None:
@@ -318,12 +358,14 @@ def prepare(
     progress: bool = True,
     videos: str | Path | None = None,
     coverage_threshold: float = 0.2,
+    runner: str = "local",
+    beam_args: tuple[str, ...] = (),
 ) -> tuple[int, int]:
     """Build the dataset; resumes from finished shards. Returns (prepared, failed) clip counts.
     With ``videos``, ``source`` is an official list whose clips are looked up there by id, and
-    ``coverage.json`` reports what the folder lacks."""
-    from tqdm import tqdm
-
+    ``coverage.json`` reports what the folder lacks. ``runner``: ``local`` (a process pool of
+    ``workers``), ``beam`` (Beam's DirectRunner) or a Beam runner's name, with ``beam_args``
+    (Beam pipeline options); every runner writes the same shards."""
     output = paths.path(output)
     output.mkdir(parents=True, exist_ok=True)
     options = options or Options()
@@ -351,27 +393,18 @@ def prepare(
         "keep_waveform": options.keep_waveform,
     }
     invocation_path(output, split).write_text(json.dumps(made))
-    todo = list(_pending(clips, output, split, shard_size))
     jobs = [
         (pos, clips[pos], options)
-        for shard in todo
+        for shard in _pending(clips, output, split, shard_size)
         for pos in range(shard * shard_size, min((shard + 1) * shard_size, len(clips)))
     ]
-    results: dict[int, tuple[dict | None, dict | None]] = {}
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) if workers > 1 else _InlinePool() as pool:
-        bar = tqdm(total=len(jobs), desc="prepare", disable=not progress)
-        for pos, example, record in pool.imap_unordered(_work, jobs, chunksize=1):
-            results[pos] = (example, record)
-            bar.update()
-            shard = pos // shard_size
-            members = range(shard * shard_size, min((shard + 1) * shard_size, len(clips)))
-            if all(m in results for m in members):
-                done = [results.pop(m) for m in members]
-                examples = [e for e, _ in done if e is not None]
-                records = [r for _, r in done if r is not None]
-                _write_shard(output, split, shard, count, examples, records, spec)
-        bar.close()
+    layout = Layout(str(output), split, shard_size, count, len(clips))
+    if runner == "local":
+        _run_local(jobs, layout, options, workers, progress)
+    else:
+        from input_pipeline import beam_prepare
+
+        beam_prepare.run(jobs, layout, options, runner, beam_args)
     prepared, records = _finish(output, split, count, spec)
     failed = sum(1 for r in records if not r.get("kept"))
     if videos is not None:

@@ -334,3 +334,20 @@ def test_official_lists_are_matched_by_id_and_the_missing_clips_reported(tmp_pat
         "yt000000000_000030",
         "yt000000009_000007",
     ]
+
+
+@pytest.mark.parametrize(
+    "beam_args",
+    [(), ("--direct_num_workers=2", "--direct_running_mode=multi_processing")],
+    ids=["direct-1", "direct-2-processes"],
+)
+def test_beam_gives_the_local_shards_and_failure_report(corpus, tmp_path, beam_args):
+    root, _ = corpus
+    local, beam = tmp_path / "local", tmp_path / "beam"
+    assert prepare.prepare(root, local, shard_size=3, progress=False) == (4, 5)
+    counts = prepare.prepare(root, beam, shard_size=3, runner="beam", beam_args=beam_args)
+    assert counts == (4, 5)
+    names = [p.name for p in sorted(local.glob("clips-train.tfrecord-*"))]
+    assert names == [p.name for p in sorted(beam.glob("clips-train.tfrecord-*"))]
+    for name in [*names, "failures.jsonl", "dataset_info.json"]:
+        assert (local / name).read_bytes() == (beam / name).read_bytes(), name
