@@ -88,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--clips", type=int, default=300)
-    parser.add_argument("--scale-repeat", type=int, default=60)
+    parser.add_argument("--scale-repeat", type=int, default=300)
     parser.add_argument("--cluster-workers", type=int, default=500)
     parser.add_argument("--price-per-core-hour", type=float, default=0.06)
     args = parser.parse_args()

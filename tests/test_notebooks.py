@@ -76,7 +76,7 @@ def test_training_notebooks_train_and_draw(name, tmp_path, monkeypatch):
     notebook = execute(
         name,
         monkeypatch,
-        CAVMAE_NOTEBOOK_STEPS="4",
+        CAVMAE_NOTEBOOK_STEPS="2",
         CAVMAE_NOTEBOOK_CLIPS="32",
         CAVMAE_NOTEBOOK_WORK=str(tmp_path / "work"),
     )
