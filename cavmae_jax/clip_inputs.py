@@ -19,9 +19,7 @@ from jax.sharding import Mesh
 from cavmae_jax import paths
 from cavmae_jax.errors import UserError
 from cavmae_jax.train.sharding import global_batch
-
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg"}
-FRAMES = 10
+from input_pipeline.video import VIDEO_SUFFIXES
 
 
 def is_dataset(path: paths.PathLike) -> bool:

@@ -268,7 +268,8 @@ def _check(release: Release, path: Path) -> None:
     if release.size is not None and path.stat().st_size != release.size:
         raise UserError(f"{path}: {path.stat().st_size} bytes, {release.name} has {release.size}")
     if release.sha256 is not None:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        with path.open("rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
         if digest != release.sha256:
             raise UserError(f"{path}: sha256 {digest} is not {release.name}'s {release.sha256}")
 

@@ -17,8 +17,7 @@ import json
 
 from cavmae_jax import paths
 from cavmae_jax.errors import UserError
-
-VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg"}
+from input_pipeline.video import VIDEO_SUFFIXES
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,8 @@ import numpy as np
 NUM_FRAMES = 10
 IMAGE_SIZE = 224
 MAX_SECONDS = 10
+# file suffixes taken for videos when a folder is searched for them
+VIDEO_SUFFIXES = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg"}
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 

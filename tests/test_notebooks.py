@@ -4,16 +4,18 @@ outputs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
-import pytest
+import numpy as np
 from conftest import DATA, NARROW_FULL_INPUTS
 from flax import nnx
 from nbclient import NotebookClient
 
-from cavmae_jax import convert
+from cavmae_jax import cli, convert
 from cavmae_jax.models import CAVMAE, CAVMAEFT
+from cavmae_jax.models.pcav_mae import PCAVMAE
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NARROW = NARROW_FULL_INPUTS
@@ -71,18 +73,59 @@ def test_quickstart_classifies_embeds_retrieves_and_reconstructs(tmp_path, monke
     assert (tmp_path / "work" / "embeddings" / "audio.npy").exists()
 
 
-@pytest.mark.parametrize("name", ["pretraining", "prototypes"])
-def test_training_notebooks_train_and_draw(name, tmp_path, monkeypatch):
+def test_pretraining_notebook_trains_the_demo_model_and_logs_everything(tmp_path, monkeypatch):
+    """The notebook's `cavmae pretrain --config demo` run: metrics.jsonl every update, TensorBoard
+    tags, the saved model, live curves drawn, then retrieval on the run's dataset."""
+    import tensorflow as tf
+
+    work = tmp_path / "work"
     notebook = execute(
-        name,
+        "pretraining",
+        monkeypatch,
+        CAVMAE_NOTEBOOK_STEPS="4",
+        CAVMAE_NOTEBOOK_CLIPS="32",
+        CAVMAE_NOTEBOOK_WORK=str(work),
+    )
+    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert all(np.isfinite(x["loss"]) and x["loss"] > 0 for x in lines)
+    assert convert.load_checkpoint(work / "model").cfg.embed_dim == 64
+    (events,) = list((work / "tensorboard").glob("events.out.tfevents.*"))
+    tags = {
+        (value.tag, event.step)
+        for event in tf.compat.v1.train.summary_iterator(str(events))
+        for value in event.summary.value
+    }
+    assert {("loss", 1), ("loss", 4), ("c_acc", 2), ("mfu", 4)} <= tags
+    assert images(notebook) >= 1
+    assert "audio->visual R@1" in text_outputs(notebook)
+
+
+def test_prototypes_notebook_trains_pcav_mae_and_explains_it(tmp_path, monkeypatch):
+    """Two PCAV-MAE updates (prototypes found before the first and refreshed after step 1),
+    then the explanations: report, t-SNE, one figure per explained clip; then the encoder is
+    exported for finetuning like a CAV-MAE one."""
+    work = tmp_path / "work"
+    notebook = execute(
+        "prototypes",
         monkeypatch,
         CAVMAE_NOTEBOOK_STEPS="2",
         CAVMAE_NOTEBOOK_CLIPS="32",
-        CAVMAE_NOTEBOOK_WORK=str(tmp_path / "work"),
+        CAVMAE_NOTEBOOK_WORK=str(work),
     )
-    assert (tmp_path / "work" / "model" / "model.json").exists()
-    assert images(notebook) >= (1 if name == "pretraining" else 3)
-    if name == "pretraining":
-        assert "audio->visual R@1" in text_outputs(notebook)
-    else:
-        assert "granularity 5:" in text_outputs(notebook)
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert rows[0]["memory_bank/prototypes_0"] > 0  # found before the first update
+    assert {"loss_pje", "loss_pcpe", "loss_r", "p_acc", "memory_bank/prototypes_1"} <= set(rows[1])
+    assert isinstance(convert.load_checkpoint(work / "momentum_model"), PCAVMAE)
+    report = json.loads((work / "explain" / "prototypes.json").read_text())
+    assert [level["granularity"] for level in report] == [5, 15]
+    for level in report:
+        assert sum(p["size"] for p in level["prototypes"]) == 32
+        assert all(0 < p["purity"] <= 1 and p["gamma"] > 0 for p in level["prototypes"])
+    assert (work / "explain" / "tsne.png").stat().st_size > 10_000
+    assert len(list((work / "explain").glob("explain_*.png"))) == 2
+    assert images(notebook) == 4  # loss curves, t-SNE, two explained clips
+    assert "granularity 5:" in text_outputs(notebook)
+    cli.main(["export", str(work / "model"), str(tmp_path / "ft"), "--label-dim", "8"])
+    assert type(convert.load_checkpoint(tmp_path / "ft")).__name__ == "CAVMAEFT"

@@ -124,50 +124,6 @@ def test_momentum_update_and_saved_model_round_trip(tmp_path):
     )
 
 
-def test_pcav_pretraining_and_explanations_end_to_end(tmp_path, capsys):
-    """Two tiny PCAV-MAE steps on generated data (prototypes found before the first step and
-    refreshed after step 1), then ``cavmae explain``: report, t-SNE and one figure per explained
-    clip; then the encoder is exported for finetuning."""
-    import json
-
-    from cavmae_jax import cli
-
-    cli.main(
-        [
-            "pretrain",
-            "--config",
-            "configs/pcav.py:demo",
-            "--workdir",
-            str(tmp_path),
-            "--config.data.clips=24",
-            "--config.batch_size=8",
-            "--config.num_steps=2",
-            "--config.log_every=1",
-            "--config.evals.memory_bank.every_steps=1",
-            "--config.data.workers=1",
-        ]
-    )
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert rows[0]["memory_bank/prototypes_0"] > 0  # found before the first update
-    assert {"loss_pje", "loss_pcpe", "loss_r", "p_acc", "memory_bank/prototypes_1"} <= set(rows[1])
-    assert isinstance(convert.load_checkpoint(tmp_path / "momentum_model"), PCAVMAE)
-    capsys.readouterr()
-    out = tmp_path / "explain"
-    cli.main(["explain", "--workdir", str(tmp_path), "--output", str(out), "--clips", "2"])
-    report = json.loads((out / "prototypes.json").read_text())
-    assert [level["granularity"] for level in report] == [5, 15]
-    for level in report:
-        assert sum(p["size"] for p in level["prototypes"]) == 24
-        assert all(0 < p["purity"] <= 1 and p["gamma"] > 0 for p in level["prototypes"])
-    assert (out / "tsne.png").stat().st_size > 10_000
-    assert len(list(out.glob("explain_*.png"))) == 2
-    assert "mean purity" in capsys.readouterr().out
-    # the encoder goes on to finetuning like a CAV-MAE one
-    cli.main(["export", str(tmp_path / "model"), str(tmp_path / "ft"), "--label-dim", "8"])
-    assert type(convert.load_checkpoint(tmp_path / "ft")).__name__ == "CAVMAEFT"
-
-
 def test_training_step_moves_the_momentum_encoder_once_per_update(setup):
     """ema' = m * ema + (1 - m) * params' after the optimizer update, once per update also when
     the batch is split into two micro-batches; the clustered features (hence the targets) come
