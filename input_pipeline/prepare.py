@@ -388,6 +388,7 @@ def prepare(
     made = {
         "input": str(paths.path(source)),
         "labels": None if labels is None else str(paths.path(labels)),
+        "videos": None if videos is None else str(paths.path(videos)),
         "shard_size": shard_size,
         "fbank_dtype": options.fbank_dtype,
         "keep_waveform": options.keep_waveform,

@@ -26,7 +26,7 @@ def prepare_command(data_dir, split: str) -> str:
     made = json.loads(recorded.read_text()) if recorded.exists() else {"input": "INPUT"}
     words = ["cavmae", "prepare", "--input", made["input"], "--output", str(data_dir)]
     words += ["--split", split]
-    for option in ("labels", "shard_size", "fbank_dtype"):
+    for option in ("labels", "videos", "shard_size", "fbank_dtype"):
         if made.get(option) is not None:
             words += [f"--{option.replace('_', '-')}", str(made[option])]
     if made.get("keep_waveform"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cavmae_jax import cli
-from input_pipeline import audio, prepare, synthetic, video
+from input_pipeline import audio, prepare, synthetic, verify, video
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +317,7 @@ def test_official_lists_are_matched_by_id_and_the_missing_clips_reported(tmp_pat
     }
     assert [c["name"] for c in report["classes_over_threshold"]] == ["Zero", "Extra, shared"]
     assert "9 listed, 6 found (66.7%), 5 prepared, 1 failed, 3 missing" in printed
+    assert f"--videos {videos} " in verify.prepare_command(out, "train")  # how to rebuild
     examples = read_dataset(out)
     assert sorted(e["id"].decode() for e in examples) == [f"yt{i:09d}_30.000" for i in range(5)]
     assert all(
