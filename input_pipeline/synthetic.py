@@ -84,32 +84,41 @@ def write_clip(
 ) -> None:
     """One mp4 of class ``cls`` (mpeg4 video, AAC audio; either stream can be left out).
     A stereo clip carries the class sound on the left channel and noise on the right."""
+    rng = np.random.default_rng(seed)
+    frames = samples = None
+    if video:
+        start = rng.uniform(SIZE * 0.3, SIZE * 0.7, 2)
+        velocity = rng.uniform(-1.5, 1.5, 2)
+        frames = [
+            _picture(cls, tuple(np.clip(start + velocity * i, SIZE * 0.2, SIZE * 0.8)), rng)
+            for i in range(int(seconds * FPS))
+        ]
+    if audio:
+        samples = _sound(cls, seconds, rng, sample_rate)[None, :]
+        if stereo:
+            noise = 0.3 * rng.standard_normal(samples.shape).astype(np.float32)
+            samples = np.concatenate([samples, noise])
+    write_media(path, frames, samples, sample_rate)
+
+
+def write_media(path: Path, frames, samples, sample_rate: int = SAMPLE_RATE, fps: int = FPS):
+    """An mp4 of RGB frames (uint8 [H, W, 3], mpeg4 at ``fps``) and audio samples (float32
+    [channels, N], AAC); either may be None."""
     import av
 
-    rng = np.random.default_rng(seed)
     with av.open(str(path), "w") as container:
-        if video:
-            vstream = container.add_stream("mpeg4", rate=FPS)
-            vstream.width = vstream.height = SIZE
+        if frames is not None:
+            vstream = container.add_stream("mpeg4", rate=fps)
+            vstream.height, vstream.width = frames[0].shape[:2]
             vstream.pix_fmt = "yuv420p"
-        if audio:
+        if samples is not None:
             astream = container.add_stream("aac", rate=sample_rate)
-            astream.layout = "stereo" if stereo else "mono"
-        if video:
-            start = rng.uniform(SIZE * 0.3, SIZE * 0.7, 2)
-            velocity = rng.uniform(-1.5, 1.5, 2)
-            for i in range(int(seconds * FPS)):
-                centre = np.clip(start + velocity * i, SIZE * 0.2, SIZE * 0.8)
-                frame = av.VideoFrame.from_ndarray(
-                    _picture(cls, tuple(centre), rng), format="rgb24"
-                )
-                container.mux(vstream.encode(frame))
+            astream.layout = "stereo" if len(samples) == 2 else "mono"
+        if frames is not None:
+            for picture in frames:
+                container.mux(vstream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
             container.mux(vstream.encode(None))
-        if audio:
-            samples = _sound(cls, seconds, rng, sample_rate)[None, :]
-            if stereo:
-                noise = 0.3 * rng.standard_normal(samples.shape).astype(np.float32)
-                samples = np.concatenate([samples, noise])
+        if samples is not None:
             chunk = 1024
             for begin in range(0, samples.shape[1], chunk):
                 piece = np.ascontiguousarray(samples[:, begin : begin + chunk])
