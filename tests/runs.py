@@ -11,16 +11,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pretrain_command(workdir, dataset, steps: int, *extra: str) -> list[str]:
-    """``cavmae pretrain`` of the demo model on ``dataset`` for ``steps`` updates of 4 clips,
-    logging every update and checkpointing every 2."""
+def pretrain_command(
+    workdir, dataset, steps: int, *extra: str, config: str = "configs/demo.py"
+) -> list[str]:
+    """``cavmae pretrain`` of ``config`` (the demo model) on ``dataset`` for ``steps`` updates of
+    4 clips, logging every update and checkpointing every 2."""
     return [
         sys.executable,
         "-m",
         "cavmae_jax.cli",
         "pretrain",
         "--config",
-        "configs/demo.py",
+        config,
         "--workdir",
         str(workdir),
         f"--config.num_steps={steps}",

@@ -173,25 +173,15 @@ PCAV_STEPS = 6
 
 def pcav_command(workdir, dataset) -> list[str]:
     """6 updates of 4 clips, prototypes refreshed every 2 updates, checkpoints every 2."""
-    import sys
+    from runs import pretrain_command
 
-    return [
-        sys.executable,
-        "-m",
-        "cavmae_jax.cli",
-        "pretrain",
-        "--config",
-        "configs/pcav.py:demo",
-        "--workdir",
-        str(workdir),
-        f"--config.data.dir={dataset}",
-        "--config.data.generate=False",
-        f"--config.num_steps={PCAV_STEPS}",
-        "--config.batch_size=4",
-        "--config.log_every=1",
-        "--config.checkpoint_every=2",
+    return pretrain_command(
+        workdir,
+        dataset,
+        PCAV_STEPS,
         "--config.evals.memory_bank.every_steps=2",
-    ]
+        config="configs/pcav.py:demo",
+    )
 
 
 def final_run_state(workdir) -> dict[str, np.ndarray]:
