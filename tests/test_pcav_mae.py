@@ -92,6 +92,23 @@ def test_losses_are_the_sum_of_the_three_equations_and_masks_follow_the_ratios(s
     assert float(out["loss_pje"]) == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_ablation_weights_remove_their_equation_from_the_total(setup):
+    model, state, run, audio, image, protos, targets = setup
+    key = jax.random.key(1)
+    full = run(state, key, True)
+    for weights, kept in (
+        ((0.0, 1.0), ("loss_pcpe", "loss_r")),
+        ((1.0, 0.0), ("loss_pje", "loss_r")),
+    ):
+        out = nnx.merge(*nnx.split(model))(
+            audio, image, protos, targets, key=key, pje_weight=weights[0], pcpe_weight=weights[1]
+        )
+        for name in ("loss_pje", "loss_pcpe", "loss_r"):  # every term is still reported
+            assert float(out[name]) == pytest.approx(float(full[name]), rel=1e-5)
+        expected = sum(float(full[name]) for name in kept)
+        assert float(out["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
 def test_gradients_reach_encoder_decoder_and_projections(setup):
     model, _, _, audio, image, protos, targets = setup
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)

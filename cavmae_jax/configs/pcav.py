@@ -49,6 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             granularities=(100, 400, 1600),  # neighbourhood sizes (density) or k (kmeans)
             max_prototypes=20_000,
             decoder_epochs=200,
+            pje_weight=1.0,  # eq. (1) in the total loss; 0 = the ablation without L_PJE
+            pcpe_weight=1.0,  # eq. (3) in the total loss; 0 = the ablation without L_PCPE
         )
     )
     config.data = ml_collections.ConfigDict(

@@ -74,10 +74,13 @@ class PCAVMAE(CAVMAE):
         mask_ratio_v: float = 0.75,
         tau: float = 0.1,
         use_decoder: bool = True,
+        pje_weight: float = 1.0,
+        pcpe_weight: float = 1.0,
     ) -> dict[str, jax.Array]:
         """Losses of one batch. ``protos``: ``audio``/``visual`` [G, K, D] (unit rows),
         ``gamma`` [G, K], ``valid`` [G, K]; ``targets`` [G, B]: each clip's prototype per
-        granularity. ``use_decoder`` False drops eqs. (3) and (4) (encoder-only phase)."""
+        granularity. ``use_decoder`` False drops eqs. (3) and (4) (encoder-only phase); the
+        weights scale eqs. (1) and (3) in the total (0: the ablations without them)."""
         cfg = self.cfg
         key_a, key_v = jax.random.split(key)
         batch = audio.shape[0]
@@ -115,7 +118,7 @@ class PCAVMAE(CAVMAE):
             )
         loss_r = loss_mae_a + loss_mae_v
         return {
-            "loss": loss_pje + loss_pcpe + loss_r,
+            "loss": pje_weight * loss_pje + pcpe_weight * loss_pcpe + loss_r,
             "loss_pje": loss_pje,
             "loss_pcpe": loss_pcpe,
             "loss_r": loss_r,

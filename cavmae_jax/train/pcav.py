@@ -38,7 +38,11 @@ class PCAVPretraining(Trainer):
         self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
     ):
         kwargs = dict(
-            mask_ratio_a=config.mask_ratio_a, mask_ratio_v=config.mask_ratio_v, tau=config.pcav.tau
+            mask_ratio_a=config.mask_ratio_a,
+            mask_ratio_v=config.mask_ratio_v,
+            tau=config.pcav.tau,
+            pje_weight=config.pcav.pje_weight,
+            pcpe_weight=config.pcav.pcpe_weight,
         )
         decoder_steps = min(durations.steps(config.pcav.decoder_epochs), durations.num_steps)
         phases = [(decoder_steps, pcav_loss(graphdef, kwargs, use_decoder=True))]
