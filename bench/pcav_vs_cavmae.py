@@ -262,7 +262,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="pretraining updates")
+    parser.add_argument("--steps", type=int, default=800, help="pretraining updates")
     parser.add_argument("--finetune-epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--clips", type=int, default=480, help="generated clips (20%% held out)")

@@ -81,12 +81,15 @@ def measured_pitch(waveform: np.ndarray) -> float:
     [(14, 0.05, 0.05), (20, 0.42, 0.42), (23, 0.77, 0.77), (13, 0.6, 0.1), (21, 0.3, 0.9)],
 )
 def test_the_instance_draw_shows_in_colour_and_pitch(tmp_path, label, u, sound_u):
-    """Noise bands and pulses (one frequency each): the hue is u; the pitch is the class
-    register shifted by the sound's draw, which for a mismatched clip is another one."""
+    """Noise bands and pulses (one frequency each): the hue is u placed in the super-class's
+    hue band; the pitch is the class register shifted by the sound's draw, which for a
+    mismatched clip is another one."""
     spec = hierarchy.ClipSpec("c.mp4", label, u, sound_u, "train", seed=label)
     hierarchy.write_clip(tmp_path / "c.mp4", spec, seconds=4)
     hue = measured_hue(video.extract_frames(tmp_path / "c.mp4")[3])
-    assert min(abs(hue - u), 1 - abs(hue - u)) < 0.03
+    expected = hierarchy.hue(label, u)
+    assert min(abs(hue - expected), 1 - abs(hue - expected)) < 0.03
+    assert int(hue * len(hierarchy.SUPERS)) == label // hierarchy.PER_SUPER
     pitch = measured_pitch(audio.load_audio(tmp_path / "c.mp4"))
     assert pitch == pytest.approx(hierarchy.pitch(label, sound_u), rel=0.03)
     if not spec.paired:
