@@ -1,36 +1,38 @@
-"""PCAV-MAE against CAV-MAE on the generated hierarchy set: several seeds, equal steps and equal
+"""PCAV-MAE against CAV-MAE on the generated hierarchy set: three seeds, equal steps and equal
 CPU time, the ablations of the paper's equations.
 
 The data (``input_pipeline/synthetic_hierarchy.py``): 4 super-classes x 6 classes, every clip
 different, hue and pitch drawn together per clip, 10% of clips mismatched, a held-out ``eval``
-split; a ``labelled`` split of a few training clips per class for finetuning. Every model is
-the same narrow encoder (64 wide, 3 + 1 layers) pretrained at batch 16:
+split (109 of 480 clips); a ``labelled`` split of 4 training clips per class for finetuning.
+Every model is the same narrow encoder (64 wide, 3 + 1 layers) pretrained at batch 16:
 
-  * CAV-MAE (``configs/demo.py``) and PCAV-MAE (``configs/pcav.py:demo``) for the same steps;
-  * CAV-MAE again for the CPU time PCAV-MAE took with the same seed;
+  * CAV-MAE (``configs/demo.py``, contrastive weight 0.1: the released CAV-MAE-Base-C0.1
+    setting, the paper's choice for retrieval) and PCAV-MAE (``configs/pcav.py:demo``, density
+    prototypes at neighbourhoods 8 and 48) for the same steps;
+  * CAV-MAE again for the CPU seconds PCAV-MAE took with the same seed;
   * PCAV-MAE without L_PJE (eq. 1), without L_PCPE (eq. 3), and with k-means prototypes
-    instead of density peaks.
+    (k = 24 and 4) instead of density peaks.
 
 Every model is measured the same way, on the unmasked clip embeddings (modality streams,
 mean-pooled, unit norm; joint = unit(audio + visual)):
 
   * linear probe (standardised features, logistic regression, fitted on the training split's
-    joint embeddings) and
-    5-nearest-neighbour accuracy, scored on the held-out split, for the 24 classes and the 4
-    super-classes;
+    joint embeddings) and 5-nearest-neighbour accuracy, scored on the held-out split, for the
+    24 classes and the 4 super-classes;
   * prototype purity on the training split: density peaks at neighbourhood 8 and k-means with
     k = 24 (the fine granularity, scored against classes), density peaks at 48 and k-means
     k = 4 (the coarse one, against super-classes); the mean share of a prototype's clips that
     carry its majority label;
-  * retrieval recall@1/5/10 both ways on the held-out split;
+  * retrieval recall@1/5/10 both ways on the held-out split (chance 1/109 at recall@1);
   * accuracy on the held-out split after finetuning on the ``labelled`` split (``cavmae
     finetune``, cross-entropy, multimodal head; the paper's protocol in miniature).
 
-Results go to ``WORKDIR/results.jsonl`` (a finished run is not run again), and the table of
-means and spreads (sample standard deviation over seeds) is printed as Markdown.
+Results go to ``WORKDIR/runs-STEPS/results.jsonl``; a finished run is not run again, so an
+interrupted bench continues where it stopped. The table of means and spreads (sample standard
+deviation over seeds) is printed as Markdown.
 
-    python bench/pcav_vs_cavmae.py              # the table in docs/pcavmae.md
-    python bench/pcav_vs_cavmae.py --steps 40 --seeds 0   # a quick look
+    python bench/pcav_vs_cavmae.py                         # docs/pcavmae.md: about 7.5 h
+    python bench/pcav_vs_cavmae.py --steps 100 --seeds 0   # a look in about 20 minutes
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import argparse
 import csv
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -72,15 +75,18 @@ PURITY = (  # name, method, granularity, level scored against
 )
 
 
-def cli(*args: str) -> float:
-    """Run a ``cavmae`` command; returns its wall seconds."""
-    start = time.perf_counter()
+def cli(*args: str) -> dict[str, float]:
+    """Run a ``cavmae`` command; returns its wall seconds and its CPU seconds (user + system,
+    all threads: what another process on the same cores does not change)."""
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [sys.executable, "-m", "cavmae_jax.cli", *args], cwd=ROOT, capture_output=True, text=True
     )
     if done.returncode:
         sys.exit(f"{' '.join(args[:3])} failed:\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+    return {"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(cpu, 1)}
 
 
 def make_data(root: Path, clips: int, labelled_per_class: int) -> Path:
@@ -106,10 +112,10 @@ def make_data(root: Path, clips: int, labelled_per_class: int) -> Path:
     return dataset
 
 
-def pretrain(workdir: Path, dataset: Path, config: str, extra, steps: int, seed: int) -> float:
-    """``cavmae pretrain`` (skipped when its model exists); returns wall seconds."""
-    if (workdir / "wall.json").exists():
-        return json.loads((workdir / "wall.json").read_text())["seconds"]
+def pretrain(workdir: Path, dataset: Path, config: str, extra, steps: int, seed: int) -> dict:
+    """``cavmae pretrain`` (skipped when its model exists); returns its seconds (``cli``)."""
+    if (workdir / "seconds.json").exists():
+        return json.loads((workdir / "seconds.json").read_text())
     seconds = cli(
         "pretrain",
         "--config",
@@ -123,7 +129,7 @@ def pretrain(workdir: Path, dataset: Path, config: str, extra, steps: int, seed:
         "--config.checkpoint_every=100000",
         *extra,
     )
-    (workdir / "wall.json").write_text(json.dumps({"seconds": seconds}))
+    (workdir / "seconds.json").write_text(json.dumps(seconds))
     return seconds
 
 
@@ -211,10 +217,10 @@ def measure(model_dir: Path, dataset: Path) -> dict[str, float]:
     return result
 
 
-def run_variant(root, dataset, name, config, extra, steps, seed, finetune_epochs) -> dict:
-    workdir = root / "runs" / f"{name.lower().replace(' ', '-').replace(',', '')}-s{seed}"
-    wall = pretrain(workdir, dataset, config, extra, steps, seed)
-    result = {"model": name, "seed": seed, "steps": steps, "wall_s": round(wall, 1)}
+def run_variant(runs, dataset, name, config, extra, steps, seed, finetune_epochs) -> dict:
+    workdir = runs / f"{name.lower().replace(' ', '-').replace(',', '')}-s{seed}"
+    seconds = pretrain(workdir, dataset, config, extra, steps, seed)
+    result = {"model": name, "seed": seed, "steps": steps, **seconds}
     result.update(measure(workdir / "model", dataset))
     result["finetune_acc"] = finetune(
         workdir / "finetune", dataset, workdir / "model", finetune_epochs, seed
@@ -225,6 +231,7 @@ def run_variant(root, dataset, name, config, extra, steps, seed, finetune_epochs
 COLUMNS = (  # heading, key, scale
     ("steps", "steps", 1),
     ("wall s", "wall_s", 1),
+    ("CPU s", "cpu_s", 1),
     ("probe class", "probe_class", 100),
     ("probe super", "probe_super", 100),
     ("5-NN class", "knn_class", 100),
@@ -254,7 +261,7 @@ def table(results: list[dict]) -> str:
         for _, key, scale in COLUMNS:
             values = np.array([r[key] for r in rows], float) * scale
             spread = values.std(ddof=1) if len(values) > 1 else 0.0
-            digits = 0 if key in ("steps", "wall_s") else 1
+            digits = 0 if key in ("steps", "wall_s", "cpu_s") else 1
             cells.append(f"{values.mean():.{digits}f} ± {spread:.{digits}f}")
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -271,7 +278,9 @@ def main() -> None:
     args = parser.parse_args()
     root = Path(args.workdir)
     dataset = make_data(root / "data", args.clips, args.labelled)
-    results_file = root / "results.jsonl"
+    runs = root / f"runs-{args.steps}"  # one folder and one results file per pretraining length
+    runs.mkdir(parents=True, exist_ok=True)
+    results_file = runs / "results.jsonl"
     results = [json.loads(line) for line in results_file.open()] if results_file.exists() else []
     done = {(r["model"], r["seed"], r["steps"]) for r in results}
 
@@ -286,19 +295,18 @@ def main() -> None:
             if (name, seed, args.steps) not in done:
                 record(
                     run_variant(
-                        root, dataset, name, config, extra, args.steps, seed, args.finetune_epochs
+                        runs, dataset, name, config, extra, args.steps, seed, args.finetune_epochs
                     )
                 )
-        # the same CPU time: as many more CAV-MAE steps as this seed's PCAV-MAE steps cost more
-        wall = {
-            r["model"]: r["wall_s"]
-            for r in results
-            if r["seed"] == seed and r["steps"] == args.steps
-        }
-        steps = round(args.steps * wall["PCAV-MAE"] / wall["CAV-MAE"])
+        # the same CPU time: as many more CAV-MAE steps as this seed's PCAV-MAE run took more
+        # CPU seconds (start-up included in both; the table shows what each run used)
+        cpu = {r["model"]: r["cpu_s"] for r in results if r["seed"] == seed}
+        steps = round(args.steps * cpu["PCAV-MAE"] / cpu["CAV-MAE"])
         if not any(r["model"] == EQUAL_TIME and r["seed"] == seed for r in results):
             record(
-                run_variant(root, dataset, EQUAL_TIME, CAV, (), steps, seed, args.finetune_epochs)
+                run_variant(
+                    runs, dataset, EQUAL_TIME, CAV, CAV_SETTINGS, steps, seed, args.finetune_epochs
+                )
             )
     print(table([r for r in results if r["seed"] in args.seeds]))
 
