@@ -9,9 +9,8 @@ and an instance attribute shared by the two modalities, for comparing CAV-MAE an
 * Instance pairing: one per-clip draw ``u`` in [0, 1) sets both the colour's hue within the
   super-class's quarter of the hue circle and a pitch offset within the class's register
   (+-0.2 octave, registers 0.5 octave apart), so a clip's true partner is findable beyond its
-  class. The colour family per super-class, like the shape and sound families, is the coarse
-  cue a small model aligns first (with hues over the whole circle, a narrow CAV-MAE stays at
-  chance contrastive accuracy for 300 steps).
+  class. The hue band is a super-class's colour family, a coarse cue shared by its classes
+  like its shape and sound families.
 * A fraction of clips (``mismatched``) take their sound's ``u`` from another draw: weak
   correspondence, recorded per clip.
 * A held-out split (``heldout``) of the same classes.
