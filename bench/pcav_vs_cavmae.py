@@ -41,6 +41,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -218,7 +219,7 @@ def measure(model_dir: Path, dataset: Path) -> dict[str, float]:
 
 
 def run_variant(runs, dataset, name, config, extra, steps, seed, finetune_epochs) -> dict:
-    workdir = runs / f"{name.lower().replace(' ', '-').replace(',', '')}-s{seed}"
+    workdir = runs / f"{re.sub('[^a-z0-9]+', '-', name.lower())}-s{seed}"
     seconds = pretrain(workdir, dataset, config, extra, steps, seed)
     result = {"model": name, "seed": seed, "steps": steps, **seconds}
     result.update(measure(workdir / "model", dataset))
