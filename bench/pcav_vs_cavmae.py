@@ -252,7 +252,8 @@ COLUMNS = (  # heading, key, scale
 
 
 def table(results: list[dict]) -> str:
-    """Markdown, one row per model, ``mean ± sd`` over its seeds (percentages but steps and s)."""
+    """Markdown, one row per model, ``mean ± sd`` over its seeds (the mean alone for one seed);
+    percentages except steps and seconds."""
     names = list(dict.fromkeys(r["model"] for r in results))
     lines = ["| model | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |"]
     lines.append("|---" * (len(COLUMNS) + 2) + "|")
@@ -261,9 +262,11 @@ def table(results: list[dict]) -> str:
         cells = []
         for _, key, scale in COLUMNS:
             values = np.array([r[key] for r in rows], float) * scale
-            spread = values.std(ddof=1) if len(values) > 1 else 0.0
             digits = 0 if key in ("steps", "wall_s", "cpu_s") else 1
-            cells.append(f"{values.mean():.{digits}f} ± {spread:.{digits}f}")
+            cell = f"{values.mean():.{digits}f}"
+            if len(values) > 1:
+                cell += f" ± {values.std(ddof=1):.{digits}f}"
+            cells.append(cell)
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
