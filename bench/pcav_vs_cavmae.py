@@ -78,7 +78,7 @@ PURITY = (  # name, method, granularity, level scored against
 
 def cli(*args: str) -> dict[str, float]:
     """Run a ``cavmae`` command; returns its wall seconds and its CPU seconds (user + system,
-    all threads: what another process on the same cores does not change)."""
+    all threads: less sensitive than wall time to other load on the machine)."""
     start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(
         [sys.executable, "-m", "cavmae_jax.cli", *args], cwd=ROOT, capture_output=True, text=True
@@ -114,7 +114,7 @@ def make_data(root: Path, clips: int, labelled_per_class: int) -> Path:
 
 
 def pretrain(workdir: Path, dataset: Path, config: str, extra, steps: int, seed: int) -> dict:
-    """``cavmae pretrain`` (skipped when its model exists); returns its seconds (``cli``)."""
+    """``cavmae pretrain`` (skipped when it has run here); returns its seconds (``cli``)."""
     if (workdir / "seconds.json").exists():
         return json.loads((workdir / "seconds.json").read_text())
     seconds = cli(
