@@ -170,6 +170,7 @@ def finetune(workdir: Path, dataset: Path, model: Path, epochs: int, seed: int) 
 def embeddings(model_dir: Path, dataset: Path, split: str):
     """Unit audio, visual and joint embeddings of a split, and its class labels."""
     from cavmae_jax import convert
+    from cavmae_jax.losses import l2_normalize
     from cavmae_jax.train.evaluators import Retrieval
     from cavmae_jax.train.inference import replicated_state
     from cavmae_jax.train.sharding import make_mesh
@@ -178,7 +179,7 @@ def embeddings(model_dir: Path, dataset: Path, split: str):
     mesh = make_mesh({"data": -1})
     graphdef, state = replicated_state(convert.load_checkpoint(model_dir), mesh)
     emb = Retrieval(graphdef, mesh, dataset, split, 32).embeddings(state)
-    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    unit = lambda x: np.asarray(l2_normalize(x))  # noqa: E731
     audio, visual = unit(emb["audio"]), unit(emb["visual"])
     labels = Loader(dataset, split, LoaderConfig(32, num_classes=24, train=False)).labels()
     return audio, visual, unit(audio + visual), np.array([clip[0] for clip in labels])
