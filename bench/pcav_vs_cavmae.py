@@ -28,11 +28,11 @@ mean-pooled, unit norm; joint = unit(audio + visual)):
   * accuracy on the held-out split after finetuning on the ``labelled`` split (``cavmae
     finetune``, cross-entropy, multimodal head; the paper's protocol in miniature).
 
-Results go to ``WORKDIR/runs-STEPS/results.jsonl``; a finished run is not run again, so an
-interrupted bench continues where it stopped, and seeds may run as separate processes side by
-side (``--seeds 1`` and ``--seeds 2``: each run's CPU seconds barely change, its wall seconds do,
-so the table leaves wall time out). The table of means and spreads (sample standard deviation
-over seeds) is printed as Markdown.
+Results go to ``WORKDIR/runs-STEPS/results.jsonl``; a finished run is not run again and an
+interrupted pretraining resumes from its last checkpoint, so a bench cut short continues where
+it stopped. Seeds may run as separate processes side by side (``--seeds 1`` and ``--seeds 2``:
+each run's CPU seconds barely change, its wall seconds do, so the table leaves wall time out).
+The table of means and spreads (sample standard deviation over seeds) is printed as Markdown.
 
     python bench/pcav_vs_cavmae.py                         # docs/pcavmae.md: about 7.5 h
     python bench/pcav_vs_cavmae.py --steps 100 --seeds 0   # a look in about 20 minutes
@@ -48,6 +48,7 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,6 +72,7 @@ VARIANTS = {
     ),
 }
 EQUAL_TIME = "CAV-MAE, PCAV-MAE's time"
+CHECKPOINT_EVERY = 100  # pretraining updates between checkpoints: an interrupted run resumes
 PURITY = (  # name, method, granularity, level scored against
     ("density8", "density", 8, "class"),
     ("kmeans24", "kmeans", 24, "class"),
@@ -79,18 +81,32 @@ PURITY = (  # name, method, granularity, level scored against
 )
 
 
-def cli(*args: str) -> dict[str, float]:
+def cli(*args: str, on_poll=None) -> dict[str, float]:
     """Run a ``cavmae`` command; returns its wall seconds and its CPU seconds (user + system,
-    all threads: less sensitive than wall time to other load on the machine)."""
+    all threads: less sensitive than wall time to other load on the machine). While it runs,
+    ``on_poll(cpu_s, wall_s)`` gets the seconds so far every 5 s (CPU from ``/proc``)."""
     start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(
-        [sys.executable, "-m", "cavmae_jax.cli", *args], cwd=ROOT, capture_output=True, text=True
-    )
-    if done.returncode:
-        sys.exit(f"{' '.join(args[:3])} failed:\n{done.stderr[-3000:]}")
+    command = [sys.executable, "-m", "cavmae_jax.cli", *args]
+    with tempfile.TemporaryFile("w+") as stderr:
+        child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+        while child.poll() is None:
+            try:
+                child.wait(5)
+            except subprocess.TimeoutExpired:
+                if on_poll:
+                    on_poll(process_cpu_seconds(child.pid), time.perf_counter() - start)
+        if child.returncode:
+            stderr.seek(0)
+            sys.exit(f"{' '.join(args[:3])} failed:\n{stderr.read()[-3000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     return {"wall_s": round(time.perf_counter() - start, 1), "cpu_s": round(cpu, 1)}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system seconds of a running process, all its threads (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_data(root: Path, clips: int, labelled_per_class: int) -> Path:
@@ -117,9 +133,28 @@ def make_data(root: Path, clips: int, labelled_per_class: int) -> Path:
 
 
 def pretrain(workdir: Path, dataset: Path, config: str, extra, steps: int, seed: int) -> dict:
-    """``cavmae pretrain`` (skipped when it has run here); returns its seconds (``cli``)."""
+    """``cavmae pretrain`` (skipped when it has run here); returns its seconds (``cli``).
+
+    A run cut short resumes from its newest checkpoint (the trainer resumes exactly) and adds
+    the seconds spent up to that checkpoint, noted in ``seconds-at-checkpoint.json`` while it
+    ran (``latest``: the last note, for a checkpoint saved on SIGTERM); start-up then counts
+    once per part (``parts``)."""
     if (workdir / "seconds.json").exists():
         return json.loads((workdir / "seconds.json").read_text())
+    notes_file = workdir / "seconds-at-checkpoint.json"
+    notes = json.loads(notes_file.read_text()) if notes_file.exists() else {}
+    resumed = max(checkpoint_steps(workdir), default=0)
+    zero = {"cpu_s": 0.0, "wall_s": 0.0, "parts": 0}
+    carried = notes.get(str(resumed), notes.get("latest", zero)) if resumed else zero
+
+    def note(cpu_s: float, wall_s: float) -> None:
+        now = {"cpu_s": carried["cpu_s"] + cpu_s, "wall_s": carried["wall_s"] + wall_s}
+        now["parts"] = carried["parts"] + 1
+        noted = {int(k) for k in notes if k.isdigit()}
+        notes.update({str(step): now for step in checkpoint_steps(workdir) - noted})
+        notes["latest"] = now
+        notes_file.write_text(json.dumps(notes))
+
     seconds = cli(
         "pretrain",
         "--config",
@@ -130,11 +165,19 @@ def pretrain(workdir: Path, dataset: Path, config: str, extra, steps: int, seed:
         "--config.data.generate=False",
         f"--config.num_steps={steps}",
         f"--config.seed={seed}",
-        "--config.checkpoint_every=100000",
+        f"--config.checkpoint_every={CHECKPOINT_EVERY}",
         *extra,
+        on_poll=note,
     )
+    seconds = {key: round(carried[key] + value, 1) for key, value in seconds.items()}
+    seconds["parts"] = carried["parts"] + 1
     (workdir / "seconds.json").write_text(json.dumps(seconds))
     return seconds
+
+
+def checkpoint_steps(workdir: Path) -> set[int]:
+    """Steps of the run's finished checkpoints (Orbax names them by step once written)."""
+    return {int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()}
 
 
 def finetune(workdir: Path, dataset: Path, model: Path, epochs: int, seed: int) -> float:
