@@ -321,8 +321,8 @@ COLUMNS = (  # heading, key, scale
 
 
 def table(results: list[dict]) -> str:
-    """Markdown, one row per model, ``mean ± sd`` over its seeds (the mean alone for one seed);
-    percentages except steps and seconds."""
+    """Markdown, one row per model, ``mean ± sd`` over its seeds (the mean alone for one seed;
+    steps are a setting, the same in every seed); percentages except steps and seconds."""
     names = list(dict.fromkeys(r["model"] for r in results))
     lines = ["| model | seeds | " + " | ".join(c[0] for c in COLUMNS) + " |"]
     lines.append("|---" * (len(COLUMNS) + 2) + "|")
@@ -333,7 +333,7 @@ def table(results: list[dict]) -> str:
             values = np.array([r[key] for r in rows], float) * scale
             digits = 0 if key in ("steps", "cpu_s") else 1
             cell = f"{values.mean():.{digits}f}"
-            if len(values) > 1:
+            if len(values) > 1 and key != "steps":
                 cell += f" ± {values.std(ddof=1):.{digits}f}"
             cells.append(cell)
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
