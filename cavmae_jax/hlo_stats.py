@@ -7,6 +7,18 @@ are summed: matrix-multiply FLOPs (``dot`` and ``convolution``, the part that ru
 matrix units, plus what a Pallas kernel's cost estimate states), the bytes the unfused
 instructions read and write (XLA's model of HBM traffic: each kernel reads its inputs and
 writes its outputs once), and the collectives (kind, executions, bytes).
+
+The traffic model follows XLA's own ``bytes accessed`` instruction by instruction (a fusion
+that updates a slice in place counts the slice, one that reads slices of a parameter counts
+the slices), with one difference: an asynchronous copy (``copy-start`` / ``copy-done``, the
+TPU's prefetch of an operand into on-chip memory) is not counted, since its consumer's read is
+counted already; XLA counts it three times over (source, destination and both tuples). Such
+copies are summed apart (``async_copy_bytes``, in XLA's way), so that ``bytes_accessed +
+async_copy_bytes`` is XLA's figure with every loop weighed by its trip count.
+
+Every counted instruction is also charged to its source (``source_of``): the model part named
+by the ``jax.named_scope`` in its op metadata (``encoder_a``, ``decoder``, ``attention``, ...),
+or, for an instruction without metadata (a Pallas kernel), that of its first known operand.
 """
 
 from __future__ import annotations
@@ -24,9 +36,16 @@ _INSTRUCTION = re.compile(r"^\s*(ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*?)\
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
 _CALLED = re.compile(r"(?:condition|body|calls|to_apply)=%([\w.-]+)")
 _BRANCHES = re.compile(r"(?:branch_computations|called_computations)=\{([^}]*)\}")
-# Matmuls of the flash-attention backward kernels (operands q [B, H, Nq, d], k [B, H, Nk, d]):
-# dkv recomputes q.k^T and forms dv, dp and dk; dq recomputes q.k^T and forms dp and dq.
-_FLASH_BACKWARD = {"flash_mha_bwd_dkv": 4, "flash_mha_bwd_dq": 3}
+# Attention kernels that state no cost: kernel name -> (matmuls of the size of q.k^T, index of
+# the q [B, H, Nq, d] and k [B, H, Nk, d] operands). The flash backward's dkv recomputes q.k^T
+# and forms dv, dp and dk, its dq recomputes q.k^T and forms dp and dq; splash's forward forms
+# q.k^T and p.v, its fused backward recomputes q.k^T and forms dv, dp, dk and dq.
+_ATTENTION_KERNELS = {
+    "flash_mha_bwd_dkv": (4, 0),
+    "flash_mha_bwd_dq": (3, 0),
+    "splash_mha_fwd": (2, 2),
+    "splash_mha_dkv": (5, 2),
+}
 # Not memory traffic of their own: bookkeeping, or control flow whose bodies are counted.
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all"}
 _FREE |= {"while", "conditional", "call"}
@@ -47,8 +66,30 @@ class Instruction:
 class Stats:
     matmul_flops: float = 0.0
     bytes_accessed: float = 0.0
+    async_copy_bytes: float = 0.0  # copy-start / copy-done as XLA counts them (see above)
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {count, bytes}
     unknown_trip_counts: int = 0  # loops whose trip count could not be read (counted once)
+    by_source: dict = dataclasses.field(default_factory=dict)  # source -> {bytes, flops}
+
+
+# The model's named scopes (jax.named_scope in cavmae_jax/models and train/steps.py), outermost
+# first: a section of the model, then the part of a block.
+SECTIONS = ("patch_embed", "masking", "encoder_a", "encoder_v", "joint", "stream_a", "stream_v")
+SECTIONS += ("decoder", "momentum", "head", "loss", "optimizer")
+PARTS = ("attention", "layernorm", "mlp", "unshuffle", "fsdp_gather")
+
+
+def source_of(op_name: str, op: str) -> str:
+    """``section/part`` of an instruction from its op_name, e.g. ``decoder/mlp`` (the outermost
+    section, the innermost part); collectives are their own source (``collective/all-gather``),
+    backward passes share their forward's."""
+    kind = op.removesuffix("-start")
+    if kind in COLLECTIVES:
+        return f"collective/{kind}"
+    scopes = re.findall(r"[\w-]+", op_name)
+    section = next((s for s in scopes if s in SECTIONS), "other")
+    part = next((p for p in reversed(scopes) if p in PARTS), "other")
+    return f"{section}/{part}"
 
 
 def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -162,14 +203,15 @@ def _dot_flops(ins: Instruction, shapes: dict[str, str]) -> float:
 
 
 def _kernel_flops(ins: Instruction, shapes: dict[str, str]) -> float:
-    """A Pallas kernel's FLOPs: its own cost estimate, or for the flash-attention backward
-    kernels (which state none) their matmul count times one q.k^T product."""
+    """A Pallas kernel's FLOPs: its own cost estimate, or for the attention kernels that state
+    none (``_ATTENTION_KERNELS``) their matmul count times one q.k^T product."""
     estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)"', ins.attributes)
     if estimate:
         return float(estimate.group(1))
-    for kernel, matmuls in _FLASH_BACKWARD.items():
-        if kernel in ins.attributes and len(ins.operands) >= 2:
-            (_, q), (_, k) = arrays(shapes[ins.operands[0]])[0], arrays(shapes[ins.operands[1]])[0]
+    for kernel, (matmuls, at) in _ATTENTION_KERNELS.items():
+        if (ins.name.startswith(kernel) or kernel in ins.attributes) and len(ins.operands) > at + 1:
+            q = arrays(shapes[ins.operands[at]])[0][1]
+            k = arrays(shapes[ins.operands[at + 1]])[0][1]
             return matmuls * 2.0 * math.prod(q) * k[-2]
     return 0.0
 
@@ -185,52 +227,89 @@ def _collective_bytes(ins: Instruction, kind: str, shapes: dict[str, str]) -> in
     return nbytes(ins.shape)
 
 
-def _parameter_reads(computation: list[Instruction]) -> dict[int, int | None]:
+def _parameter_reads(computation: list[Instruction], computations) -> dict[int, int | None]:
     """Bytes a fused computation reads of each parameter when it reads only slices of it
-    (``None``: the whole parameter); a parameter updated in place is not read."""
+    (``None``: the whole parameter); a parameter updated in place is not read. A parameter
+    handed to a nested fusion is read as that fusion reads it."""
     index = {ins.name: int(ins.raw_operands) for ins in computation if ins.op == "parameter"}
-    reads: dict[int, int | None] = {}
     users = collections.defaultdict(list)
     for ins in computation:
         for position, operand in enumerate(ins.operands):
             users[operand].append((ins, position))
+    reads: dict[int, int | None] = {}
     for name, i in index.items():
         uses = users.get(name, [])
-        if uses and all(u.op in ("dynamic-slice", "slice") for u, _ in uses):
-            reads[i] = sum(nbytes(u.shape) for u, _ in uses)
-        elif uses and all(u.op == "dynamic-update-slice" and p == 0 for u, p in uses):
-            reads[i] = 0
-        else:
-            reads[i] = None
+        parts = [_use_bytes(use, position, computations) for use, position in uses]
+        reads[i] = None if not uses or None in parts else sum(parts)
     return reads
 
 
-def _written(computation: list[Instruction]) -> int | None:
-    """Bytes a fused computation writes when its root updates a slice in place."""
-    shapes = {ins.name: ins.shape for ins in computation}
-    root = next((ins for ins in computation if ins.root), None)
-    if root is not None and root.op == "dynamic-update-slice":
-        return 2 * nbytes(shapes.get(root.operands[1], ""))
+def _use_bytes(use: Instruction, position: int, computations) -> int | None:
+    """Bytes one use reads of its operand ``position`` (``None``: all of it)."""
+    if use.op in ("dynamic-slice", "slice"):
+        return nbytes(use.shape)
+    if use.op == "dynamic-update-slice" and position == 0:
+        return 0
+    if use.op == "fusion":
+        callee = re.search(r"calls=%([\w.-]+)", use.attributes)
+        body = computations.get(callee.group(1), []) if callee else []
+        return _parameter_reads(body, computations).get(position) if body else None
     return None
+
+
+def _written(computation: list[Instruction]) -> int | None:
+    """Bytes a fused computation writes when its root, or an element of its root tuple,
+    updates a slice in place (a layer loop storing its activations): the slice, not the
+    whole buffer."""
+    by_name = {ins.name: ins for ins in computation}
+    root = next((ins for ins in computation if ins.root), None)
+    if root is None:
+        return None
+    outputs = [by_name.get(name) for name in root.operands] if root.op == "tuple" else [root]
+    total, in_place = 0, False
+    for out in outputs:
+        while out is not None and out.op == "bitcast":
+            out = by_name.get(out.operands[0])
+        if out is not None and out.op == "dynamic-update-slice":
+            total += 2 * nbytes(by_name[out.operands[1]].shape)
+            in_place = True
+        elif out is not None:
+            total += nbytes(out.shape)
+    return total if in_place else None
 
 
 def _bytes_moved(ins: Instruction, shapes: dict[str, str], computations) -> float:
     """HBM bytes an unfused instruction reads and writes (slices count as the slice)."""
     if ins.op in ("dynamic-slice", "slice"):
         return 2 * nbytes(ins.shape)
+    if ins.op == "slice-start":  # ((operand), slice, sync flag): it moves the slice
+        return 2 * sum(_BYTES.get(d, 1) * math.prod(s) for d, s in arrays(ins.shape)[1:2])
+    if 'custom_call_target="AllocateBuffer"' in ins.attributes:
+        return 0  # reserves memory, moves none
     if ins.op == "dynamic-update-slice":
         return 2 * nbytes(shapes.get(ins.operands[1], ""))
     if ins.op in ("copy-start", "copy-done") or ins.op.endswith("-done"):
-        return 0
+        return 0  # an asynchronous copy: see the module docstring
     callee = re.search(r"calls=%([\w.-]+)", ins.attributes) if ins.op == "fusion" else None
     body = computations.get(callee.group(1), []) if callee else []
-    reads = _parameter_reads(body) if body else {}
+    reads = _parameter_reads(body, computations) if body else {}
     total = 0
     for i, operand in enumerate(ins.operands):
         part = reads.get(i)
         total += nbytes(shapes.get(operand, "")) if part is None else part
     written = _written(body) if body else None
     return total + (nbytes(ins.shape) if written is None else written)
+
+
+def _xla_copy_bytes(ins: Instruction, shapes: dict[str, str]) -> int:
+    """What XLA's ``bytes accessed`` charges an asynchronous copy: operands and result."""
+    return sum(nbytes(shapes.get(name, "")) for name in ins.operands) + nbytes(ins.shape)
+
+
+def _charge(stats: Stats, source: str, key: str, value: float) -> None:
+    if value:
+        entry = stats.by_source.setdefault(source, {"bytes": 0.0, "flops": 0.0})
+        entry[key] += value
 
 
 def analyze(text: str) -> Stats:
@@ -266,20 +345,34 @@ def analyze(text: str) -> Stats:
         if not times:
             continue
         shapes = {ins.name: ins.shape for ins in instructions}
+        sources: dict[str, str] = {}
         for ins in instructions:
+            op_name = re.search(r'op_name="([^"]*)"', ins.attributes)
+            source = source_of(op_name.group(1) if op_name else "", ins.op)
+            if source == "other/other":  # no metadata (a kernel, a slice): its inputs' source
+                source = next((sources[o] for o in ins.operands if o in sources), source)
+            sources[ins.name] = source
+            flops = 0.0
             if ins.op == "convolution":
-                stats.matmul_flops += times * _convolution_flops(ins, shapes)
+                flops = times * _convolution_flops(ins, shapes)
             elif ins.op == "dot":
-                stats.matmul_flops += times * _dot_flops(ins, shapes)
+                flops = times * _dot_flops(ins, shapes)
             elif ins.op == "custom-call":
-                stats.matmul_flops += times * _kernel_flops(ins, shapes)
+                flops = times * _kernel_flops(ins, shapes)
+            stats.matmul_flops += flops
+            _charge(stats, source, "flops", flops)
             kind = ins.op.removesuffix("-start")
             if kind in COLLECTIVES:
                 entry_stats = collectives.setdefault(kind, {"count": 0.0, "bytes": 0.0})
                 entry_stats["count"] += times
                 entry_stats["bytes"] += times * _collective_bytes(ins, kind, shapes)
-            if name not in fused and ins.op not in _FREE:
-                stats.bytes_accessed += times * _bytes_moved(ins, shapes, computations)
+            if name in fused or ins.op in _FREE:
+                continue
+            if ins.op in ("copy-start", "copy-done"):
+                stats.async_copy_bytes += times * _xla_copy_bytes(ins, shapes)
+            moved = times * _bytes_moved(ins, shapes, computations)
+            stats.bytes_accessed += moved
+            _charge(stats, source, "bytes", moved)
     stats.collectives = {
         k: {"count": int(v["count"]), "bytes": v["bytes"]} for k, v in collectives.items()
     }

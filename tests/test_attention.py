@@ -1,6 +1,8 @@
-"""The CPU attention (custom VJP, recomputed probabilities) equals jax.nn.dot_product_attention."""
+"""The attention implementations (heads-first [B, H, N, hd]) equal jax.nn.dot_product_attention."""
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,14 @@ from cavmae_jax.models.attention import recomputing_attention
 
 def inputs(dtype=jnp.float32):
     keys = jax.random.split(jax.random.key(0), 4)
-    q, k, v = (jax.random.normal(key, (2, 7, 3, 4), dtype) * 2 for key in keys[:3])
-    return q, k, v, jax.random.normal(keys[3], (2, 7, 3, 4), dtype)
+    q, k, v = (jax.random.normal(key, (2, 3, 7, 4), dtype) * 2 for key in keys[:3])
+    return q, k, v, jax.random.normal(keys[3], (2, 3, 7, 4), dtype)
+
+
+def reference(q, k, v, scale):
+    """jax.nn.dot_product_attention, which takes [B, N, H, hd], on heads-first arrays."""
+    out = jax.nn.dot_product_attention(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), scale=scale)
+    return jnp.swapaxes(out, 1, 2)
 
 
 def test_values_and_gradients_match_the_reference():
@@ -24,7 +32,7 @@ def test_values_and_gradients_match_the_reference():
 
     ours = jax.value_and_grad(loss(lambda q, k, v: recomputing_attention(q, k, v, 0.5)), (0, 1, 2))
     ref = jax.value_and_grad(
-        loss(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=0.5)), (0, 1, 2)
+        loss(lambda q, k, v: reference(q, k, v, 0.5)), (0, 1, 2)
     )
     (value, grads), (ref_value, ref_grads) = ours(q, k, v), ref(q, k, v)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
@@ -35,10 +43,10 @@ def test_values_and_gradients_match_the_reference():
 def test_matches_numpy_softmax_attention():
     q, k, v, _ = inputs()
     qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
-    scores = np.einsum("bqhd,bkhd->bhqk", qn, kn) * 0.5
+    scores = np.einsum("bhqd,bhkd->bhqk", qn, kn) * 0.5
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    expected = np.einsum("bhqk,bkhd->bqhd", probs, vn)
+    expected = np.einsum("bhqk,bhkd->bhqd", probs, vn)
     np.testing.assert_allclose(
         np.asarray(recomputing_attention(q, k, v, 0.5)), expected, rtol=1e-5, atol=1e-6
     )
@@ -49,7 +57,7 @@ def test_low_precision_inputs_keep_their_dtype(dtype):
     q, k, v, _ = inputs(dtype)
     out = recomputing_attention(q, k, v, 0.5)
     assert out.dtype == dtype
-    ref = jax.nn.dot_product_attention(q, k, v, scale=0.5)
+    ref = reference(q, k, v, 0.5)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=0.05)
 
 
@@ -57,39 +65,46 @@ def test_the_implementation_is_resolved_for_the_target_platform():
     from cavmae_jax.models.attention import resolve
 
     platforms = ("cpu", "gpu", "tpu")
-    assert [resolve("auto", p) for p in platforms] == ["recompute", "recompute", "flash"]
+    assert [resolve("auto", p) for p in platforms] == ["recompute", "recompute", "splash"]
     assert resolve("xla", "cpu") == "xla" and resolve("cudnn", "gpu") == "cudnn"
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
         resolve("cudnn", "tpu")
     with pytest.raises(ValueError, match="'flash' needs a TPU"):
         resolve("flash", "gpu")
-    with pytest.raises(ValueError, match="unknown attention 'splash'"):
-        resolve("splash", "tpu")
+    with pytest.raises(ValueError, match="'splash' needs a TPU"):
+        resolve("splash", "cpu")
+    with pytest.raises(ValueError, match="unknown attention 'ring'"):
+        resolve("ring", "tpu")
 
 
+@pytest.mark.parametrize("kernel", ["flash", "splash"])
 @pytest.mark.parametrize("length", [49, 128, 177])
-def test_tpu_flash_kernel_with_padded_blocks_matches_xla(length):
-    """The Pallas TPU kernel (run by Pallas's TPU interpreter on this CPU) with the sequence
-    padded to 128-token blocks and the padding masked out by segment ids equals XLA's attention,
+def test_tpu_kernels_with_padded_blocks_match_xla(kernel, length):
+    """The Pallas TPU kernels (run by Pallas's TPU interpreter on this CPU) with the sequence
+    padded to 128-token blocks and the padding masked out by segment ids equal XLA's attention,
     forward and backward, for the lengths the model has (49 visible frame patches, 128 audio,
     177 joint) and a tail of padding rows that never leaks."""
     from jax.experimental.pallas import tpu as pltpu
 
-    from cavmae_jax.models.attention import flash_attention
+    from cavmae_jax.models.attention import flash_attention, splash_attention
 
     keys = jax.random.split(jax.random.key(length), 3)
-    q, k, v = (jax.random.normal(key, (2, length, 2, 16)) for key in keys)
+    q, k, v = (jax.random.normal(key, (2, 2, length, 16)) for key in keys)
 
     def loss(attention, q, k, v):
-        return (attention(q, k, v) * jnp.cos(jnp.arange(length))[:, None, None]).sum()
+        return (attention(q, k, v) * jnp.cos(jnp.arange(length))[:, None]).sum()
 
     def flash(q, k, v):
+        if kernel == "splash":
+            return splash_attention(q, k, v, 0.25, interpret=True)
         return flash_attention(q, k, v, 0.25)
 
     def xla(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, scale=0.25)
+        return reference(q, k, v, 0.25)
 
-    with pltpu.force_tpu_interpret_mode():
+    # flash runs under the TPU interpreter mode; splash takes its own interpret switch
+    interpreter = pltpu.force_tpu_interpret_mode() if kernel == "flash" else nullcontext()
+    with interpreter:
         out = flash(q, k, v)
         grads = jax.grad(loss, argnums=(1, 2, 3))(flash, q, k, v)
     np.testing.assert_allclose(out, xla(q, k, v), atol=2e-6)

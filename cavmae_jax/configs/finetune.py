@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             label_dim=recipe["classes"],
             tr_pos=True,  # CAVMAEFT trains its position embeddings (official behaviour 8)
             dtype="bfloat16",
-            remat=False,
+            remat="auto",  # auto | none | matmuls | full (cavmae_jax/models/layers.py)
             attention="auto",  # auto | xla | cudnn | recompute (cavmae_jax/models/attention.py)
         )
     )

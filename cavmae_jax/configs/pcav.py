@@ -35,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             modality_specific_depth=11,
             norm_pix_loss=True,
             dtype="bfloat16",
-            remat=False,
+            remat="auto",  # auto | none | matmuls | full (cavmae_jax/models/layers.py)
             attention="auto",
         )
     )

@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             decoder_depth=8,
             contrastive_groups=1,
             dtype="bfloat16",
-            remat=False,  # True: recompute block activations in backward (larger batches fit)
+            remat="auto",  # auto | none | matmuls | full (cavmae_jax/models/layers.py)
             attention="auto",  # auto | xla | cudnn | recompute (cavmae_jax/models/attention.py)
         )
     )

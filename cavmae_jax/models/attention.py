@@ -1,4 +1,6 @@
-"""Scaled dot-product attention, [B, N, H, hd] layout (softmax over keys, scale after q.k).
+"""Scaled dot-product attention on heads-first [B, H, N, hd] arrays (softmax over keys, scale
+after q.k): the layout the fused qkv projection writes and the TPU kernels read, so that no
+transpose runs between them.
 
 The implementation is a model setting (``ModelConfig.attention``):
   * ``xla``: ``jax.nn.dot_product_attention`` lowered by XLA;
@@ -14,8 +16,12 @@ The implementation is a model setting (``ModelConfig.attention``):
   * ``flash``: the Pallas flash-attention kernel of TPUs (``jax.experimental.pallas.ops.tpu``),
     which never writes the [B, H, N, N] scores to HBM. Its blocks are 128 tokens long, so the
     sequence is padded to a multiple of 128 and the padding is kept out of every softmax by
-    segment ids (real tokens 1, padding 0);
-  * ``auto``: ``recompute`` on CPU and GPU, ``flash`` on TPU (``docs/tpu.md`` compares them).
+    segment ids (real tokens 1, padding 0). It keeps two float32 softmax statistics per query,
+    each 128 lanes wide, for its backward pass;
+  * ``splash``: the Pallas splash-attention kernel of TPUs, padded and masked the same way; it
+    keeps one log-sum-exp per query and forms dq, dk and dv in one fused backward kernel, which
+    moves less than half of flash's HBM bytes for the decoder's 708 tokens (``docs/tpu.md``);
+  * ``auto``: ``recompute`` on CPU and GPU, ``splash`` on TPU.
     Trainers resolve it once for the platform of their mesh (``resolve``), which may be a TPU
     compiled for from a CPU host; a model used on its own resolves it for the default backend.
 """
@@ -30,8 +36,11 @@ from jax.sharding import PartitionSpec
 
 from cavmae_jax.models import mesh_context
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "recompute", "flash")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "recompute", "flash", "splash")
 FLASH_BLOCK = 128  # tokens per block of the TPU kernel
+# The name of what the TPU kernels keep for their backward pass (output and softmax
+# statistics): a ``matmuls`` remat policy saves it, so no forward kernel runs twice.
+KERNEL_RESIDUALS = "attention_residuals"
 
 
 def resolve(implementation: str, platform: str) -> str:
@@ -39,18 +48,18 @@ def resolve(implementation: str, platform: str) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention {implementation!r}; expected one of {IMPLEMENTATIONS}")
     if implementation == "auto":
-        return "flash" if platform == "tpu" else "recompute"
+        return "splash" if platform == "tpu" else "recompute"
     if implementation == "cudnn" and platform != "gpu":
         raise ValueError(f"attention 'cudnn' needs an NVIDIA GPU, not {platform}")
-    if implementation == "flash" and platform != "tpu":
-        raise ValueError(f"attention 'flash' needs a TPU, not {platform}")
+    if implementation in ("flash", "splash") and platform != "tpu":
+        raise ValueError(f"attention {implementation!r} needs a TPU, not {platform}")
     return implementation
 
 
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, scale: float, implementation: str = "auto"
 ) -> jax.Array:
-    """softmax(q k^T * scale) v for q, k, v [B, N, H, hd]. ``auto`` is resolved for the
+    """softmax(q k^T * scale) v for q, k, v [B, H, N, hd]. ``auto`` is resolved for the
     default backend; a concrete choice is taken as it is (it may target another platform)."""
     if implementation == "auto":
         implementation = resolve(implementation, jax.default_backend())
@@ -58,22 +67,31 @@ def dot_product_attention(
         return recomputing_attention(q, k, v, scale)
     if implementation == "flash":
         return flash_attention(q, k, v, scale)
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    if implementation == "splash":
+        return per_device(splash_attention, q, k, v, scale)
+    tokens_first = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]  # jax.nn's [B, N, H, hd]
+    out = jax.nn.dot_product_attention(*tokens_first, scale=scale, implementation=implementation)
+    return jnp.swapaxes(out, 1, 2)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """The TPU Pallas kernel on [B, N, H, hd]. A Mosaic kernel is not partitioned by XLA: under
+    """The TPU flash kernel on [B, H, N, hd], per device under a mesh (``per_device``)."""
+    return per_device(_flash_attention, q, k, v, scale)
+
+
+def per_device(kernel, q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """A TPU Pallas kernel on [B, H, N, hd]. A Mosaic kernel is not partitioned by XLA: under
     a mesh (the trainers set it) it runs per device by ``shard_map``, the batch split over every
     mesh axis but ``tensor``, the heads over ``tensor`` when it divides them."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return _flash_attention(q, k, v, scale)
+        return kernel(q, k, v, scale)
     batch = mesh_context.batch_axes(mesh)
     tensor = mesh.shape.get("tensor", 1)
-    heads = "tensor" if tensor > 1 and q.shape[2] % tensor == 0 else None
-    spec = PartitionSpec(batch, None, heads, None)
+    heads = "tensor" if tensor > 1 and q.shape[1] % tensor == 0 else None
+    spec = PartitionSpec(batch, heads, None, None)
     sharded = jax.shard_map(
-        functools.partial(_flash_attention, scale=scale),
+        functools.partial(kernel, scale=scale),
         mesh=mesh,
         in_specs=(spec, spec, spec),
         out_specs=spec,
@@ -83,30 +101,67 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> j
 
 
 def _flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
-    """The kernel on one device's [B, N, H, hd], with N padded to whole blocks."""
+    """The kernel on one device's [B, H, N, hd], with N padded to whole blocks."""
     from jax.experimental.pallas.ops.tpu import flash_attention as pallas
 
-    length = q.shape[1]
+    length = q.shape[2]
     padded = -(-length // FLASH_BLOCK) * FLASH_BLOCK
-
-    def heads_first(x):
-        x = jnp.pad(x, ((0, 0), (0, padded - length), (0, 0), (0, 0)))
-        return jnp.swapaxes(x, 1, 2)
-
     real = (jnp.arange(padded) < length).astype(jnp.int32)
     segments = jnp.broadcast_to(real, (q.shape[0], padded))
+    q, k, v = (_padded_tokens(x, padded) for x in (q, k, v))
     out = pallas.flash_attention(
-        heads_first(q),
-        heads_first(k),
-        heads_first(v),
-        segment_ids=pallas.SegmentIds(segments, segments),
-        sm_scale=scale,
+        q, k, v, segment_ids=pallas.SegmentIds(segments, segments), sm_scale=scale
     )
-    return jnp.swapaxes(out, 1, 2)[:, :length]
+    return out[:, :, :length]
+
+
+def _padded_tokens(x: jax.Array, padded: int) -> jax.Array:
+    """[B, H, N, hd] -> [B, H, padded, hd] with zero rows at the end."""
+    return jnp.pad(x, ((0, 0), (0, 0), (0, padded - x.shape[2]), (0, 0)))
+
+
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, scale: float, interpret: bool = False
+) -> jax.Array:
+    """The TPU splash kernel on one device's [B, H, N, hd], N padded to whole 128-token blocks
+    and the padding kept out by segment ids. Beside the output it saves one float32
+    log-sum-exp per query for the backward pass (the flash kernel keeps two, 128 lanes wide),
+    and its fused backward kernel forms dq, dk and dv in one pass. ``interpret`` runs it on
+    Pallas's interpreter (tests on a CPU)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    batch, heads, length, _ = q.shape
+    padded = -(-length // FLASH_BLOCK) * FLASH_BLOCK
+    block = max(b for b in (128, 256, 384, 512, 768) if padded % b == 0)
+    sizes = sk.BlockSizes(
+        block_q=block,
+        block_kv=block,
+        block_kv_compute=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        use_fused_bwd_kernel=True,
+    )
+    mask = sm.MultiHeadMask([sm.FullMask((padded, padded))] * heads)
+    kernel = sk.make_splash_mha(
+        mask,
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=sizes,
+        residual_checkpoint_name=KERNEL_RESIDUALS,
+        interpret=interpret,
+    )
+    real = (jnp.arange(padded) < length).astype(jnp.int32)
+    segments = sk.SegmentIds(real, real)
+    q = q * jnp.asarray(scale, q.dtype)
+    q, k, v = (_padded_tokens(x, padded) for x in (q, k, v))
+    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segments)
+    return out[:, :, :length]
 
 
 def _scores(q, k, scale):
-    return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
 
 
 def _forward(q, k, v, scale):
@@ -115,7 +170,7 @@ def _forward(q, k, v, scale):
     weights = jnp.exp(scores - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     probs = (weights / total).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype), peak + jnp.log(total)
 
 
@@ -135,13 +190,13 @@ def _bwd(scale, saved, d_out):
     f32 = jnp.float32
     probs = jnp.exp(_scores(q, k, scale) - logsumexp)
     d_v = jnp.einsum(
-        "bhqk,bqhd->bkhd", probs.astype(d_out.dtype), d_out, preferred_element_type=f32
+        "bhqk,bhqd->bhkd", probs.astype(d_out.dtype), d_out, preferred_element_type=f32
     )
-    d_probs = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=f32)
-    row = jnp.einsum("bqhd,bqhd->bhq", d_out, out, preferred_element_type=f32)[..., None]
+    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=f32)
+    row = jnp.einsum("bhqd,bhqd->bhq", d_out, out, preferred_element_type=f32)[..., None]
     d_scores = (probs * (d_probs - row) * scale).astype(q.dtype)
-    d_q = jnp.einsum("bhqk,bkhd->bqhd", d_scores, k, preferred_element_type=f32)
-    d_k = jnp.einsum("bhqk,bqhd->bkhd", d_scores, q, preferred_element_type=f32)
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k, preferred_element_type=f32)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q, preferred_element_type=f32)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
 
 

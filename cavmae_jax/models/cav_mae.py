@@ -21,9 +21,10 @@ def restore_order(kept: jax.Array, ids_restore: jax.Array, mask_token: jax.Array
     """Append mask tokens to kept tokens [B, K, D] and unshuffle to positional order [B, L, D]."""
     b, k, d = kept.shape
     length = ids_restore.shape[1]
-    fill = jnp.broadcast_to(mask_token.astype(kept.dtype), (b, length - k, d))
-    shuffled = jnp.concatenate([kept, fill], axis=1)
-    return jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
+    with jax.named_scope("unshuffle"):
+        fill = jnp.broadcast_to(mask_token.astype(kept.dtype), (b, length - k, d))
+        shuffled = jnp.concatenate([kept, fill], axis=1)
+        return jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
 
 
 class CAVMAE(AudioVisualEncoder):
@@ -60,8 +61,8 @@ class CAVMAE(AudioVisualEncoder):
         cfg = self.cfg
         masked_a = masking.apply_mask(self.embed_audio(patches_a), noise_a, ratio_a)
         masked_v = masking.apply_mask(self.embed_visual(patches_v), noise_v, ratio_v)
-        a = self.blocks_a(masked_a.kept)
-        v = self.blocks_v(masked_v.kept)
+        a = self.audio_branch(masked_a.kept)
+        v = self.visual_branch(masked_v.kept)
         latent = self.joint_stream(jnp.concatenate([a, v], axis=1))
         latent_c_a = latent_c_v = None
         if cfg.contrast_loss_weight:
@@ -72,12 +73,17 @@ class CAVMAE(AudioVisualEncoder):
     def forward_decoder(self, latent, masked_a, masked_v) -> tuple[jax.Array, jax.Array]:
         """Joint latent [B, Ka+Kv, D] -> predictions [B, 512, 256] and [B, 196, 768]."""
         xa, xv = self.decoder_tokens(latent, masked_a, masked_v)
-        return self.decoder_pred_a(xa), self.decoder_pred_v(xv)
+        with jax.named_scope("decoder"):
+            return self.decoder_pred_a(xa), self.decoder_pred_v(xv)
 
     def decoder_tokens(self, latent, masked_a, masked_v) -> tuple[jax.Array, jax.Array]:
         """Normalised decoder outputs in positional order: audio [B, 512, Dd], visual
         [B, 196, Dd] (mask tokens filled in, decoder positions and modality tokens added)."""
-        x = self.decoder_embed(latent)
+        with jax.named_scope("decoder"):
+            return self._decoder_tokens(latent, masked_a, masked_v)
+
+    def _decoder_tokens(self, latent, masked_a, masked_v) -> tuple[jax.Array, jax.Array]:
+        x = self.decoder_embed(latent.astype(self.cfg.compute_dtype))
         keep_a = masked_a.kept.shape[1]
         token = self.mask_token[...]
         xa = restore_order(x[:, :keep_a], masked_a.ids_restore, token)
@@ -91,7 +97,7 @@ class CAVMAE(AudioVisualEncoder):
                 x[:, len_a:] + self.decoder_modality_v[...],
             ],
             axis=1,
-        )
+        ).astype(self.cfg.compute_dtype)
         x = self.decoder_norm(self.decoder_blocks(x))
         return x[:, :len_a], x[:, len_a:]
 
@@ -132,26 +138,38 @@ class CAVMAE(AudioVisualEncoder):
             patches_a, patches_v, noise_a, noise_v, mask_ratio_a, mask_ratio_v
         )
         out = dict(mask_a=masked_a.mask, mask_v=masked_v.mask, latent=latent)
+        pred_a = pred_v = None
+        if cfg.decoder_depth and cfg.mae_loss_weight:
+            pred_a, pred_v = self.forward_decoder(latent, masked_a, masked_v)
+            out.update(pred_a=pred_a, pred_v=pred_v)
+        if cfg.contrast_loss_weight:
+            out.update(latent_c_a=latent_c_a, latent_c_v=latent_c_v)
+        with jax.named_scope("loss"):
+            return self._losses(out, patches_a, patches_v, masked_a.mask, masked_v.mask)
+
+    def _losses(self, out: dict, patches_a, patches_v, mask_a, mask_v) -> dict[str, jax.Array]:
+        """``out`` with the losses of its predictions and modality streams added."""
+        cfg = self.cfg
         groups = cfg.contrastive_groups
         zero = jnp.zeros((), jnp.float32)
         loss_mae_a = loss_mae_v = loss_mae = loss_c = c_acc = zero
-        if cfg.decoder_depth and cfg.mae_loss_weight:
-            pred_a, pred_v = self.forward_decoder(latent, masked_a, masked_v)
+        if "pred_a" in out:
             # Every example has the same masked count, so the sum of G group means is G x the mean.
             loss_mae_a = groups * losses.mae_loss(
-                pred_a, patches_a, masked_a.mask, cfg.norm_pix_loss
+                out["pred_a"], patches_a, mask_a, cfg.norm_pix_loss
             )
             loss_mae_v = groups * losses.mae_loss(
-                pred_v, patches_v, masked_v.mask, cfg.norm_pix_loss
+                out["pred_v"], patches_v, mask_v, cfg.norm_pix_loss
             )
             loss_mae = cfg.mae_loss_weight * (loss_mae_a + loss_mae_v)
-            out.update(pred_a=pred_a, pred_v=pred_v)
-        if cfg.contrast_loss_weight:
+        if "latent_c_a" in out:
             loss_c, c_acc = losses.grouped_contrastive_loss(
-                latent_c_a.mean(axis=1), latent_c_v.mean(axis=1), groups, cfg.bidirect_contrast
+                out["latent_c_a"].mean(axis=1),
+                out["latent_c_v"].mean(axis=1),
+                groups,
+                cfg.bidirect_contrast,
             )
             loss_c = cfg.contrast_loss_weight * loss_c
-            out.update(latent_c_a=latent_c_a, latent_c_v=latent_c_v)
         out.update(
             loss=loss_mae + loss_c,
             loss_mae=loss_mae,

@@ -27,7 +27,8 @@ def classifier_head(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.List:
 
 def apply_head(head: nnx.List, pooled: jax.Array) -> jax.Array:
     norm, linear = head
-    return linear(norm(pooled)).astype(jnp.float32)
+    with jax.named_scope("head"):
+        return linear(norm(pooled)).astype(jnp.float32)
 
 
 class CAVMAEFT(AudioVisualEncoder):

@@ -42,10 +42,12 @@ class ModelConfig:
     chain_shared_blocks: bool = False
     label_dim: int = 527  # classifier outputs (finetuning models only)
     dtype: str = "float32"  # compute dtype of matmuls; "bfloat16" on accelerators
-    remat: bool = False  # recompute block activations in the backward pass (saves memory)
-    attention: str = "auto"  # auto | xla | cudnn | recompute (models/attention.py)
+    remat: str = "auto"  # auto | none | matmuls | full: what blocks keep (models/layers.py)
+    attention: str = "auto"  # auto | xla | cudnn | recompute | flash | splash (models/attention.py)
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):  # the older switch: True recomputed whole blocks
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         if not 0 <= self.modality_specific_depth <= self.depth:
             raise ValueError(
                 f"modality_specific_depth {self.modality_specific_depth} not in 0..{self.depth}"

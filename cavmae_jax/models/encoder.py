@@ -99,18 +99,23 @@ class AudioVisualEncoder(nnx.Module):
         return patchify(image, self.cfg.patch_size)
 
     def embed_audio(self, patches: jax.Array) -> jax.Array:
-        x = self.patch_embed_a.proj(patches) + self.pos_embed_a[...]
-        return x + self.modality_a[...]
+        """Patch vectors -> tokens [B, L, D] in the compute dtype: the residual stream of every
+        block stays in it (float32 or bfloat16), the final norms return float32."""
+        with jax.named_scope("patch_embed"):
+            x = self.patch_embed_a.proj(patches) + self.pos_embed_a[...]
+            return (x + self.modality_a[...]).astype(self.cfg.compute_dtype)
 
     def embed_visual(self, patches: jax.Array) -> jax.Array:
-        x = self.patch_embed_v.proj(patches) + self.pos_embed_v[...]
-        return x + self.modality_v[...]
+        with jax.named_scope("patch_embed"):
+            x = self.patch_embed_v.proj(patches) + self.pos_embed_v[...]
+            return (x + self.modality_v[...]).astype(self.cfg.compute_dtype)
 
     # Streams -----------------------------------------------------------------------------------
 
     def joint_stream(self, x: jax.Array) -> jax.Array:
         """Shared blocks with the joint norms, then ``norm``."""
-        return self.norm(self.blocks_u(x))
+        with jax.named_scope("joint"):
+            return self.norm(self.blocks_u(x))
 
     def modality_stream(self, x: jax.Array, modality: str, chain: bool = True) -> jax.Array:
         """Shared blocks with the ``_a``/``_v`` norms, then ``norm_a``/``norm_v``.
@@ -118,15 +123,25 @@ class AudioVisualEncoder(nnx.Module):
         ``chain=False`` is the official pretraining loop: every shared block is applied to the
         branch output and only the last result is kept.
         """
-        x = self.blocks_u(x, modality, last_only=not chain)
-        return getattr(self, f"norm_{modality}")(x)
+        with jax.named_scope(f"stream_{modality}"):
+            x = self.blocks_u(x, modality, last_only=not chain)
+            return getattr(self, f"norm_{modality}")(x)
+
+    def audio_branch(self, tokens: jax.Array) -> jax.Array:
+        """Audio tokens [B, N, D] through the audio-specific blocks."""
+        with jax.named_scope("encoder_a"):
+            return self.blocks_a(tokens)
+
+    def visual_branch(self, tokens: jax.Array) -> jax.Array:
+        with jax.named_scope("encoder_v"):
+            return self.blocks_v(tokens)
 
     def encode_audio(self, audio: jax.Array) -> jax.Array:
         """Unmasked fbank [B, T, F] -> audio-branch output [B, 512, D] (before shared blocks)."""
-        return self.blocks_a(self.embed_audio(self.audio_patches(audio)))
+        return self.audio_branch(self.embed_audio(self.audio_patches(audio)))
 
     def encode_visual(self, image: jax.Array) -> jax.Array:
-        return self.blocks_v(self.embed_visual(self.visual_patches(image)))
+        return self.visual_branch(self.embed_visual(self.visual_patches(image)))
 
     def forward_feat(self, audio: jax.Array, image: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Unmasked token features (modality-specific norms): [B, 512, D], [B, 196, D]."""

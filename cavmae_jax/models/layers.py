@@ -12,9 +12,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cavmae_jax.models import mesh_context
-from cavmae_jax.models.attention import dot_product_attention
+from cavmae_jax.models.attention import KERNEL_RESIDUALS, dot_product_attention
 
 LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, everywhere in the official model (behaviour 1)
+# What a block keeps for its backward pass (``ModelConfig.remat``): ``none`` every activation,
+# ``matmuls`` only the outputs of its matrix multiplies (LayerNorm, GELU and the residual adds
+# are recomputed, fused into the backward kernels that read them; attention is recomputed from
+# its saved inputs), ``full`` only its input. ``auto``: ``matmuls`` on TPUs, ``none`` elsewhere.
+REMAT = ("auto", "none", "matmuls", "full")
+
+
+def resolve_remat(remat: str | bool, platform: str) -> str:
+    """The concrete policy of ``remat`` on ``platform`` (True / False: ``full`` / ``none``)."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT:
+        raise ValueError(f"unknown remat {remat!r}; expected one of {REMAT}")
+    if remat == "auto":
+        return "matmuls" if platform == "tpu" else "none"
+    return remat
 
 
 def logical(*names: str | None) -> dict:
@@ -34,9 +50,25 @@ def symmetric_uniform(bound: float):
     return init
 
 
-def layer_norm(dim: int, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
-    """PyTorch-exact LayerNorm: eps 1e-5 and two-pass (biased) variance."""
-    return nnx.LayerNorm(
+class LayerNorm(nnx.LayerNorm):
+    """PyTorch's LayerNorm (eps 1e-5, two-pass biased variance) computed in float32 whatever
+    the input, with float32 scale and bias; only the output takes ``dtype`` (None: float32).
+    In a bfloat16 model the block norms read and write bfloat16 and keep their statistics in
+    float32 inside one fusion."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        with jax.named_scope("layernorm"):
+            x32 = x.astype(jnp.float32)
+            mean = jnp.mean(x32, axis=-1, keepdims=True)
+            centred = x32 - mean
+            var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+            y = centred * jax.lax.rsqrt(var + self.epsilon) * self.scale[...] + self.bias[...]
+            return y.astype(self.dtype or jnp.float32)
+
+
+def layer_norm(dim: int, rngs: nnx.Rngs, dtype=None) -> LayerNorm:
+    """The official LayerNorm (see ``LayerNorm``); ``dtype`` is the output's."""
+    return LayerNorm(
         dim,
         epsilon=LN_EPS,
         use_fast_variance=False,
@@ -118,7 +150,11 @@ class PatchEmbed(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with the fused ``qkv`` layout (q|k|v) x heads x head_dim."""
+    """Multi-head self-attention with the fused ``qkv`` layout (q|k|v) x heads x head_dim.
+
+    The projections are written per head (einsums over the [D, 3, H, hd] and [H, hd, D] views
+    of the official weights), so q, k and v come out heads-first [B, H, N, hd], as attention
+    reads them, and no transpose runs in between."""
 
     def __init__(
         self, dim: int, num_heads: int, rngs: nnx.Rngs, dtype=None, implementation: str = "auto"
@@ -131,10 +167,14 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         h = self.num_heads
-        qkv = self.qkv(x).reshape(b, n, 3, h, d // h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        out = dot_product_attention(q, k, v, (d // h) ** -0.5, self.implementation)
-        return self.proj(out.reshape(b, n, d))
+        dtype = self.qkv.dtype or jnp.result_type(x, self.qkv.kernel[...])
+        w_qkv = self.qkv.kernel[...].reshape(d, 3, h, d // h).astype(dtype)
+        qkv = jnp.einsum("bnd,dthk->tbhnk", x.astype(dtype), w_qkv)
+        qkv = qkv + self.qkv.bias[...].reshape(3, 1, h, 1, d // h).astype(dtype)
+        out = dot_product_attention(qkv[0], qkv[1], qkv[2], (d // h) ** -0.5, self.implementation)
+        w_proj = self.proj.kernel[...].reshape(h, d // h, d).astype(dtype)
+        out = jnp.einsum("bhnk,hkd->bnd", out.astype(dtype), w_proj)
+        return out + self.proj.bias[...].astype(dtype)
 
 
 class Mlp(nnx.Module):
@@ -152,6 +192,7 @@ class Block(nnx.Module):
     """Pre-norm ViT block with three LayerNorm pairs (joint, audio, visual) and one set of weights.
 
     ``modality`` None uses ``norm1``/``norm2``; ``"a"`` and ``"v"`` use the ``_a``/``_v`` pairs.
+    The residual stream keeps the input's dtype (the compute dtype: see ``AudioVisualEncoder``).
     """
 
     def __init__(
@@ -163,21 +204,23 @@ class Block(nnx.Module):
         dtype=None,
         attention: str = "auto",
     ):
-        self.norm1 = layer_norm(dim, rngs)
-        self.norm1_a = layer_norm(dim, rngs)
-        self.norm1_v = layer_norm(dim, rngs)
+        self.norm1 = layer_norm(dim, rngs, dtype)
+        self.norm1_a = layer_norm(dim, rngs, dtype)
+        self.norm1_v = layer_norm(dim, rngs, dtype)
         self.attn = Attention(dim, num_heads, rngs, dtype, attention)
-        self.norm2 = layer_norm(dim, rngs)
-        self.norm2_a = layer_norm(dim, rngs)
-        self.norm2_v = layer_norm(dim, rngs)
+        self.norm2 = layer_norm(dim, rngs, dtype)
+        self.norm2_a = layer_norm(dim, rngs, dtype)
+        self.norm2_v = layer_norm(dim, rngs, dtype)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs, dtype)
 
     def __call__(self, x: jax.Array, modality: str | None = None) -> jax.Array:
         suffix = "" if modality is None else f"_{modality}"
         norm1 = getattr(self, "norm1" + suffix)
         norm2 = getattr(self, "norm2" + suffix)
-        x = x + self.attn(norm1(x))
-        return x + self.mlp(norm2(x))
+        with jax.named_scope("attention"):
+            x = x + self.attn(norm1(x))
+        with jax.named_scope("mlp"):
+            return x + self.mlp(norm2(x))
 
 
 class BlockStack(nnx.Module):
@@ -185,8 +228,10 @@ class BlockStack(nnx.Module):
 
     One compiled block instead of ``count``; the scan also keeps XLA from fusing the residual
     gradient of all layers into every layer's backward pass (a quadratic recomputation on CPU).
-    ``remat`` recomputes each block's activations in the backward pass instead of storing them
-    (only the [B, N, D] input of every block is kept): less memory for about a third more compute.
+    ``remat`` (see ``REMAT``) chooses what each block keeps for the backward pass: ``full``
+    keeps only the [B, N, D] input of every block (least memory, about a third more compute),
+    ``matmuls`` the matrix-multiply outputs (the elementwise work is recomputed where it is
+    read, which saves HBM traffic on accelerators).
     """
 
     def __init__(
@@ -197,7 +242,7 @@ class BlockStack(nnx.Module):
         mlp_ratio: float,
         rngs: nnx.Rngs,
         dtype=None,
-        remat: bool = False,
+        remat: str | bool = "auto",
         attention: str = "auto",
     ):
         self.count = count
@@ -228,6 +273,13 @@ class BlockStack(nnx.Module):
             block = nnx.merge(graphdef, mesh_context.gathered(layer_state))
             return mesh_context.split_over_batch(block(carry, modality)), None
 
-        if self.remat:
+        remat = resolve_remat(self.remat, jax.default_backend())
+        if remat == "matmuls":
+            policy = jax.checkpoint_policies.save_from_both_policies(
+                jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                jax.checkpoint_policies.save_only_these_names(KERNEL_RESIDUALS),
+            )
+            body = jax.checkpoint(body, prevent_cse=False, policy=policy)
+        elif remat == "full":
             body = jax.checkpoint(body, prevent_cse=False)
         return jax.lax.scan(body, mesh_context.split_over_batch(x), state)[0]

@@ -39,10 +39,11 @@ def apply_mask(tokens: jax.Array, noise: jax.Array, ratio: float) -> Masking:
     if noise.shape != tokens.shape[:2]:
         raise ValueError(f"noise shape {noise.shape} does not match tokens {tokens.shape[:2]}")
     keep = num_kept(length, ratio)
-    ids_shuffle = jnp.argsort(noise, axis=1, stable=True)
-    ids_restore = jnp.argsort(ids_shuffle, axis=1, stable=True)
-    kept = jnp.take_along_axis(tokens, ids_shuffle[:, :keep, None], axis=1)
-    mask = (ids_restore >= keep).astype(jnp.float32)
+    with jax.named_scope("masking"):
+        ids_shuffle = jnp.argsort(noise, axis=1, stable=True)
+        ids_restore = jnp.argsort(ids_shuffle, axis=1, stable=True)
+        kept = jnp.take_along_axis(tokens, ids_shuffle[:, :keep, None], axis=1)
+        mask = (ids_restore >= keep).astype(jnp.float32)
     return Masking(kept, mask, ids_restore)
 
 

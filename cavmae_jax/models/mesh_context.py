@@ -32,4 +32,5 @@ def gathered(tree):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
         return tree
-    return jax.tree.map(lambda p: jax.lax.with_sharding_constraint(p, PartitionSpec()), tree)
+    with jax.named_scope("fsdp_gather"):
+        return jax.tree.map(lambda p: jax.lax.with_sharding_constraint(p, PartitionSpec()), tree)

@@ -19,6 +19,7 @@ from cavmae_jax import paths
 from cavmae_jax.errors import UserError
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.attention import resolve as resolve_attention
+from cavmae_jax.models.layers import resolve_remat
 from cavmae_jax.train import durations as durations_lib
 from cavmae_jax.train import evaluators as evaluators_lib
 from cavmae_jax.train import sharding
@@ -104,11 +105,14 @@ def copy_weights(source: nnx.Module, target: nnx.Module, name: str) -> None:
 
 
 def model_config(trainer: Trainer, config: ml_collections.ConfigDict, mesh: Mesh) -> ModelConfig:
-    """The trainer's model config with the attention implementation resolved for the platform
-    of the mesh's devices (not the host's default backend)."""
+    """The trainer's model config with the attention implementation and the remat policy
+    resolved for the platform of the mesh's devices (not the host's default backend)."""
     cfg = trainer.model_config(config)
     platform = mesh.devices.flat[0].platform
-    return cfg.replace(attention=resolve_attention(cfg.attention, platform))
+    return cfg.replace(
+        attention=resolve_attention(cfg.attention, platform),
+        remat=resolve_remat(cfg.remat, platform),
+    )
 
 
 def check_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> None:

@@ -112,8 +112,9 @@ def make_train_step(
         key = jax.random.fold_in(jax.random.key(seed), done + 1)
         params = state["params"]
         grads, metrics = accumulated_gradients(loss_fn, params, state, batch, key, grad_accum, mesh)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
+        with jax.named_scope("optimizer"):
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_params = optax.apply_updates(params, updates)
         new = {**donated, "step": done + 1, "params": new_params, "opt_state": opt_state}
         if after_update is not None:
             new.update(after_update(state, new_params, done + 1))
@@ -163,7 +164,9 @@ def pcav_loss(graphdef: nnx.GraphDef, model_kwargs: dict[str, Any], use_decoder:
 
     def loss_fn(params, state, batch, key):
         momentum = nnx.merge(graphdef, state["ema"], state["rest"])
-        audio_m, visual_m = jax.lax.stop_gradient(momentum.embed(batch["audio"], batch["image"]))
+        with jax.named_scope("momentum"):
+            audio_m, visual_m = momentum.embed(batch["audio"], batch["image"])
+        audio_m, visual_m = jax.lax.stop_gradient((audio_m, visual_m))
         protos = state["protos"]
         targets = clip_prototypes(
             audio_m, visual_m, protos["audio"], protos["visual"], protos["valid"]
