@@ -31,9 +31,7 @@ def test_values_and_gradients_match_the_reference():
         return lambda q, k, v: jnp.sum(fn(q, k, v) * probe)
 
     ours = jax.value_and_grad(loss(lambda q, k, v: recomputing_attention(q, k, v, 0.5)), (0, 1, 2))
-    ref = jax.value_and_grad(
-        loss(lambda q, k, v: reference(q, k, v, 0.5)), (0, 1, 2)
-    )
+    ref = jax.value_and_grad(loss(lambda q, k, v: reference(q, k, v, 0.5)), (0, 1, 2))
     (value, grads), (ref_value, ref_grads) = ours(q, k, v), ref(q, k, v)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):

@@ -3,7 +3,6 @@ gradient norms and features stays within the bounds stated in ``docs/speed.md``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from conftest import random_inputs
@@ -54,7 +53,8 @@ def test_bfloat16_training_stays_within_the_stated_bounds_of_float32():
     bf16 = nnx.merge(
         nnx.split(CAVMAE(model32.cfg.replace(dtype="bfloat16"), nnx.Rngs(0)))[0], state
     )
-    for got, want in zip(bf16.forward_feat(audio, image), model32.forward_feat(audio, image)):
+    features = zip(bf16.forward_feat(audio, image), model32.forward_feat(audio, image), strict=True)
+    for got, want in features:
         assert got.dtype == jnp.float32  # the final norms return float32
         error = float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
         assert error < FEATURE_BOUND, error
