@@ -61,6 +61,9 @@ def main(argv: list[str]) -> dict:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--topology", help="TPU slice to compile for, e.g. v5e-16, '2x v5p-64'")
     target.add_argument("--devices", type=int, help="stand in for N devices on this CPU")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="HBM traffic and matmul FLOPs by model source"
+    )
     args, overrides = parser.parse_known_args(argv)
 
     from cavmae_jax import tpu
@@ -125,6 +128,7 @@ def main(argv: list[str]) -> dict:
         peak_gib=round(peak / GIB, 3),
         tflop_per_chip_compiled=_figure(stats.matmul_flops / 1e12),
         hbm_traffic_gib=round(stats.bytes_accessed / GIB, 1),
+        xla_bytes_accessed_gib=round(compiled.cost_analysis()["bytes accessed"] / GIB, 1),
         collectives={
             kind: {"count": c["count"], "gib": round(c["bytes"] / GIB, 3)}
             for kind, c in sorted(stats.collectives.items())
@@ -136,12 +140,21 @@ def main(argv: list[str]) -> dict:
         chip = slice_.chip
         compute_ms = stats.matmul_flops / (chip.peak_tflops * 1e12) * 1e3
         memory_ms = stats.bytes_accessed / (chip.hbm_gbps * 1e9) * 1e3
+        bound_ms = max(compute_ms, memory_ms)
         report.update(
             fits=peak <= chip.hbm_gib * GIB,
             roofline_ms={"compute": round(compute_ms, 1), "hbm": round(memory_ms, 1)},
-            clips_per_s_bound=round(config.batch_size / (compute_ms / 1e3), 1),
+            roofline_mfu_bound=round(compute_ms / bound_ms, 3),
+            clips_per_s_bound=round(config.batch_size / (bound_ms / 1e3), 1),
         )
+    if args.breakdown:
+        report["breakdown"] = {
+            source: {"gib": round(v["bytes"] / GIB, 2), "tflop": _figure(v["flops"] / 1e12)}
+            for source, v in sorted(stats.by_source.items(), key=lambda kv: -kv[1]["bytes"])
+        }
     _print_summary(report)
+    if args.breakdown:
+        _print_breakdown(report["breakdown"], stats.bytes_accessed)
     print(json.dumps(report))
     return report
 
@@ -168,10 +181,17 @@ def _print_summary(report: dict) -> None:
     if "roofline_ms" in report:
         r = report["roofline_ms"]
         print(
-            f"  roofline: {r['compute']} ms of matmuls at the chip's peak (a lower bound on the "
-            f"step: at most {report['clips_per_s_bound']} clips/s); HBM traffic in XLA's "
-            f"model (an estimate, likely high): {r['hbm']} ms"
+            f"  roofline: {r['compute']} ms of matmuls at the chip's peak, {r['hbm']} ms of HBM "
+            f"traffic; MFU bound {report['roofline_mfu_bound']}, at most "
+            f"{report['clips_per_s_bound']} clips/s"
         )
+
+
+def _print_breakdown(breakdown: dict, total: float) -> None:
+    print("  HBM traffic and matmul FLOPs per chip by source (section/part of the model):")
+    for source, v in breakdown.items():
+        share = v["gib"] * GIB / total if total else 0.0
+        print(f"    {source:28s} {v['gib']:8.2f} GiB ({share:5.1%}) {v['tflop']:8.3f} TFLOP")
 
 
 if __name__ == "__main__":
