@@ -36,8 +36,11 @@ import torch_reference as ref  # noqa: E402
 from cavmae_jax.models import ModelConfig  # noqa: E402
 
 
-def run_one(mode: str, batch: int, steps: int, device: str = "cpu") -> dict:
-    """One configuration in this process: a fresh model, as the official scripts run."""
+def run_one(mode: str, batch: int, steps: int, device: str = "cpu", dry_run: bool = False) -> dict:
+    """One configuration in this process: a fresh model, as the official scripts run
+    (``dry_run``: the model and optimizer built on the CPU, nothing run)."""
+    if dry_run:
+        device = "cpu"
     cfg = ModelConfig(norm_pix_loss=True)
     torch.manual_seed(0)
     model = ref.CAVMAE(cfg).to(device)
@@ -51,6 +54,8 @@ def run_one(mode: str, batch: int, steps: int, device: str = "cpu") -> dict:
     if mode == "train":
         trainables = [p for p in model.parameters() if p.requires_grad]  # the official optimizer
         opt = torch.optim.Adam(trainables, lr=1e-4, betas=(0.95, 0.999), weight_decay=5e-7)
+        if dry_run:
+            return dict(mode=mode, batch=batch, trainable=sum(p.numel() for p in trainables))
         step_s = timed_train_step(model, opt, cfg, batch, steps, device)
     else:
         model.eval()
@@ -76,7 +81,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--one", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)
+    parser.add_argument("--dry-run", action="store_true", help="build the model only, run nothing")
     args = parser.parse_args()
+    if args.dry_run:
+        for mode in args.modes:
+            for batch in args.batches:
+                print(json.dumps(run_one(mode, batch, args.steps, args.device, dry_run=True)))
+        return
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps, args.device)))
         return

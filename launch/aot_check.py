@@ -127,8 +127,9 @@ def main(argv: list[str]) -> dict:
         temporaries_gib=round(memory.temp_size_in_bytes / GIB, 3),
         peak_gib=round(peak / GIB, 3),
         tflop_per_chip_compiled=_figure(stats.matmul_flops / 1e12),
-        hbm_traffic_gib=round(stats.bytes_accessed / GIB, 1),
-        xla_bytes_accessed_gib=round(compiled.cost_analysis()["bytes accessed"] / GIB, 1),
+        hbm_traffic_gib=_figure(stats.bytes_accessed / GIB),
+        async_copy_gib=_figure(stats.async_copy_bytes / GIB),
+        xla_bytes_accessed_gib=_figure(compiled.cost_analysis()["bytes accessed"] / GIB),
         collectives={
             kind: {"count": c["count"], "gib": round(c["bytes"] / GIB, 3)}
             for kind, c in sorted(stats.collectives.items())
@@ -143,7 +144,7 @@ def main(argv: list[str]) -> dict:
         bound_ms = max(compute_ms, memory_ms)
         report.update(
             fits=peak <= chip.hbm_gib * GIB,
-            roofline_ms={"compute": round(compute_ms, 1), "hbm": round(memory_ms, 1)},
+            roofline_ms={"compute": _figure(compute_ms), "hbm": _figure(memory_ms)},
             roofline_mfu_bound=round(compute_ms / bound_ms, 3),
             clips_per_s_bound=round(config.batch_size / (bound_ms / 1e3), 1),
         )

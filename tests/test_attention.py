@@ -1,4 +1,6 @@
-"""The attention implementations (heads-first [B, H, N, hd]) equal jax.nn.dot_product_attention."""
+"""The attention implementations equal jax.nn.dot_product_attention, each in its layout: the
+recomputing kernel tokens-first [B, N, H, hd] as jax.nn, the TPU kernels heads-first
+[B, H, N, hd]."""
 
 from __future__ import annotations
 
@@ -19,8 +21,12 @@ def inputs(dtype=jnp.float32):
 
 
 def reference(q, k, v, scale):
-    """jax.nn.dot_product_attention, which takes [B, N, H, hd], on heads-first arrays."""
-    out = jax.nn.dot_product_attention(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), scale=scale)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale)
+
+
+def heads_first_reference(q, k, v, scale):
+    """``reference`` on [B, H, N, hd] arrays."""
+    out = reference(*(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), scale)
     return jnp.swapaxes(out, 1, 2)
 
 
@@ -41,10 +47,10 @@ def test_values_and_gradients_match_the_reference():
 def test_matches_numpy_softmax_attention():
     q, k, v, _ = inputs()
     qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
-    scores = np.einsum("bhqd,bhkd->bhqk", qn, kn) * 0.5
+    scores = np.einsum("bqhd,bkhd->bhqk", qn, kn) * 0.5
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    expected = np.einsum("bhqk,bhkd->bhqd", probs, vn)
+    expected = np.einsum("bhqk,bkhd->bqhd", probs, vn)
     np.testing.assert_allclose(
         np.asarray(recomputing_attention(q, k, v, 0.5)), expected, rtol=1e-5, atol=1e-6
     )
@@ -98,7 +104,7 @@ def test_tpu_kernels_with_padded_blocks_match_xla(kernel, length):
         return flash_attention(q, k, v, 0.25)
 
     def xla(q, k, v):
-        return reference(q, k, v, 0.25)
+        return heads_first_reference(q, k, v, 0.25)
 
     # flash runs under the TPU interpreter mode; splash takes its own interpret switch
     interpreter = pltpu.force_tpu_interpret_mode() if kernel == "flash" else nullcontext()
@@ -131,3 +137,20 @@ def test_the_model_setting_chooses_the_kernel():
         programs.append(jax.jit(jax.grad(loss)).lower(state, audio, image).as_text())
     np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
     assert programs[0] != programs[1]
+
+
+def test_a_block_gives_the_same_attention_in_either_layout():
+    """The fused projections write heads-first q, k, v for a TPU kernel (flash, on Pallas's
+    interpreter) and tokens-first ones for XLA: the module's output is the same."""
+    from flax import nnx
+    from jax.experimental.pallas import tpu as pltpu
+
+    from cavmae_jax.models.layers import Attention
+
+    x = jax.random.normal(jax.random.key(1), (2, 49, 32))
+    outputs = []
+    for implementation in ("xla", "flash"):
+        module = Attention(32, 4, nnx.Rngs(0), implementation=implementation)
+        with pltpu.force_tpu_interpret_mode():
+            outputs.append(np.asarray(module(x)))
+    np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-5)

@@ -46,7 +46,7 @@ def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_bat
 
 def test_aot_check_compiles_for_a_tpu_slice_from_this_cpu():
     """libtpu's compile-only devices: the memory is the TPU compiler's, the attention is the
-    TPU's (flash, not the host's choice), the matmul FLOPs read from the compiled program (its
+    TPU's (splash, not the host's choice), the matmul FLOPs read from the compiled program (its
     layer loops weighed by their trip counts) agree with the analytic count up to the padding
     of attention to 128-token blocks, and the data-parallel gradient is all-reduced."""
     pretrain = last_json(aot("configs/pretrain.py:as-base,tiny", "--topology", "v5e-4"))
@@ -58,12 +58,15 @@ def test_aot_check_compiles_for_a_tpu_slice_from_this_cpu():
         assert 0 < report["arguments_gib"] < report["peak_gib"] < report["hbm_gib"] == 16.0
         assert report["collectives"]["all-reduce"]["count"] > 0
         assert report["roofline_ms"]["hbm"] > 0
-    assert pretrain["attention"] == "flash" and finetune["attention"] == "xla"
+    assert pretrain["attention"] == "splash" and finetune["attention"] == "xla"
+    assert pretrain["remat"] == "matmuls"  # auto, resolved for the TPU
+    compute, hbm = pretrain["roofline_ms"]["compute"], pretrain["roofline_ms"]["hbm"]
+    assert pretrain["roofline_mfu_bound"] == pytest.approx(compute / max(compute, hbm), abs=0.01)
     # XLA attention: no padding, the compiled matmuls are the analytic count
     assert finetune["tflop_per_chip_compiled"] == pytest.approx(
         finetune["tflop_per_chip_analytic"], rel=0.05
     )
-    # flash pads 32 audio / 16 visual tokens to 128: more compiled FLOPs, never fewer
+    # splash pads 32 audio / 16 visual tokens to 128: more compiled FLOPs, never fewer
     assert pretrain["tflop_per_chip_compiled"] > pretrain["tflop_per_chip_analytic"]
 
 

@@ -1,6 +1,9 @@
-"""Scaled dot-product attention on heads-first [B, H, N, hd] arrays (softmax over keys, scale
-after q.k): the layout the fused qkv projection writes and the TPU kernels read, so that no
-transpose runs between them.
+"""Scaled dot-product attention (softmax over keys, scale after q.k).
+
+Each implementation takes q, k and v in its own layout (``heads_first``), which the fused qkv
+projection writes directly, so that no transpose runs in between: the TPU kernels read
+heads-first [B, H, N, hd]; the others tokens-first [B, N, H, hd], as ``jax.nn`` does (on CPU,
+XLA runs the recomputing kernel about a third slower on heads-first arrays).
 
 The implementation is a model setting (``ModelConfig.attention``):
   * ``xla``: ``jax.nn.dot_product_attention`` lowered by XLA;
@@ -41,6 +44,7 @@ FLASH_BLOCK = 128  # tokens per block of the TPU kernel
 # The name of what the TPU kernels keep for their backward pass (output and softmax
 # statistics): a ``matmuls`` remat policy saves it, so no forward kernel runs twice.
 KERNEL_RESIDUALS = "attention_residuals"
+HEADS_FIRST = ("flash", "splash")
 
 
 def resolve(implementation: str, platform: str) -> str:
@@ -56,22 +60,31 @@ def resolve(implementation: str, platform: str) -> str:
     return implementation
 
 
+def concrete(implementation: str) -> str:
+    """``implementation`` with ``auto`` resolved for the default backend; a concrete choice is
+    taken as it is (it may target another platform)."""
+    if implementation == "auto":
+        return resolve(implementation, jax.default_backend())
+    return implementation
+
+
+def heads_first(implementation: str) -> bool:
+    """Whether ``implementation`` takes [B, H, N, hd] (else [B, N, H, hd])."""
+    return concrete(implementation) in HEADS_FIRST
+
+
 def dot_product_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, scale: float, implementation: str = "auto"
 ) -> jax.Array:
-    """softmax(q k^T * scale) v for q, k, v [B, H, N, hd]. ``auto`` is resolved for the
-    default backend; a concrete choice is taken as it is (it may target another platform)."""
-    if implementation == "auto":
-        implementation = resolve(implementation, jax.default_backend())
+    """softmax(q k^T * scale) v for q, k, v in the implementation's layout (``heads_first``)."""
+    implementation = concrete(implementation)
     if implementation == "recompute":
         return recomputing_attention(q, k, v, scale)
     if implementation == "flash":
         return flash_attention(q, k, v, scale)
     if implementation == "splash":
         return per_device(splash_attention, q, k, v, scale)
-    tokens_first = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]  # jax.nn's [B, N, H, hd]
-    out = jax.nn.dot_product_attention(*tokens_first, scale=scale, implementation=implementation)
-    return jnp.swapaxes(out, 1, 2)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
@@ -161,7 +174,7 @@ def splash_attention(
 
 
 def _scores(q, k, scale):
-    return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
 
 
 def _forward(q, k, v, scale):
@@ -170,7 +183,7 @@ def _forward(q, k, v, scale):
     weights = jnp.exp(scores - peak)
     total = jnp.sum(weights, axis=-1, keepdims=True)
     probs = (weights / total).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype), peak + jnp.log(total)
 
 
@@ -190,13 +203,13 @@ def _bwd(scale, saved, d_out):
     f32 = jnp.float32
     probs = jnp.exp(_scores(q, k, scale) - logsumexp)
     d_v = jnp.einsum(
-        "bhqk,bhqd->bhkd", probs.astype(d_out.dtype), d_out, preferred_element_type=f32
+        "bhqk,bqhd->bkhd", probs.astype(d_out.dtype), d_out, preferred_element_type=f32
     )
-    d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=f32)
-    row = jnp.einsum("bhqd,bhqd->bhq", d_out, out, preferred_element_type=f32)[..., None]
+    d_probs = jnp.einsum("bqhd,bkhd->bhqk", d_out, v, preferred_element_type=f32)
+    row = jnp.einsum("bqhd,bqhd->bhq", d_out, out, preferred_element_type=f32)[..., None]
     d_scores = (probs * (d_probs - row) * scale).astype(q.dtype)
-    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k, preferred_element_type=f32)
-    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_scores, q, preferred_element_type=f32)
+    d_q = jnp.einsum("bhqk,bkhd->bqhd", d_scores, k, preferred_element_type=f32)
+    d_k = jnp.einsum("bhqk,bqhd->bkhd", d_scores, q, preferred_element_type=f32)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
 
 

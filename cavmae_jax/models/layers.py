@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cavmae_jax.models import attention as attention_lib
 from cavmae_jax.models import mesh_context
-from cavmae_jax.models.attention import KERNEL_RESIDUALS, dot_product_attention
 
 LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, everywhere in the official model (behaviour 1)
 # What a block keeps for its backward pass (``ModelConfig.remat``): ``none`` every activation,
@@ -153,8 +153,8 @@ class Attention(nnx.Module):
     """Multi-head self-attention with the fused ``qkv`` layout (q|k|v) x heads x head_dim.
 
     The projections are written per head (einsums over the [D, 3, H, hd] and [H, hd, D] views
-    of the official weights), so q, k and v come out heads-first [B, H, N, hd], as attention
-    reads them, and no transpose runs in between."""
+    of the official weights), so q, k and v come out in the layout the attention
+    implementation reads (``attention.heads_first``), and no transpose runs in between."""
 
     def __init__(
         self, dim: int, num_heads: int, rngs: nnx.Rngs, dtype=None, implementation: str = "auto"
@@ -167,13 +167,18 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
         h = self.num_heads
+        layout = "bhnk" if attention_lib.heads_first(self.implementation) else "bnhk"
         dtype = self.qkv.dtype or jnp.result_type(x, self.qkv.kernel[...])
         w_qkv = self.qkv.kernel[...].reshape(d, 3, h, d // h).astype(dtype)
-        qkv = jnp.einsum("bnd,dthk->tbhnk", x.astype(dtype), w_qkv)
-        qkv = qkv + self.qkv.bias[...].reshape(3, 1, h, 1, d // h).astype(dtype)
-        out = dot_product_attention(qkv[0], qkv[1], qkv[2], (d // h) ** -0.5, self.implementation)
+        qkv = jnp.einsum(f"bnd,dthk->t{layout}", x.astype(dtype), w_qkv)
+        bias = self.qkv.bias[...].reshape(3, 1, h, d // h).astype(dtype)
+        qkv = qkv + (bias[:, :, :, None] if layout == "bhnk" else bias[:, :, None])
+        scale = (d // h) ** -0.5
+        out = attention_lib.dot_product_attention(
+            qkv[0], qkv[1], qkv[2], scale, self.implementation
+        )
         w_proj = self.proj.kernel[...].reshape(h, d // h, d).astype(dtype)
-        out = jnp.einsum("bhnk,hkd->bnd", out.astype(dtype), w_proj)
+        out = jnp.einsum(f"{layout},hkd->bnd", out.astype(dtype), w_proj)
         return out + self.proj.bias[...].astype(dtype)
 
 
@@ -277,7 +282,7 @@ class BlockStack(nnx.Module):
         if remat == "matmuls":
             policy = jax.checkpoint_policies.save_from_both_policies(
                 jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                jax.checkpoint_policies.save_only_these_names(KERNEL_RESIDUALS),
+                jax.checkpoint_policies.save_only_these_names(attention_lib.KERNEL_RESIDUALS),
             )
             body = jax.checkpoint(body, prevent_cse=False, policy=policy)
         elif remat == "full":
