@@ -3,9 +3,8 @@ lowers and runs a recipe's own step, and its dry run builds everything and runs 
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +12,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(*args: str) -> list[dict]:
-    done = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+def bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_step_benchmark_runs_the_recipes_step_and_its_dry_run_runs_nothing():
-    tiny = ["bench/recipe_step.py", "configs/finetune.py:as2m,tiny", "--batch", "4"]
-    (dry,) = bench(*tiny, "--dry-run")
+    recipe_step = bench_module("recipe_step")
+    tiny = [str(ROOT / "configs/finetune.py:as2m,tiny"), "--batch", "4"]
+    dry = recipe_step.main([*tiny, "--dry-run"])
     assert dry["lowered"] and dry["batch"] == 4 and "clips_per_s" not in dry
-    (run,) = bench(*tiny, "--steps", "2", "--peak-tflops", "0.5")
+    run = recipe_step.main([*tiny, "--steps", "2", "--peak-tflops", "0.5"])
     assert run["loss_finite"] and run["clips_per_s"] > 0 and run["step_ms"] > 0
     flops = run["clips_per_s"] * run["gflop_per_clip"] / 1e3
     assert run["tflops"] == pytest.approx(flops, rel=0.01)
@@ -32,8 +32,7 @@ def test_the_step_benchmark_runs_the_recipes_step_and_its_dry_run_runs_nothing()
 
 
 def test_the_official_baseline_dry_run_builds_the_model_without_a_gpu():
-    script = "bench/torch_baseline.py"
-    (row,) = bench(script, "--device", "cuda", "--modes", "train", "--batches", "48", "--dry-run")
+    row = bench_module("torch_baseline").run_one("train", 48, 10, "cuda", dry_run=True)
     assert row["batch"] == 48 and row["trainable"] > 150e6  # the full-size model and decoder
     check = subprocess.run(["bash", "-n", str(ROOT / "bench/gpu_suite.sh")], capture_output=True)
     assert check.returncode == 0, check.stderr
