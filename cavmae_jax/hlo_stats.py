@@ -247,7 +247,7 @@ def _parameter_reads(computation: list[Instruction], computations) -> dict[int, 
 def _use_bytes(use: Instruction, position: int, computations) -> int | None:
     """Bytes one use reads of its operand ``position`` (``None``: all of it)."""
     if use.op in ("dynamic-slice", "slice"):
-        return nbytes(use.shape)
+        return nbytes(use.shape) if position == 0 else None  # the others are start indices
     if use.op == "dynamic-update-slice" and position == 0:
         return 0
     if use.op == "fusion":
@@ -284,8 +284,8 @@ def _bytes_moved(ins: Instruction, shapes: dict[str, str], computations) -> floa
         return 2 * nbytes(ins.shape)
     if ins.op == "slice-start":  # ((operand), slice, sync flag): it moves the slice
         return 2 * sum(_BYTES.get(d, 1) * math.prod(s) for d, s in arrays(ins.shape)[1:2])
-    if 'custom_call_target="AllocateBuffer"' in ins.attributes:
-        return 0  # reserves memory, moves none
+    if re.search(r'custom_call_target="(AllocateBuffer|ConcatBitcast)"', ins.attributes):
+        return 0  # reserves memory / joins adjacent buffers: moves none
     if ins.op == "dynamic-update-slice":
         return 2 * nbytes(shapes.get(ins.operands[1], ""))
     if ins.op in ("copy-start", "copy-done") or ins.op.endswith("-done"):

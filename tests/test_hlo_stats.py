@@ -81,3 +81,50 @@ def test_collectives_are_counted_per_execution_with_the_full_tensor_size():
 def test_a_module_without_entry_is_refused():
     with pytest.raises(ValueError, match="no ENTRY"):
         hlo_stats.analyze("HloModule m\n")
+
+
+TRAFFIC = """HloModule t, is_scheduled=true
+
+%fused_slice (p0: f32[64,256], p1: s32[]) -> f32[4,256] {
+  %p0 = f32[64,256]{1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[4,256]{1,0} dynamic-slice(%p0, %p1, %z), dynamic_slice_sizes={4,256}
+}
+
+%fused_update (q0: f32[64,256], q1: f32[4,256], q2: s32[]) -> f32[64,256] {
+  %q0 = f32[64,256]{1,0} parameter(0)
+  %q1 = f32[4,256]{1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  %e = f32[4,256]{1,0} exponential(%q1)
+  ROOT %dus = f32[64,256]{1,0} dynamic-update-slice(%q0, %e, %q2, %z)
+}
+
+ENTRY %main (x: f32[64,256], i: s32[]) -> f32[64,256] {
+  %x = f32[64,256]{1,0} parameter(0)
+  %i = s32[] parameter(1)
+  %s = f32[4,256]{1,0} fusion(%x, %i), kind=kLoop, calls=%fused_slice, metadata={op_name="jit(update)/encoder_a/attention/dynamic_slice"}
+  %buffer = f32[64,256]{1,0} custom-call(), custom_call_target="AllocateBuffer"
+  %cs = (f32[4,256]{1,0}, f32[4,256]{1,0}, u32[]) copy-start(%s)
+  %cd = f32[4,256]{1,0} copy-done(%cs)
+  %joined = f32[8,256]{1,0} custom-call(%cd, %cd), custom_call_target="ConcatBitcast"
+  ROOT %u = f32[64,256]{1,0} fusion(%x, %cd, %i), kind=kLoop, calls=%fused_update, metadata={op_name="jit(update)/transpose(jvp(decoder))/mlp/dynamic_update_slice"}
+}
+"""
+
+
+def test_the_traffic_model_counts_slices_in_place_updates_and_copies_as_documented():
+    """By hand: a fusion reading a slice of a parameter moves the slice (and its index), an
+    in-place update of a slice reads its input and writes the slice (not the buffer), a buffer
+    reservation and a bitcast concatenation move nothing, an asynchronous copy is summed apart
+    (source, destination and both tuples, as XLA counts it), and each byte is charged to the
+    named scope of the instruction that moves it."""
+    stats = hlo_stats.analyze(TRAFFIC)
+    tile = 4 * 256 * 4  # bytes of one f32[4,256]
+    sliced = tile + 4 + tile  # read the slice and the index, write the result
+    updated = tile + 4 + 2 * tile  # read the update's input and the index; the slice in place
+    assert stats.bytes_accessed == sliced + updated
+    assert stats.async_copy_bytes == 2 * (tile + 2 * tile + 4)
+    assert stats.by_source["encoder_a/attention"]["bytes"] == sliced
+    assert stats.by_source["decoder/mlp"]["bytes"] == updated
