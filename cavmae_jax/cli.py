@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from cavmae_jax.errors import UserError
+from cavmae_jax.errors import RunStopped, UserError, out_of_space
 
 EXTRAS = {
     "tensorflow": "data",
@@ -451,9 +451,21 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-def _mistake(err: BaseException) -> str | None:
-    """The one line for a user's mistake; None for anything else (a bug: traceback)."""
-    if isinstance(err, UserError | FileNotFoundError):
+def _full_disk(err: BaseException, args) -> str:
+    named = (getattr(err, "filename", None), getattr(args, "output", None))
+    where = next((n for n in (*named, getattr(args, "workdir", None)) if n), "the output")
+    return (
+        f"no space left on the device of {where}: make room and run the same command again; "
+        "it resumes from what was complete (nothing half-written is used)"
+    )
+
+
+def _mistake(err: BaseException, args) -> str | None:
+    """The one line for a user's mistake or a stopped run; None for anything else (a bug:
+    traceback)."""
+    if out_of_space(err):
+        return _full_disk(err, args)
+    if isinstance(err, UserError | FileNotFoundError | RunStopped):
         return str(err)
     if isinstance(err, ModuleNotFoundError) and err.name:
         extra = EXTRAS.get(err.name.split(".")[0])
@@ -462,16 +474,46 @@ def _mistake(err: BaseException) -> str | None:
     return None
 
 
+def _quiet_full_disk_in_threads() -> None:
+    """A full disk met by a background writer (Orbax's asynchronous save) is reported by the
+    main thread as one line when it waits for the save: the traceback the writer logs, and
+    what its unfinished writes report while the process winds down (tracebacks printed
+    from TensorStore's threads, asyncio's unretrieved futures), would only repeat it."""
+
+    def not_full_disk(record: logging.LogRecord) -> bool:
+        return not (record.exc_info and out_of_space(record.exc_info[1]))
+
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(not_full_disk)
+    shown = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            shown(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _winding_down_quietly() -> None:
+    sys.excepthook = lambda *error: None
+    logging.disable(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> None:
     args, overrides = parser().parse_known_args(argv)
     _quiet_libraries()
+    if not args.debug:
+        _quiet_full_disk_in_threads()
     try:
         args.run(args, overrides)
     except Exception as err:
-        message = None if args.debug else _mistake(err)
+        message = None if args.debug else _mistake(err, args)
         if message is None:
             raise
         print(f"cavmae {args.command}: {message}", file=sys.stderr)
+        if out_of_space(err):
+            _winding_down_quietly()
         raise SystemExit(2) from None
 
 

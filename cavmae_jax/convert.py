@@ -357,6 +357,7 @@ def save_checkpoint(
     first = jax.process_index() == 0
     if first:
         directory.mkdir(parents=True, exist_ok=True)
+        (directory / "model.json").unlink(missing_ok=True)  # until the new state is whole
     state = nnx.to_pure_dict(nnx.state(model))
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(directory / "state", state, force=True)
@@ -365,8 +366,13 @@ def save_checkpoint(
     meta = {"kind": type(model).__name__, "config": config}
     if finetuning:
         meta["finetuning"] = dict(finetuning)
-    if first:
-        (directory / "model.json").write_text(json.dumps(meta, indent=1))
+    if first:  # written last and whole: a directory without it is not a model
+        paths.publish(directory / "model.json", lambda name: _write_json(name, meta))
+
+
+def _write_json(name: str, value: dict) -> None:
+    with open(name, "w") as f:
+        json.dump(value, f, indent=1)
 
 
 def model_info(directory: paths.PathLike) -> dict:

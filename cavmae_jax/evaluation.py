@@ -1,4 +1,4 @@
-"""Evaluation statistics: the official classification statistics, frame and weight averaging.
+"""Evaluation statistics: the official classification statistics and frame averaging.
 
 Statistics follow ``src/utilities/stats.py`` (official behaviour 29): per-class average
 precision and ROC AUC (scikit-learn's definitions, computed here with NumPy), mAP, mAUC,
@@ -77,14 +77,3 @@ def average_frame_predictions(logits_per_frame: np.ndarray, multilabel: bool) ->
         shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
         probs = shifted / shifted.sum(axis=-1, keepdims=True)
     return probs.mean(axis=0)
-
-
-def average_weights(state_dicts: list[dict]) -> dict:
-    """Checkpoint weight averaging (``wa``): the arithmetic mean of every tensor."""
-    keys = state_dicts[0].keys()
-    return {
-        k: np.mean([np.asarray(sd[k], np.float64) for sd in state_dicts], axis=0).astype(
-            np.asarray(state_dicts[0][k]).dtype
-        )
-        for k in keys
-    }

@@ -74,6 +74,29 @@ def publish(destination: PathLike, write: Callable[[str], None]) -> None:
     os.replace(temporary, destination)
 
 
+def append(destination: PathLike, data: bytes) -> None:
+    """Add ``data`` at the end of ``destination``. A bucket object cannot grow: the new bytes
+    go up as an object of their own, which Cloud Storage then joins to the end of the old one
+    (compose, on the server), so each byte is uploaded once however long the file gets."""
+    destination = path(destination)
+    if not destination.exists():
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(data)
+        return
+    if not is_remote(destination):
+        with open(destination, "ab") as f:
+            f.write(data)
+        return
+    import gcsfs
+
+    storage = gcsfs.GCSFileSystem()
+    whole = os.fspath(destination).removeprefix("gs://")
+    part = f"{whole}.part"
+    storage.pipe(part, data)
+    storage.merge(whole, [whole, part])
+    storage.rm(part)
+
+
 def files(folder: PathLike) -> Iterator[epath.Path]:
     """Every file under ``folder``, recursively (``epath`` has no ``rglob``)."""
     for item in path(folder).iterdir():

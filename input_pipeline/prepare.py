@@ -246,15 +246,16 @@ def _run_local(jobs: list, layout: Layout, options: Options, workers: int, progr
     spec = features(options)
     results: dict[int, tuple[dict | None, dict | None]] = {}
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) if workers > 1 else _InlinePool() as pool:
-        bar = tqdm(total=len(jobs), desc="prepare", disable=not progress)
+    with (
+        context.Pool(workers) if workers > 1 else _InlinePool() as pool,
+        tqdm(total=len(jobs), desc="prepare", disable=not progress) as bar,
+    ):
         for pos, example, record in pool.imap_unordered(decode_job, jobs, chunksize=1):
             results[pos] = (example, record)
             bar.update()
             shard = pos // layout.shard_size
             if all(m in results for m in layout.members(shard)):
                 write_shard(layout, shard, [results.pop(m) for m in layout.members(shard)], spec)
-        bar.close()
 
 
 def _write_shard(output, split, index, count, examples, records, spec) -> None:

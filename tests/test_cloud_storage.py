@@ -12,6 +12,7 @@ StorageGeneration"), so the runs here save one folder per array (``checkpoint_oc
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -86,6 +87,31 @@ def test_a_dataset_prepared_from_and_into_a_bucket_equals_the_local_one(datasets
     assert "dataset_info.json" in names and "failures.jsonl" in names
     shards = [name for name in names if ".tfrecord-" in name]
     assert shards and all((remote / n).read_bytes() == (local / n).read_bytes() for n in shards)
+
+
+def test_metrics_in_a_bucket_upload_what_each_write_adds(bucket, monkeypatch):
+    """Thirty logged steps, then a resumed writer adds five: the bucket ends with every line
+    once, and the bytes uploaded are the bytes the files hold (each sent once, not the whole
+    history again at every write)."""
+    from cavmae_jax.train.metrics import MetricsWriter
+
+    sent = []
+    append = paths.append
+
+    def counting_append(destination, data):
+        sent.append(len(data))
+        append(destination, data)
+
+    monkeypatch.setattr(paths, "append", counting_append)
+    workdir = paths.path(f"{bucket}/metrics-run")
+    for steps in (range(1, 31), range(31, 36)):
+        writer = MetricsWriter(workdir, active=True)
+        for step in steps:
+            writer.write(step, {"step": step, "loss": 1.0 / step})
+        writer.close()
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 36))
+    assert sum(sent) == sum(f.stat().length for f in paths.files(workdir))
 
 
 def run_command(workdir: str, data: paths.Path) -> list[str]:

@@ -118,6 +118,14 @@ def test_tiny_contrastive_only_variant_trains(tmp_path):
     assert (tmp_path / "model" / "model.json").exists()
 
 
+def test_a_run_without_a_workdir_is_refused_in_one_line():
+    from cavmae_jax.errors import UserError
+    from cavmae_jax.train.setup import build
+
+    with pytest.raises(UserError, match="a run needs a workdir"):
+        build(load_config("demo"))
+
+
 def test_missing_dataset_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["pretrain", "--config", f"{PRETRAIN}:as-base", "--workdir", str(tmp_path)])

@@ -43,17 +43,21 @@ def test_class_without_positives_has_auc_minus_one_in_the_mean():
         assert stats["AP"][2] == average_precision_score(targets[:, 2], scores[:, 2])
 
 
-def brute_force_recall(a, v):
+def brute_force_ranks(q, c):
     """The official retrieval: sort each query's similarities, find the true pair's position."""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    c = c / np.linalg.norm(c, axis=1, keepdims=True)
+    ranks = []
+    for i in range(len(q)):
+        sims = [float(q[i] @ c[j]) for j in range(len(c))]
+        ranks.append(sum(s > sims[i] for s in sims))
+    return np.array(ranks)
+
+
+def brute_force_recall(a, v):
     out = {}
     for name, (q, c) in {"a2v": (a, v), "v2a": (v, a)}.items():
-        ranks = []
-        for i in range(len(q)):
-            sims = [float(q[i] @ c[j]) for j in range(len(c))]
-            ranks.append(sum(s > sims[i] for s in sims))
-        ranks = np.array(ranks)
+        ranks = brute_force_ranks(q, c)
         out.update({f"{name}_r{k}": np.mean(ranks < k) for k in (1, 5, 10)})
         out[f"{name}_mr"] = np.median(ranks) + 1
     return out
@@ -73,14 +77,27 @@ def test_blocked_retrieval_equals_brute_force(block):
     assert ours["a2v_r1"] > 1 / 40
 
 
-def test_frame_averaging_and_weight_averaging():
+def test_an_all_zero_embedding_ranks_last_and_leaves_recall_finite():
+    """Visual clip 3 all zero (a silent or blank clip through a frozen stream): as a candidate
+    it outranks nobody, so every other clip's rank is the brute force's over the other clips;
+    as a query, and as the partner of audio query 3, it is ranked last."""
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((12, 8)).astype(np.float32)
+    v = a + 0.8 * rng.standard_normal((12, 8)).astype(np.float32)
+    v[3] = 0.0
+    for queries, candidates in ((a, v), (v, a)):
+        ranks = retrieval.partner_ranks(queries, candidates, block=5)
+        assert ranks[3] == len(a) - 1
+        keep = np.arange(len(a)) != 3
+        expected = brute_force_ranks(queries[keep], candidates[keep])
+        np.testing.assert_array_equal(ranks[keep], expected)
+    assert all(np.isfinite(value) for value in retrieval.recall(a, v, block=5).values())
+
+
+def test_frame_averaging():
     logits = np.array([[[0.0, 2.0]], [[2.0, 0.0]]])  # 2 frames, 1 clip, 2 classes
     np.testing.assert_allclose(evaluation.average_frame_predictions(logits, False), [[0.5, 0.5]])
     sig = 1 / (1 + np.exp(-2.0))
     np.testing.assert_allclose(
         evaluation.average_frame_predictions(logits, True), [[(0.5 + sig) / 2] * 2]
     )
-    averaged = evaluation.average_weights(
-        [{"w": np.ones(2, np.float32)}, {"w": np.zeros(2, np.float32)}]
-    )
-    assert averaged["w"].dtype == np.float32 and np.all(averaged["w"] == 0.5)

@@ -32,7 +32,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.data = ml_collections.ConfigDict(
         dict(
-            dir="", generate=True, clips=240, classes=8, workers=2, noise=True, shuffle_buffer=1000
+            dir="",
+            train_split="train",
+            generate=True,
+            clips=240,
+            classes=8,
+            workers=2,
+            noise=True,
+            shuffle_buffer=1000,
         )
     )
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

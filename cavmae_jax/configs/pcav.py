@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(
         dict(
             dir="",
+            train_split="train",
             generate=False,
             clips=0,
             classes=527,

@@ -18,6 +18,7 @@ import ml_collections
 from tqdm import tqdm
 
 from cavmae_jax import paths
+from cavmae_jax.errors import RunStopped
 from cavmae_jax.paths import Path
 from cavmae_jax.train import durations as durations_lib
 from cavmae_jax.train import sharding
@@ -26,11 +27,37 @@ from cavmae_jax.train.metrics import MetricsWriter
 from cavmae_jax.train.setup import Setup, build
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a logged line; None for a line cut short (a full disk, a killed run)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError):
+        return None
+
+
 def keep_lines_until(path: Path, step: int) -> None:
-    """On resume, drop JSON lines logged after the checkpoint (they will be logged again)."""
+    """On resume, drop JSON lines logged after the checkpoint (they will be logged again) and
+    any line cut short."""
     if path.exists():
-        lines = [x for x in path.read_text().splitlines() if json.loads(x)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
+        steps = [(line, _step_of(line)) for line in path.read_text().splitlines()]
+        path.write_text("".join(f"{line}\n" for line, s in steps if s is not None and s <= step))
+
+
+class Diverged(Exception):
+    """Non-finite metrics at a logged step."""
+
+    def __init__(self, step: int, values: dict[str, float]):
+        super().__init__(step, values)
+        self.step, self.values = step, values
+
+    def explain(self, newest: int | None, workdir: Path) -> str:
+        kept = f"step {newest} in {workdir}/checkpoints" if newest else "none yet"
+        names = ", ".join(f"{k}={v}" for k, v in self.values.items())
+        return (
+            f"diverged at step {self.step} ({names}); newest checkpoint kept: {kept}. Try a "
+            "lower --config.lr (the same command resumes from that checkpoint), or "
+            "--config.clip_norm=1.0 in a new workdir (it changes the optimizer state)"
+        )
 
 
 def evaluate(setup: Setup, state: dict, due: list, step: int, workdir: Path) -> dict:
@@ -79,8 +106,9 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
         """Write the step's metrics with rates since the last log; stop on a non-finite one."""
         nonlocal clock, clock_step
         values = {name: float(value) for name, value in metrics.items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"non-finite metrics at step {step}: {values}")
+        bad = {name: v for name, v in values.items() if not math.isfinite(v)}
+        if bad:
+            raise Diverged(step, bad)
         now = time.perf_counter()
         clips_per_s = (step - clock_step) * config.batch_size / (now - clock)
         tflops = clips_per_s * setup.clip_flops / 1e12
@@ -107,11 +135,14 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
                     shown = [name for name in setup.trainer.shown if name in logged]
                     bar.set_postfix({name: f"{logged[name]:.4f}" for name in shown})
                 if step % config.checkpoint_every == 0 or step == total or stop:
-                    meta = {"step": step, "data_batch": step, "config": config.to_dict()}
+                    meta = {"step": step, "config": config.to_dict()}
                     checkpointer.save(step, state, meta, force=stop)
                 if stop:
                     print(f"SIGTERM: saved step {step}, exiting")
                     break
+    except Diverged as diverged:
+        checkpointer.manager.wait_until_finished()
+        raise RunStopped(diverged.explain(checkpointer.latest_step(), workdir)) from None
     finally:
         writer.close()
         checkpointer.close()

@@ -64,9 +64,9 @@ class MetricsWriter:
     as TensorBoard summaries under ``tensorboard/`` (``tensorboard/<stem>`` for other logs than
     the training metrics); process 0 only, others write nothing.
 
-    A bucket object cannot be appended to, and TensorBoard's writer reaches buckets only through
-    TensorFlow's own client: for a ``gs://`` workdir both files are written in a local folder
-    and copied up whole after every write (a few kB to MB per run)."""
+    TensorBoard's writer reaches buckets only through TensorFlow's own client: for a ``gs://``
+    workdir both are written in a local folder, and after every write what each file gained
+    since the last one is appended to its copy in the bucket (``paths.append``)."""
 
     def __init__(self, workdir: Path, active: bool, stem: str = "metrics"):
         self.active = active
@@ -78,8 +78,11 @@ class MetricsWriter:
         self._workdir = workdir
         self._local = Path(tempfile.mkdtemp()) if paths.is_remote(workdir) else workdir
         self._names = [f"{stem}.jsonl", "tensorboard/" + ("" if stem == "metrics" else stem)]
+        self._sent: dict[str, int] = {}  # bytes of each local file already in the bucket
         if self._local != workdir and (workdir / self._names[0]).exists():
-            (self._local / self._names[0]).write_text((workdir / self._names[0]).read_text())
+            history = (workdir / self._names[0]).read_bytes()
+            (self._local / self._names[0]).write_bytes(history)
+            self._sent[self._names[0]] = len(history)
         self._log = (self._local / self._names[0]).open("a")
         self._summary = tf.summary.create_file_writer(str(self._local / self._names[1]))
 
@@ -103,9 +106,13 @@ class MetricsWriter:
             self._local / self._names[0],
             *(paths.files(board) if board.exists() else []),
         ]:
-            remote = self._workdir / local.relative_to(self._local)
-            remote.parent.mkdir(parents=True, exist_ok=True)
-            remote.write_bytes(local.read_bytes())
+            name = str(local.relative_to(self._local))
+            with local.open("rb") as f:
+                f.seek(self._sent.get(name, 0))
+                new = f.read()
+            if new:
+                paths.append(self._workdir / name, new)
+                self._sent[name] = self._sent.get(name, 0) + len(new)
 
     def close(self) -> None:
         if self.active:

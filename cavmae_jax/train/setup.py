@@ -212,6 +212,11 @@ def build(
         steps_per_epoch = max(abstract_clips // config.batch_size, 1)
         clips = abstract_clips
     else:
+        if workdir is None:
+            raise UserError(
+                "a run needs a workdir (its checkpoints, metrics and generated data go there); "
+                "only an abstract build (abstract_clips=N) goes without"
+            )
         data_dir = prepared_dataset(config, workdir)
         loader = trainer.loader(config, data_dir, workdir)
         steps_per_epoch = loader.batches_per_epoch

@@ -51,7 +51,7 @@ class Trainer:
             noise=config.data.noise,
             shuffle_buffer=config.data.shuffle_buffer,
         )
-        return Loader(data_dir, "train", loader_config)
+        return Loader(data_dir, config.data.train_split, loader_config)
 
     def phases(
         self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations

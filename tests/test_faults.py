@@ -1,0 +1,154 @@
+"""Faults a user meets end in one line, a non-zero exit and no traceback, and nothing is lost:
+the same command run again with the fault gone resumes from what was complete."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+
+from cavmae_jax import cli, paths
+from cavmae_jax.train.checkpoint import Checkpointer
+from input_pipeline import prepare, synthetic
+
+TINY = "configs/pretrain.py:as-base,tiny"
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fault-clips")
+    return synthetic.generate(root / "videos", clips=8, classes=2, seed=12), root / "videos"
+
+
+@pytest.fixture(scope="module")
+def dataset(clips, tmp_path_factory):
+    listing, videos = clips
+    out = tmp_path_factory.mktemp("fault-data") / "ds"
+    prepare.prepare(listing, out, labels=videos / "labels.csv", shard_size=2, progress=False)
+    return out
+
+
+def pretrain(workdir, data, *extra: str) -> list[str]:
+    return [
+        *("pretrain", "--config", TINY, "--workdir", str(workdir)),
+        *(f"--config.data.dir={data}", "--config.data.generate=False"),
+        *("--config.batch_size=4", f"--config.num_steps={STEPS}", "--config.log_every=1"),
+        "--config.checkpoint_every=2",
+        *extra,
+    ]
+
+
+def one_line(argv: list[str], capsys) -> str:
+    """Run the command; it must exit 2 with its message as the last line of stderr, the only
+    one from ``cavmae`` (the progress bar may have drawn before), and no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    ours = [line for line in err.splitlines() if line.startswith("cavmae ")]
+    assert ours == [err.rstrip("\n").splitlines()[-1]] and ours[0].startswith(f"cavmae {argv[0]}: ")
+    return ours[0]
+
+
+def no_space(destination) -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+
+
+@pytest.mark.parametrize(
+    "extra, says",
+    [
+        (["--config.lr=x"], "expected float"),
+        (["--config.lrr=1"], "no field 'lrr'"),
+        (["--config.data.dir={tmp}/missing"], "not a prepared dataset"),
+        (["--config.init={tmp}/missing-model"], "not a cavmae-jax model directory"),
+        (["--config.data.train_split=other"], "no split 'other'"),
+    ],
+)
+def test_mistakes_on_the_command_line(dataset, tmp_path, capsys, extra, says):
+    argv = pretrain(tmp_path / "run", dataset, *(e.format(tmp=tmp_path) for e in extra))
+    assert says in one_line(argv, capsys)
+
+
+def test_a_truncated_shard_is_named_with_its_rebuild_command(dataset, tmp_path, capsys):
+    broken = tmp_path / "ds"
+    broken.mkdir()
+    for item in dataset.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes())
+    shard = sorted(broken.glob("clips-train.tfrecord-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    line = one_line(pretrain(tmp_path / "run", broken), capsys)
+    assert f"{shard}: " in line and "rebuild it: rm" in line
+
+
+def test_divergence_names_the_step_the_checkpoint_kept_and_what_to_try(dataset, tmp_path, capsys):
+    argv = pretrain(tmp_path / "run", dataset, "--config.lr=1e6")
+    argv[2] = "configs/demo.py"
+    line = one_line(argv, capsys)
+    assert "diverged at step " in line and "loss=" in line
+    kept = Checkpointer(tmp_path / "run" / "checkpoints").manager.all_steps()
+    newest = f"newest checkpoint kept: step {max(kept)}" if kept else "none yet"
+    assert newest in line and "--config.lr" in line and "--config.clip_norm" in line
+
+
+def test_a_full_disk_while_preparing_resumes_with_every_clip(clips, tmp_path, capsys, monkeypatch):
+    """The disk fills while the third of four shards is written (half a file left behind):
+    one line; run again with room, every clip is prepared and every record reads."""
+    listing, videos = clips
+    out = tmp_path / "ds"
+    argv = ["prepare", "--input", str(listing), "--output", str(out), "--shard-size", "2"]
+    argv += ["--labels", str(videos / "labels.csv")]
+    publish, written = paths.publish, []
+
+    def filling(destination, write):
+        if ".tfrecord-" in str(destination) and len(written) == 2:
+            with open(f"{destination}.tmp", "wb") as f:
+                f.write(b"half a shard")
+            raise no_space(destination)
+        written.append(destination)
+        publish(destination, write)
+
+    monkeypatch.setattr(paths, "publish", filling)
+    line = one_line(argv, capsys)
+    assert "no space left" in line and str(out) in line and "run the same command again" in line
+    monkeypatch.setattr(paths, "publish", publish)
+    cli.main(argv)
+    assert "prepared 8 clips, 0 failed" in capsys.readouterr().out
+    cli.main(["prepare", "--verify", str(out)])
+    assert "train: every record read" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_training_resumes_from_the_last_whole_checkpoint(
+    dataset, tmp_path, capsys, monkeypatch
+):
+    """The disk fills at the step-4 checkpoint, with the metrics line being written cut short;
+    run again, it fills while the model is saved; run again with room: the run ends with every
+    step logged once and the model saved."""
+    workdir = tmp_path / "run"
+    argv = pretrain(workdir, dataset)
+    save = Checkpointer.save
+
+    def filling(self, step, state, meta, force=False):
+        if step == STEPS:
+            with (workdir / "metrics.jsonl").open("a") as f:
+                f.write('{"step": 5, "lo')
+            raise no_space(self.directory / str(step))
+        save(self, step, state, meta, force)
+
+    monkeypatch.setattr(Checkpointer, "save", filling)
+    line = one_line(argv, capsys)
+    assert "no space left" in line and "checkpoints/4" in line
+    monkeypatch.setattr(Checkpointer, "save", save)
+
+    def no_room(model, directory, finetuning=None):
+        raise no_space(directory)
+
+    monkeypatch.setattr("cavmae_jax.convert.save_checkpoint", no_room)
+    assert "no space left" in one_line(argv, capsys)
+    monkeypatch.undo()
+    cli.main(argv)
+    logged = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 1))
+    assert (workdir / "model" / "model.json").exists()
