@@ -59,7 +59,8 @@ def markdown(reports: list[dict]) -> str:
     head = (
         "| recipe | slice | mesh | attention | per chip: state, temporaries, peak / HBM (GiB) "
         "| fits | TFLOP per chip, compiled / analytic | collectives per step | matmul ms at "
-        "peak (clips/s bound); HBM-traffic ms, estimate | command |\n|" + "---|" * 10
+        "peak (clips/s bound); memory-traffic ms, all buffers / HBM-resident only; MFU bound, both "
+        "ways | command |\n|" + "---|" * 10
     )
     lines = [head]
     for r in reports:
@@ -78,9 +79,10 @@ def markdown(reports: list[dict]) -> str:
             collectives = ", ".join(
                 f"{kind} {c['count']} ({c['gib']} GiB)" for kind, c in r["collectives"].items()
             )
+            ms = r["roofline_ms"]
             roofline = (
-                f"{r['roofline_ms']['compute']} ({r['clips_per_s_bound']:.0f}); "
-                f"{r['roofline_ms']['hbm']}"
+                f"{ms['compute']} ({r['clips_per_s_bound']:.0f}); {ms['hbm']} / {ms['hbm_only']}; "
+                f"{r['roofline_mfu_bound']} / {r['roofline_mfu_bound_hbm_only']}"
             )
         lines.append(
             f"| {name} (batch {r['global_batch']}"

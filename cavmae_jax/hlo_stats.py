@@ -10,11 +10,18 @@ writes its outputs once), and the collectives (kind, executions, bytes).
 
 The traffic model follows XLA's own ``bytes accessed`` instruction by instruction (a fusion
 that updates a slice in place counts the slice, one that reads slices of a parameter counts
-the slices), with one difference: an asynchronous copy (``copy-start`` / ``copy-done``, the
-TPU's prefetch of an operand into on-chip memory) is not counted, since its consumer's read is
-counted already; XLA counts it three times over (source, destination and both tuples). Such
-copies are summed apart (``async_copy_bytes``, in XLA's way), so that ``bytes_accessed +
-async_copy_bytes`` is XLA's figure with every loop weighed by its trip count.
+the slices), at the size each array takes in its layout: a TPU layout stores arrays in tiles
+(``T(8,128)``), so a bf16 [..., 512, 64] array takes 128 lanes per row, twice its logical
+size. An asynchronous copy (``copy-start`` / ``copy-done``, the TPU's prefetch of an operand
+into on-chip memory) is not counted, since its consumer's read is counted already; it is
+summed apart (``async_copy_bytes``, in XLA's way: source, destination and both tuples).
+
+``bytes_accessed`` counts every buffer wherever the compiler placed it, as XLA does; many
+live in on-chip memory (memory space 1 in their layouts), so it overstates what crosses the
+HBM bus. ``hbm_bytes`` counts only the reads and writes of buffers in HBM (memory space 0),
+the asynchronous copies' HBM side included, and is the optimistic figure: both read each
+operand of a kernel once, where the attention kernels read k and v once per block of
+queries.
 
 Every counted instruction is also charged to its source (``source_of``): the model part named
 by the ``jax.named_scope`` in its op metadata (``encoder_a``, ``decoder``, ``attention``, ...),
@@ -31,7 +38,7 @@ import re
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4}
 _BYTES |= {"u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9]\w*)?)\[([0-9,]*)\]")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9]\w*)?)\[([0-9,]*)\](?:\{([^}]*)\})?")
 _INSTRUCTION = re.compile(r"^\s*(ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*?)\)(.*)$")
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \(.*\{\s*$")
 _CALLED = re.compile(r"(?:condition|body|calls|to_apply)=%([\w.-]+)")
@@ -67,6 +74,7 @@ class Stats:
     matmul_flops: float = 0.0
     bytes_accessed: float = 0.0
     async_copy_bytes: float = 0.0  # copy-start / copy-done as XLA counts them (see above)
+    hbm_bytes: float = 0.0  # the reads and writes of buffers in HBM only, copies included
     collectives: dict = dataclasses.field(default_factory=dict)  # kind -> {count, bytes}
     unknown_trip_counts: int = 0  # loops whose trip count could not be read (counted once)
     by_source: dict = dataclasses.field(default_factory=dict)  # source -> {bytes, flops}
@@ -92,17 +100,57 @@ def source_of(op_name: str, op: str) -> str:
     return f"{section}/{part}"
 
 
-def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
-    """(dtype, dims) of every array in an HLO type string (tuples flattened)."""
+def _typed(shape: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """(dtype, dims, layout) of every array in an HLO type string (tuples flattened)."""
     found = []
-    for dtype, dims in _ARRAY.findall(shape):
+    for dtype, dims, layout in _ARRAY.findall(shape):
         if dtype in _BYTES or dtype.startswith("f8"):
-            found.append((dtype, tuple(int(d) for d in dims.split(",") if d)))
+            found.append((dtype, tuple(int(d) for d in dims.split(",") if d), layout))
     return found
 
 
+def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, dims) of every array in an HLO type string (tuples flattened)."""
+    return [(dtype, dims) for dtype, dims, _ in _typed(shape)]
+
+
 def nbytes(shape: str) -> int:
+    """The arrays' logical size (what a collective moves)."""
     return sum(_BYTES.get(dtype, 1) * math.prod(dims) for dtype, dims in arrays(shape))
+
+
+def memory_space(layout: str) -> int:
+    """The ``S(n)`` of a layout: 0 is HBM; on TPUs 1 is the on-chip memory (VMEM) that the
+    compiler places buffers in or prefetches them to."""
+    space = re.search(r"S\((\d+)\)", layout)
+    return int(space.group(1)) if space else 0
+
+
+def stored_bytes(dtype: str, dims: tuple[int, ...], layout: str) -> int:
+    """Bytes an array occupies in its layout: a tiled layout (``{1,0:T(8,128)}``) pads the
+    minor dimensions, in the order the layout stores them, to whole tiles, and a kernel moves
+    whole tiles (a bf16 [.., 512, 64] array takes 128 lanes per row)."""
+    size = _BYTES.get(dtype, 1)
+    order, _, attributes = layout.partition(":")
+    minor_to_major = [int(d) for d in order.split(",") if d]
+    tile = re.match(r"T\(([0-9,]+)\)", attributes)
+    if not tile or sorted(minor_to_major) != list(range(len(dims))):
+        return size * math.prod(dims)
+    tile_dims = [int(t) for t in tile.group(1).split(",")]
+    stored = [dims[d] for d in reversed(minor_to_major)]  # major to minor
+    stored = [1] * (len(tile_dims) - len(stored)) + stored
+    for i, t in enumerate(reversed(tile_dims), start=1):
+        stored[-i] = -(-stored[-i] // t) * t
+    return size * math.prod(stored)
+
+
+def footprint(shape: str, hbm_only: bool = False) -> int:
+    """Stored bytes of every array in an HLO type string; ``hbm_only``: those in HBM only."""
+    return sum(
+        stored_bytes(dtype, dims, layout)
+        for dtype, dims, layout in _typed(shape)
+        if not (hbm_only and memory_space(layout))
+    )
 
 
 def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -247,7 +295,7 @@ def _parameter_reads(computation: list[Instruction], computations) -> dict[int, 
 def _use_bytes(use: Instruction, position: int, computations) -> int | None:
     """Bytes one use reads of its operand ``position`` (``None``: all of it)."""
     if use.op in ("dynamic-slice", "slice"):
-        return nbytes(use.shape) if position == 0 else None  # the others are start indices
+        return footprint(use.shape) if position == 0 else None  # the others are start indices
     if use.op == "dynamic-update-slice" and position == 0:
         return 0
     if use.op == "fusion":
@@ -257,53 +305,83 @@ def _use_bytes(use: Instruction, position: int, computations) -> int | None:
     return None
 
 
-def _written(computation: list[Instruction]) -> int | None:
-    """Bytes a fused computation writes when its root, or an element of its root tuple,
-    updates a slice in place (a layer loop storing its activations): the slice, not the
-    whole buffer."""
+def _written(computation: list[Instruction]) -> list[int] | None:
+    """Bytes a fused computation writes to each element of its result when its root, or an
+    element of its root tuple, updates a slice in place (a layer loop storing its
+    activations): the slice, read and written, not the whole buffer."""
     by_name = {ins.name: ins for ins in computation}
     root = next((ins for ins in computation if ins.root), None)
     if root is None:
         return None
     outputs = [by_name.get(name) for name in root.operands] if root.op == "tuple" else [root]
-    total, in_place = 0, False
+    written, in_place = [], False
     for out in outputs:
         while out is not None and out.op == "bitcast":
             out = by_name.get(out.operands[0])
         if out is not None and out.op == "dynamic-update-slice":
-            total += 2 * nbytes(by_name[out.operands[1]].shape)
+            written.append(2 * footprint(by_name[out.operands[1]].shape))
             in_place = True
-        elif out is not None:
-            total += nbytes(out.shape)
-    return total if in_place else None
+        else:
+            written.append(footprint(out.shape) if out is not None else 0)
+    return written if in_place else None
 
 
-def _bytes_moved(ins: Instruction, shapes: dict[str, str], computations) -> float:
-    """HBM bytes an unfused instruction reads and writes (slices count as the slice)."""
+def _in_hbm(shape: str) -> bool:
+    return not any(memory_space(layout) for _, _, layout in _typed(shape))
+
+
+def _bytes_moved(
+    ins: Instruction, shapes: dict[str, str], computations, hbm_only: bool = False
+) -> float:
+    """Bytes an unfused instruction reads and writes (slices count as the slice), at the size
+    their layouts store; ``hbm_only``: only the reads and writes of buffers in HBM."""
+
+    def counted(shape: str, part: int) -> int:
+        return part if not hbm_only or _in_hbm(shape) else 0
+
+    operand_shapes = [shapes.get(name, "") for name in ins.operands]
     if ins.op in ("dynamic-slice", "slice"):
-        return 2 * nbytes(ins.shape)
+        return counted(operand_shapes[0], footprint(ins.shape)) + footprint(ins.shape, hbm_only)
     if ins.op == "slice-start":  # ((operand), slice, sync flag): it moves the slice
-        return 2 * sum(_BYTES.get(d, 1) * math.prod(s) for d, s in arrays(ins.shape)[1:2])
+        parts = _typed(ins.shape)[1:2]
+        piece = sum(stored_bytes(*p) for p in parts)
+        return counted(operand_shapes[0], piece) + sum(
+            stored_bytes(*p) for p in parts if not (hbm_only and memory_space(p[2]))
+        )
     if re.search(r'custom_call_target="(AllocateBuffer|ConcatBitcast)"', ins.attributes):
         return 0  # reserves memory / joins adjacent buffers: moves none
     if ins.op == "dynamic-update-slice":
-        return 2 * nbytes(shapes.get(ins.operands[1], ""))
-    if ins.op in ("copy-start", "copy-done") or ins.op.endswith("-done"):
-        return 0  # an asynchronous copy: see the module docstring
+        update = footprint(operand_shapes[1])
+        return counted(operand_shapes[1], update) + counted(ins.shape, update)
+    if ins.op in ("copy-start", "copy-done"):
+        # An asynchronous copy (see the module docstring): in HBM terms, the start reads its
+        # source and the done writes its destination.
+        if not hbm_only:
+            return 0
+        return footprint(ins.shape if ins.op == "copy-done" else operand_shapes[0], True)
+    if ins.op.endswith("-done"):
+        return 0
     callee = re.search(r"calls=%([\w.-]+)", ins.attributes) if ins.op == "fusion" else None
     body = computations.get(callee.group(1), []) if callee else []
     reads = _parameter_reads(body, computations) if body else {}
     total = 0
-    for i, operand in enumerate(ins.operands):
+    for i, shape in enumerate(operand_shapes):
         part = reads.get(i)
-        total += nbytes(shapes.get(operand, "")) if part is None else part
+        total += counted(shape, footprint(shape) if part is None else part)
     written = _written(body) if body else None
-    return total + (nbytes(ins.shape) if written is None else written)
+    results = _typed(ins.shape)
+    if written is None or len(written) != len(results):
+        return total + footprint(ins.shape, hbm_only)
+    return total + sum(
+        part
+        for part, (_, _, layout) in zip(written, results, strict=True)
+        if not (hbm_only and memory_space(layout))
+    )
 
 
 def _xla_copy_bytes(ins: Instruction, shapes: dict[str, str]) -> int:
     """What XLA's ``bytes accessed`` charges an asynchronous copy: operands and result."""
-    return sum(nbytes(shapes.get(name, "")) for name in ins.operands) + nbytes(ins.shape)
+    return sum(footprint(shapes.get(name, "")) for name in ins.operands) + footprint(ins.shape)
 
 
 def _charge(stats: Stats, source: str, key: str, value: float) -> None:
@@ -372,6 +450,7 @@ def analyze(text: str) -> Stats:
                 stats.async_copy_bytes += times * _xla_copy_bytes(ins, shapes)
             moved = times * _bytes_moved(ins, shapes, computations)
             stats.bytes_accessed += moved
+            stats.hbm_bytes += times * _bytes_moved(ins, shapes, computations, hbm_only=True)
             _charge(stats, source, "bytes", moved)
     stats.collectives = {
         k: {"count": int(v["count"]), "bytes": v["bytes"]} for k, v in collectives.items()

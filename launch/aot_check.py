@@ -128,6 +128,7 @@ def main(argv: list[str]) -> dict:
         peak_gib=round(peak / GIB, 3),
         tflop_per_chip_compiled=_figure(stats.matmul_flops / 1e12),
         hbm_traffic_gib=_figure(stats.bytes_accessed / GIB),
+        hbm_only_traffic_gib=_figure(stats.hbm_bytes / GIB),
         async_copy_gib=_figure(stats.async_copy_bytes / GIB),
         xla_bytes_accessed_gib=_figure(compiled.cost_analysis()["bytes accessed"] / GIB),
         collectives={
@@ -141,11 +142,17 @@ def main(argv: list[str]) -> dict:
         chip = slice_.chip
         compute_ms = stats.matmul_flops / (chip.peak_tflops * 1e12) * 1e3
         memory_ms = stats.bytes_accessed / (chip.hbm_gbps * 1e9) * 1e3
+        hbm_only_ms = stats.hbm_bytes / (chip.hbm_gbps * 1e9) * 1e3
         bound_ms = max(compute_ms, memory_ms)
         report.update(
             fits=peak <= chip.hbm_gib * GIB,
-            roofline_ms={"compute": _figure(compute_ms), "hbm": _figure(memory_ms)},
+            roofline_ms={
+                "compute": _figure(compute_ms),
+                "hbm": _figure(memory_ms),
+                "hbm_only": _figure(hbm_only_ms),
+            },
             roofline_mfu_bound=round(compute_ms / bound_ms, 3),
+            roofline_mfu_bound_hbm_only=round(compute_ms / max(compute_ms, hbm_only_ms), 3),
             clips_per_s_bound=round(config.batch_size / (bound_ms / 1e3), 1),
         )
     if args.breakdown:
@@ -182,9 +189,13 @@ def _print_summary(report: dict) -> None:
     if "roofline_ms" in report:
         r = report["roofline_ms"]
         print(
-            f"  roofline: {r['compute']} ms of matmuls at the chip's peak, {r['hbm']} ms of HBM "
+            f"  roofline: {r['compute']} ms of matmuls at the chip's peak, {r['hbm']} ms of memory "
             f"traffic; MFU bound {report['roofline_mfu_bound']}, at most "
             f"{report['clips_per_s_bound']} clips/s"
+        )
+        print(
+            f"  counting only buffers in HBM (the rest stay on chip): {r['hbm_only']} ms; "
+            f"MFU bound {report['roofline_mfu_bound_hbm_only']}"
         )
 
 

@@ -131,3 +131,36 @@ def test_the_traffic_model_counts_slices_in_place_updates_and_copies_as_document
     assert stats.async_copy_bytes == 2 * (tile + 2 * tile + 4)
     assert stats.by_source["encoder_a/attention"]["bytes"] == sliced
     assert stats.by_source["decoder/mlp"]["bytes"] == updated
+
+
+TILED = """HloModule t, is_scheduled=true
+
+ENTRY %main (q: bf16[4,512,64], w: f32[3]) -> bf16[4,512,64] {
+  %q = bf16[4,512,64]{2,1,0:T(8,128)(2,1)} parameter(0)
+  %w = f32[3]{0:T(256)} parameter(1)
+  %x = bf16[4,512,64]{2,1,0:T(8,128)(2,1)S(1)} negate(%q)
+  %cs = (bf16[4,512,64]{2,1,0:T(8,128)}, bf16[4,512,64]{2,1,0:T(8,128)S(1)}, u32[]) copy-start(%x)
+  %cd = bf16[4,512,64]{2,1,0:T(8,128)(2,1)} copy-done(%cs)
+  %t = bf16[4,64,512]{2,1,0:T(8,128)(2,1)} transpose(%cd), dimensions={0,2,1}
+  ROOT %r = bf16[4,512,64]{1,2,0:T(8,128)(2,1)} copy(%t)
+}
+"""
+
+
+def test_arrays_count_at_their_tiled_size_and_hbm_traffic_leaves_on_chip_buffers_out():
+    """By hand: a bf16 [4, 512, 64] array stored with 64 minor takes 128 lanes (twice its
+    size), stored with 512 minor it takes its size; a 3-element f32 vector takes a 256-element
+    tile. The negation reads from HBM and writes on chip; the copy back to HBM reads on chip
+    and writes HBM; the transpose and the relayout stay in HBM."""
+    logical = 4 * 512 * 64 * 2
+    padded = 2 * logical
+    assert hlo_stats.footprint("bf16[4,512,64]{2,1,0:T(8,128)(2,1)}") == padded
+    assert hlo_stats.footprint("bf16[4,512,64]{1,2,0:T(8,128)(2,1)}") == logical
+    assert hlo_stats.footprint("f32[3]{0:T(256)}") == 256 * 4
+    assert hlo_stats.footprint("bf16[4,512,64]{2,1,0:T(8,128)(2,1)S(1)}", hbm_only=True) == 0
+    assert hlo_stats.nbytes("bf16[4,512,64]{2,1,0:T(8,128)(2,1)}") == logical
+    stats = hlo_stats.analyze(TILED)
+    negate, transpose, relayout = 2 * padded, padded + logical, logical + logical
+    assert stats.bytes_accessed == negate + transpose + relayout
+    # HBM only: the negation's read, the copy's write, the transpose and the relayout
+    assert stats.hbm_bytes == padded + padded + transpose + relayout

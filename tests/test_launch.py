@@ -60,7 +60,9 @@ def test_aot_check_compiles_for_a_tpu_slice_from_this_cpu():
         assert report["topology"] == "v5e-4" and report["chips"] == 4 and report["fits"]
         assert 0 < report["arguments_gib"] < report["peak_gib"] < report["hbm_gib"] == 16.0
         assert report["collectives"]["all-reduce"]["count"] > 0
-        assert report["roofline_ms"]["hbm"] > 0
+        assert report["roofline_ms"]["hbm"] > 0 and report["xla_bytes_accessed_gib"] > 0
+        assert 0 < report["hbm_only_traffic_gib"] < report["hbm_traffic_gib"]
+        assert report["roofline_mfu_bound"] <= report["roofline_mfu_bound_hbm_only"] <= 1
     assert pretrain["attention"] == "splash" and finetune["attention"] == "xla"
     assert pretrain["remat"] == "matmuls"  # auto, resolved for the TPU
     compute, hbm = pretrain["roofline_ms"]["compute"], pretrain["roofline_ms"]["hbm"]
