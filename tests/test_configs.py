@@ -96,6 +96,9 @@ def test_ablation_switches():
     assert load_config(f"{PRETRAIN}:mask-65").mask_ratio_a == 0.65
     with pytest.raises(ValueError, match="unknown recipe"):
         load_config(f"{PRETRAIN}:as-huge")
+    for recipe in (f"{PRETRAIN}:as-base,tinyy", "finetune:as20k,tiny,x", "pcav:as,small"):
+        with pytest.raises(ValueError, match="unknown modifier"):
+            load_config(recipe)
 
 
 def test_tiny_contrastive_only_variant_trains(tmp_path):

@@ -25,6 +25,7 @@ averaging over the recipe's epochs and the 10-frame ensemble at the end (audio-o
 
 import ml_collections
 
+from cavmae_jax.configs import variant
 from cavmae_jax.errors import UserError
 
 RECIPES = {
@@ -72,7 +73,7 @@ MODES = {"audioonly": "audioonly", "videoonly": "videoonly"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    name, *modifiers = (arg or "as20k").split(",")
+    name, modifiers = variant(arg, "as20k")
     base, _, mode = name.partition("-")
     if base not in RECIPES or (mode and mode not in MODES) or name == "vgg-audioonly":
         known = [*RECIPES, "as20k-audioonly", "as20k-videoonly", "as2m-audioonly"]

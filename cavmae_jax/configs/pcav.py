@@ -20,11 +20,12 @@ the PCAV-MAE side of the comparison in docs/pcavmae.md.
 
 import ml_collections
 
+from cavmae_jax.configs import variant
 from cavmae_jax.errors import UserError
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    name, *modifiers = (arg or "as").split(",")
+    name, modifiers = variant(arg, "as")
     if name not in ("as", "vgg", "demo"):
         raise UserError(f"unknown recipe {name!r}; expected as, vgg or demo")
     tiny = name == "demo" or "tiny" in modifiers

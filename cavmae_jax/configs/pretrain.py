@@ -26,6 +26,7 @@ official AudioSet-2M list has 1,772,023 training clips: 36,917 updates of 48 per
 
 import ml_collections
 
+from cavmae_jax.configs import variant
 from cavmae_jax.errors import UserError
 
 RECIPES = {
@@ -48,7 +49,7 @@ ABLATIONS = {
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    name, *modifiers = (arg or "as-base").split(",")
+    name, modifiers = variant(arg, "as-base")
     recipe = RECIPES.get(name, RECIPES["as-base"])
     if name not in RECIPES and name not in ABLATIONS:
         raise UserError(f"unknown recipe {name!r}; expected one of {[*RECIPES, *ABLATIONS]}")
