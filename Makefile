@@ -29,7 +29,7 @@ $(TEST_VENV)/.installed: pyproject.toml
 # mostly single-threaded, so the two cores overlap them. The longest files are handed out first.
 LONG_TESTS := tests/test_cloud_storage.py tests/test_training.py tests/test_notebooks.py \
 	tests/test_finetune.py tests/test_sharding.py tests/test_pcav_mae.py tests/test_launch.py \
-	tests/test_cli.py tests/test_pretrained_commands.py
+	tests/test_cli.py tests/test_pretrained_commands.py tests/test_faults.py
 test: install-test
 	$(TEST_BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 $(LONG_TESTS) tests
 
