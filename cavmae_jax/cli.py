@@ -501,9 +501,13 @@ def _winding_down_quietly() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``cavmae`` program (``argv`` None: the process's own arguments). Called with
+    ``argv`` from Python (tests, notebooks), it leaves the process's hooks and logging as it
+    found them."""
+    program = argv is None
     args, overrides = parser().parse_known_args(argv)
     _quiet_libraries()
-    if not args.debug:
+    if program and not args.debug:
         _quiet_full_disk_in_threads()
     try:
         args.run(args, overrides)
@@ -512,10 +516,10 @@ def main(argv: list[str] | None = None) -> None:
         if message is None:
             raise
         print(f"cavmae {args.command}: {message}", file=sys.stderr)
-        if out_of_space(err):
+        if program and out_of_space(err):
             _winding_down_quietly()
         raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -79,11 +79,8 @@ def append(destination: PathLike, data: bytes) -> None:
     go up as an object of their own, which Cloud Storage then joins to the end of the old one
     (compose, on the server), so each byte is uploaded once however long the file gets."""
     destination = path(destination)
-    if not destination.exists():
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        destination.write_bytes(data)
-        return
     if not is_remote(destination):
+        destination.parent.mkdir(parents=True, exist_ok=True)
         with open(destination, "ab") as f:
             f.write(data)
         return
@@ -91,6 +88,10 @@ def append(destination: PathLike, data: bytes) -> None:
 
     storage = gcsfs.GCSFileSystem()
     whole = os.fspath(destination).removeprefix("gs://")
+    storage.invalidate_cache(whole)  # a listing cached before the last append is stale
+    if not storage.exists(whole):
+        storage.pipe(whole, data)
+        return
     part = f"{whole}.part"
     storage.pipe(part, data)
     storage.merge(whole, [whole, part])

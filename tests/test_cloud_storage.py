@@ -111,7 +111,7 @@ def test_metrics_in_a_bucket_upload_what_each_write_adds(bucket, monkeypatch):
         writer.close()
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, 36))
-    assert sum(sent) == sum(f.stat().length for f in paths.files(workdir))
+    assert sum(sent) == sum(len(f.read_bytes()) for f in paths.files(workdir))
 
 
 def run_command(workdir: str, data: paths.Path) -> list[str]:

@@ -89,7 +89,7 @@ def test_divergence_names_the_step_the_checkpoint_kept_and_what_to_try(dataset, 
     line = one_line(argv, capsys)
     assert "diverged at step " in line and "loss=" in line
     kept = Checkpointer(tmp_path / "run" / "checkpoints").manager.all_steps()
-    newest = f"newest checkpoint kept: step {max(kept)}" if kept else "none yet"
+    newest = f"newest checkpoint kept: step {max(kept)}" if kept else "no checkpoint kept yet"
     assert newest in line and "--config.lr" in line and "--config.clip_norm" in line
 
 

@@ -51,12 +51,16 @@ class Diverged(Exception):
         self.step, self.values = step, values
 
     def explain(self, newest: int | None, workdir: Path) -> str:
-        kept = f"step {newest} in {workdir}/checkpoints" if newest else "none yet"
         names = ", ".join(f"{k}={v}" for k, v in self.values.items())
+        if newest:
+            kept = f"newest checkpoint kept: step {newest} in {workdir}/checkpoints"
+            again = "resumes from there"
+        else:
+            kept, again = "no checkpoint kept yet", "starts over"
         return (
-            f"diverged at step {self.step} ({names}); newest checkpoint kept: {kept}. Try a "
-            "lower --config.lr (the same command resumes from that checkpoint), or "
-            "--config.clip_norm=1.0 in a new workdir (it changes the optimizer state)"
+            f"diverged at step {self.step} ({names}); {kept}. Try a lower --config.lr (the "
+            f"same command with it {again}), or --config.clip_norm=1.0 in a new workdir (it "
+            "changes the optimizer state)"
         )
 
 
