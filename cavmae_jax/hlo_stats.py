@@ -6,7 +6,10 @@ by how often it runs (the product of the trip counts of the loops around it), an
 are summed: matrix-multiply FLOPs (``dot`` and ``convolution``, the part that runs on the
 matrix units, plus what a Pallas kernel's cost estimate states), the bytes the unfused
 instructions read and write (XLA's model of HBM traffic: each kernel reads its inputs and
-writes its outputs once), and the collectives (kind, executions, bytes).
+writes its outputs once), and the collectives (kind, executions, bytes). A Pallas kernel
+that states the bytes it accesses in its cost estimate counts those, as XLA's cost analysis
+does: its block specs, not its operand list, say what it reads (the grouped attention kernel
+takes the qkv projection three times and reads a third of it each time).
 
 The traffic model follows XLA's own ``bytes accessed`` instruction by instruction (a fusion
 that updates a slice in place counts the slice, one that reads slices of a parameter counts
@@ -350,6 +353,9 @@ def _bytes_moved(
         )
     if re.search(r'custom_call_target="(AllocateBuffer|ConcatBitcast)"', ins.attributes):
         return 0  # reserves memory / joins adjacent buffers: moves none
+    stated = re.search(r'"cost_estimate":\{[^}]*"bytes_accessed":"(\d+)"', ins.attributes)
+    if stated:  # a Pallas kernel's own count, which XLA's cost analysis takes too
+        return int(stated.group(1))
     if ins.op == "dynamic-update-slice":
         update = footprint(operand_shapes[1])
         return counted(operand_shapes[1], update) + counted(ins.shape, update)

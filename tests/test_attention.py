@@ -1,6 +1,6 @@
 """The attention implementations equal jax.nn.dot_product_attention, each in its layout: the
-recomputing kernel tokens-first [B, N, H, hd] as jax.nn, the TPU kernels heads-first
-[B, H, N, hd]."""
+recomputing kernel tokens-first [B, N, H, hd] as jax.nn, flash and splash heads-first
+[B, H, N, hd], the grouped kernel the qkv projection's output in 128-lane groups."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_the_implementation_is_resolved_for_the_target_platform():
     from cavmae_jax.models.attention import resolve
 
     platforms = ("cpu", "gpu", "tpu")
-    assert [resolve("auto", p) for p in platforms] == ["recompute", "recompute", "splash"]
+    assert [resolve("auto", p) for p in platforms] == ["recompute", "recompute", "grouped"]
     assert resolve("xla", "cpu") == "xla" and resolve("cudnn", "gpu") == "cudnn"
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
         resolve("cudnn", "tpu")
@@ -77,6 +77,8 @@ def test_the_implementation_is_resolved_for_the_target_platform():
         resolve("flash", "gpu")
     with pytest.raises(ValueError, match="'splash' needs a TPU"):
         resolve("splash", "cpu")
+    with pytest.raises(ValueError, match="'grouped' needs a TPU"):
+        resolve("grouped", "gpu")
     with pytest.raises(ValueError, match="unknown attention 'ring'"):
         resolve("ring", "tpu")
 
@@ -140,17 +142,71 @@ def test_the_model_setting_chooses_the_kernel():
 
 
 def test_a_block_gives_the_same_attention_in_either_layout():
-    """The fused projections write heads-first q, k, v for a TPU kernel (flash, on Pallas's
-    interpreter) and tokens-first ones for XLA: the module's output is the same."""
+    """The fused projection writes heads-first q, k, v for flash, 128-lane groups for the
+    grouped kernel (both on Pallas's interpreter) and tokens-first ones for XLA: the module's
+    output is the same."""
     from flax import nnx
     from jax.experimental.pallas import tpu as pltpu
 
     from cavmae_jax.models.layers import Attention
 
-    x = jax.random.normal(jax.random.key(1), (2, 49, 32))
+    x = jax.random.normal(jax.random.key(1), (2, 49, 128))
     outputs = []
-    for implementation in ("xla", "flash"):
-        module = Attention(32, 4, nnx.Rngs(0), implementation=implementation)
+    for implementation in ("xla", "flash", "grouped"):
+        module = Attention(128, 4, nnx.Rngs(0), implementation=implementation)
         with pltpu.force_tpu_interpret_mode():
             outputs.append(np.asarray(module(x)))
     np.testing.assert_allclose(outputs[1], outputs[0], atol=2e-5)
+    np.testing.assert_allclose(outputs[2], outputs[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("heads", [2, 4, 8])
+@pytest.mark.parametrize("length", [49, 177])
+def test_the_grouped_kernel_matches_xla_from_the_projection(heads, length):
+    """The grouped TPU kernel (on Pallas's interpreter) reads the projection's output 128 lanes
+    at a time, 1, 2 or 4 heads to a group (head widths 128, 64, 32), adds the bias itself and
+    writes the heads tokens-first; its backward copies dq, dk and dv into their places: forward
+    and backward equal XLA's attention on the official q|k|v layout, the bias gradient
+    included."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from cavmae_jax.models import grouped_attention
+
+    dim = 256
+    scale = (dim // heads) ** -0.5
+    keys = jax.random.split(jax.random.key(length + heads), 2)
+    projection = jax.random.normal(keys[0], (2, length, 3 * dim))
+    bias = jax.random.normal(keys[1], (3 * dim,))
+    probe = jnp.cos(jnp.arange(length * dim)).reshape(length, dim)
+
+    def grouped(projection, bias):
+        return grouped_attention.attention(projection, bias, dim // heads, scale)
+
+    def xla(projection, bias):
+        qkv = (projection + bias).reshape(2, length, 3, heads, dim // heads)
+        out = reference(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale)
+        return out.reshape(2, length, dim)
+
+    def loss(attention, projection, bias):
+        return (attention(projection, bias) * probe).sum()
+
+    with pltpu.force_tpu_interpret_mode():
+        out = grouped(projection, bias)
+        grads = jax.grad(loss, argnums=(1, 2))(grouped, projection, bias)
+    np.testing.assert_allclose(out, xla(projection, bias), rtol=1e-5, atol=1e-5)
+    want = jax.grad(loss, argnums=(1, 2))(xla, projection, bias)
+    for got, expected in zip(grads, want, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-5)
+
+
+def test_the_grouped_kernel_gives_way_where_it_does_not_fit():
+    """Widths that are not whole 128-lane groups of whole heads, and sequences too long to
+    hold in VMEM, run splash; the rest run the grouped kernel."""
+    from cavmae_jax.models.attention import for_sequence
+
+    assert for_sequence("grouped", 768, 12, 708) == "grouped"
+    assert for_sequence("grouped", 512, 16, 1024) == "grouped"
+    assert for_sequence("grouped", 768, 12, 1025) == "splash"
+    assert for_sequence("grouped", 64, 1, 49) == "splash"  # narrower than a group
+    assert for_sequence("grouped", 768, 4, 49) == "splash"  # a head wider than a group
+    assert for_sequence("splash", 768, 12, 49) == "splash"

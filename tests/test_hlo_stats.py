@@ -164,3 +164,31 @@ def test_arrays_count_at_their_tiled_size_and_hbm_traffic_leaves_on_chip_buffers
     assert stats.bytes_accessed == negate + transpose + relayout
     # HBM only: the negation's read, the copy's write, the transpose and the relayout
     assert stats.hbm_bytes == padded + padded + transpose + relayout
+
+
+KERNEL = """HloModule k, is_scheduled=true
+
+ENTRY %main (x: bf16[6,512,2304], b: bf16[1,2304]) -> bf16[6,512,768] {
+  %x = bf16[6,512,2304]{2,1,0} parameter(0)
+  %b = bf16[1,2304]{1,0} parameter(1)
+  ROOT %k = bf16[6,512,768]{2,1,0} custom-call(%x, %x, %x, %b, %b, %b), @STATED
+  %other = bf16[6,512,768]{2,1,0} custom-call(%x), custom_call_target="tpu_custom_call"
+}
+"""
+
+KERNEL = KERNEL.replace(
+    "@STATED",
+    'custom_call_target="tpu_custom_call", backend_config={"custom_call_config": '
+    '{"cost_estimate":{"flops":"100","transcendentals":"1","bytes_accessed":"18874368",'
+    '"remote_bytes_transferred":"0"}}}',
+)
+
+
+def test_a_kernel_that_states_its_bytes_counts_them():
+    """A Pallas kernel that takes one buffer three times and reads a third of it each time (the
+    grouped attention) counts the bytes its cost estimate states, as XLA does; a kernel that
+    states none counts its operands and outputs."""
+    stats = hlo_stats.analyze(KERNEL)
+    projection, output = 6 * 512 * 2304 * 2, 6 * 512 * 768 * 2
+    assert stats.bytes_accessed == 18874368 + projection + output
+    assert stats.matmul_flops == 100

@@ -24,7 +24,14 @@ The implementation is a model setting (``ModelConfig.attention``):
   * ``splash``: the Pallas splash-attention kernel of TPUs, padded and masked the same way; it
     keeps one log-sum-exp per query and forms dq, dk and dv in one fused backward kernel, which
     moves less than half of flash's HBM bytes for the decoder's 708 tokens (``docs/tpu.md``);
-  * ``auto``: ``recompute`` on CPU and GPU, ``splash`` on TPU.
+    * ``grouped``: our Pallas kernel of TPUs for sequences short enough to hold whole in VMEM
+    (up to 1024 tokens, which CAV-MAE's are; ``grouped_attention``). It reads q, k and v
+    straight from the qkv projection's [B, N, 3D] output, 128 lanes (2 heads of 64, 4 of 32)
+    at a time, and writes the output tokens-first [B, N, D]: no transpose, no padding of the
+    sequence or of 64-wide heads to 128 lanes, no softmax statistics in HBM; its backward
+    kernel writes dq, dk and dv into one [B, N, 3D] gradient. Where a model's widths, a
+    sequence or a mesh with a ``tensor`` axis do not fit it, ``splash`` runs instead;
+  * ``auto``: ``recompute`` on CPU and GPU, ``grouped`` on TPU.
     Trainers resolve it once for the platform of their mesh (``resolve``), which may be a TPU
     compiled for from a CPU host; a model used on its own resolves it for the default backend.
 """
@@ -37,14 +44,15 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from cavmae_jax.models import mesh_context
+from cavmae_jax.models import grouped_attention, mesh_context
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "recompute", "flash", "splash")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "recompute", "flash", "splash", "grouped")
 FLASH_BLOCK = 128  # tokens per block of the TPU kernel
 # The name of what the TPU kernels keep for their backward pass (output and softmax
 # statistics): a ``matmuls`` remat policy saves it, so no forward kernel runs twice.
 KERNEL_RESIDUALS = "attention_residuals"
 HEADS_FIRST = ("flash", "splash")
+TPU_KERNELS = ("flash", "splash", "grouped")
 
 
 def resolve(implementation: str, platform: str) -> str:
@@ -52,10 +60,10 @@ def resolve(implementation: str, platform: str) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention {implementation!r}; expected one of {IMPLEMENTATIONS}")
     if implementation == "auto":
-        return "splash" if platform == "tpu" else "recompute"
+        return "grouped" if platform == "tpu" else "recompute"
     if implementation == "cudnn" and platform != "gpu":
         raise ValueError(f"attention 'cudnn' needs an NVIDIA GPU, not {platform}")
-    if implementation in ("flash", "splash") and platform != "tpu":
+    if implementation in TPU_KERNELS and platform != "tpu":
         raise ValueError(f"attention {implementation!r} needs a TPU, not {platform}")
     return implementation
 
@@ -65,6 +73,20 @@ def concrete(implementation: str) -> str:
     taken as it is (it may target another platform)."""
     if implementation == "auto":
         return resolve(implementation, jax.default_backend())
+    return implementation
+
+
+def for_sequence(implementation: str, dim: int, heads: int, length: int) -> str:
+    """The concrete implementation that runs ``length`` tokens of a ``dim``-wide, ``heads``-head
+    attention: ``grouped`` gives way to ``splash`` where it does not fit (``splash`` splits
+    the heads over a ``tensor`` mesh axis; ``grouped`` runs on whole rows of the projection)."""
+    implementation = concrete(implementation)
+    mesh = jax.sharding.get_abstract_mesh()
+    split_heads = not mesh.empty and mesh.shape.get("tensor", 1) > 1
+    if implementation == "grouped" and (
+        split_heads or not grouped_attention.fits(dim, heads, length)
+    ):
+        return "splash"
     return implementation
 
 

@@ -43,7 +43,7 @@ class ModelConfig:
     label_dim: int = 527  # classifier outputs (finetuning models only)
     dtype: str = "float32"  # compute dtype of matmuls; "bfloat16" on accelerators
     remat: str = "auto"  # auto | none | matmuls | full: what blocks keep (models/layers.py)
-    attention: str = "auto"  # auto | xla | cudnn | recompute | flash | splash (models/attention.py)
+    attention: str = "auto"  # auto|xla|cudnn|recompute|flash|splash|grouped (models/attention.py)
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # the older switch: True recomputed whole blocks
