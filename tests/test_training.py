@@ -66,11 +66,28 @@ def test_killed_and_preempted_runs_end_with_the_same_parameters(dataset, uninter
 def test_an_unreadable_newest_checkpoint_is_named_and_the_one_before_resumes(
     dataset, uninterrupted, tmp_path
 ):
-    """The newest checkpoint's largest file truncated (a disk filled, a copy cut short): the
-    restart names it and why, sets it aside, resumes from the previous one and ends as the
-    uninterrupted run. A checkpoint asked for by hand that does not exist is named."""
+    """A resume with a flag that changes the state's layout (gradient clipping wraps the
+    optimizer state) stops in one line naming the setting, and leaves the checkpoints and the
+    metrics as they were. The newest checkpoint's largest file truncated (a disk filled, a
+    copy cut short): the restart names it and why, sets it aside, resumes from the previous
+    one and ends as the uninterrupted run. A checkpoint asked for by hand that does not exist
+    is named."""
     start_and_stop(command(tmp_path, dataset), tmp_path, 4, signal.SIGTERM)
     folder = tmp_path / "checkpoints"
+    kept = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "data" not in p.parts}
+    changed = subprocess.run(
+        command(tmp_path, dataset) + ["--config.clip_norm=1.0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert changed.returncode == 2 and len(changed.stderr.strip().splitlines()) == 1
+    assert "saved from another state layout" in changed.stderr
+    assert "clip_norm: 0.0 -> 1.0" in changed.stderr
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert sorted(
+        p for p in tmp_path.rglob("*") if p.is_file() and "data" not in p.parts
+    ) == sorted(kept)
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
     assert len(steps) >= 2
     files = [p for p in (folder / str(steps[-1])).rglob("*") if p.is_file()]

@@ -90,7 +90,9 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
     checkpointer = Checkpointer(
         workdir / "checkpoints", config.keep_checkpoints, ocdbt=config.checkpoint_ocdbt
     )
-    start, state = checkpointer.restore_newest_readable(state, config.restore_step)
+    start, state = checkpointer.restore_newest_readable(
+        state, config.restore_step, config.to_dict()
+    )
     if start and jax.process_index() == 0:
         print(f"resuming from the checkpoint of step {start}")
     first = jax.process_index() == 0  # the one process that writes the run's files
