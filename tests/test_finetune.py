@@ -108,6 +108,21 @@ def test_finetune_validates_each_epoch_and_averages_the_recipe_epochs(finetuned)
     assert len(result["AP"]) == CLASSES and (finetuned / "loss.png").exists()
 
 
+def test_weight_averaging_that_never_reached_its_window_saves_no_model(dataset, tmp_path):
+    """One epoch with averaging from epoch 2: the end says so in one line and saves no
+    "averaged" model; the same command with wa off saves the final checkpoint's parameters."""
+    short = command(tmp_path, dataset) + ["--config.epochs=1", "--config.wa_start=2"]
+    done = subprocess.run(short, cwd=ROOT, capture_output=True, text=True)
+    last_line = done.stderr.strip().splitlines()[-1]  # after the progress bar
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "weight averaging over epochs 2..3 averaged no epoch" in last_line
+    assert "ended after epoch 1" in last_line and not (tmp_path / "model").exists()
+    subprocess.run(short + ["--config.wa=False"], cwd=ROOT, check=True, capture_output=True)
+    last = saved_params(tmp_path, 3)
+    for name, value in model_params(tmp_path).items():
+        np.testing.assert_array_equal(value, last[name], err_msg=name)
+
+
 def direct_logits(model, dataset: Path) -> tuple[np.ndarray, np.ndarray]:
     """Logits [10 frames, N, K] and labels of every clip, batch by batch on one device, without
     the mesh code (one pass reading all ten frames of each clip)."""

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from cavmae_jax import convert, flops
+from cavmae_jax.errors import UserError
 from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
 from cavmae_jax.paths import Path
 from cavmae_jax.train.durations import Durations
@@ -113,7 +114,15 @@ class Finetuning(Trainer):
         """The averaged model (``W/model``) and its final evaluation (``evaluation.json``)."""
         config = setup.config
         params = state["params"]
-        if config.wa and int(state["wa_count"]):
+        if config.wa:
+            if not int(state["wa_count"]):
+                epochs = setup.durations.num_steps // setup.durations.steps_per_epoch
+                raise UserError(
+                    f"weight averaging over epochs {config.wa_start}..{config.wa_end} averaged "
+                    f"no epoch: the run ended after epoch {epochs}. Nothing was saved as the "
+                    "model; the same command with --config.wa=False saves the last parameters "
+                    "from the final checkpoint, or a longer run reaches the window"
+                )
             params = jax.tree.map(lambda s: s / state["wa_count"], state["wa_sum"])
         frames = tuple(range(10)) if config.eval_frames == 10 else (EVAL_FRAME,)
         final = Classification(
