@@ -95,7 +95,8 @@ def _evaluate(args, overrides):
     _no_overrides(args, overrides)
     _join_processes(args)
     loaded = _load(args.model)
-    mode, loss = loaded.classifier_settings(args.mode, {"mAP": "bce", "acc": "ce"}.get(args.metric))
+    loss = {"mAP": "bce", "acc": "ce"}.get(args.metric)
+    mode, loss = loaded.classifier_settings(args.mode, loss, "--metric mAP|acc")
     metric = "mAP" if loss == "bce" else "acc"
     mesh = make_mesh({"data": -1})
     frames = tuple(range(10)) if args.frames == 10 else (EVAL_FRAME,)
@@ -263,7 +264,7 @@ def _classify(args, overrides):
     _no_overrides(args, overrides)
     loaded = _load(args.model)
     loss = {"sigmoid": "bce", "softmax": "ce"}.get(args.activation)
-    mode, loss = loaded.classifier_settings(args.mode, loss)
+    mode, loss = loaded.classifier_settings(args.mode, loss, "--activation sigmoid|softmax")
     results = classify(
         loaded.model, args.inputs, mode, loss, args.top_k, args.labels, args.batch_size, args.split
     )

@@ -251,11 +251,22 @@ class Loaded:
     finetuning: dict | None
     source: str
 
-    def classifier_settings(self, mode: str | None = None, loss: str | None = None):
-        """``(mode, loss)`` to run the classifier with: as given, else as it was trained, else
-        multimodal with sigmoid scores (``bce``)."""
+    def classifier_settings(
+        self, mode: str | None = None, loss: str | None = None, flag: str = "--metric"
+    ):
+        """``(mode, loss)`` to run the classifier with: as given, else as it was trained (the
+        mode else multimodal). How the scores are formed (sigmoid for a BCE-trained classifier,
+        softmax for cross-entropy) is never guessed: a classifier that does not record it
+        needs ``flag``."""
         known = self.finetuning or {}
-        return mode or known.get("mode", "multimodal"), loss or known.get("loss", "bce")
+        loss = loss or known.get("loss")
+        if loss is None:
+            raise UserError(
+                f"{self.source}: a classifier that does not record how it was trained; pass "
+                f"{flag} (sigmoid scores and mAP for AudioSet's BCE-trained classifiers, "
+                "softmax and accuracy for VGGSound's)"
+            )
+        return mode or known.get("mode", "multimodal"), loss
 
 
 def weights_dir() -> Path:

@@ -121,6 +121,28 @@ def test_classify_json_equals_the_mean_of_ten_frames_sigmoids(models, inputs, ca
     assert names[0] == "Speech" and len(names) == 527
 
 
+def test_a_classifier_that_does_not_record_its_loss_needs_the_scoring_flag(
+    models, tmp_path, capsys
+):
+    """An official-layout .pth that is not a release: how its scores are formed is not
+    guessed; one line asks for the flag, and with it the clip is classified."""
+    _, _, ft = models
+    convert.save_torch_checkpoint(ft, tmp_path / "mine.pth")
+    for argv, flag in (
+        (["classify", str(tmp_path / "mine.pth"), CLIPS[0]], "--activation sigmoid|softmax"),
+        (["evaluate", "--model", str(tmp_path / "mine.pth"), "--data", "x"], "--metric mAP|acc"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            cli.main(argv)
+        line = capsys.readouterr().err.strip()
+        assert stopped.value.code == 2 and "\n" not in line
+        assert (
+            f"mine.pth: a classifier that does not record how it was trained; pass {flag}" in line
+        )
+    cli.main(["classify", str(tmp_path / "mine.pth"), CLIPS[0], "--activation", "sigmoid"])
+    assert "multimodal" in capsys.readouterr().out
+
+
 def test_classify_uses_the_recorded_mode_and_loss(models, inputs, tmp_path, capsys):
     _, _, ft = models
     convert.save_checkpoint(ft, tmp_path / "audio", {"mode": "audioonly", "loss": "ce"})
