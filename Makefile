@@ -35,7 +35,7 @@ test: install-test
 
 demo: install
 	$(BIN)/cavmae pretrain --config configs/demo.py --workdir workdir/demo
-	$(BIN)/cavmae retrieval --model workdir/demo/model --data workdir/demo/data/dataset
+	$(BIN)/cavmae retrieval --model workdir/demo/model --data workdir/demo/data/dataset --split train
 
 lint: install-test
 	$(TEST_BIN)/ruff check cavmae_jax input_pipeline tests bench launch

@@ -358,7 +358,7 @@ def parser() -> argparse.ArgumentParser:
     p = command("retrieval", "audio<->visual recall@1/5/10 of a model on a dataset", _retrieval)
     p.add_argument("--model", required=True, help="model directory, official .pth, or name")
     p.add_argument("--data", required=True, help="prepared dataset")
-    p.add_argument("--split", default="train", help="split of the dataset")
+    p.add_argument("--split", default="eval", help="split of the dataset")
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
 
     p = command("embed", "audio, visual and joint embeddings of clips (.npy)", _embed)

@@ -157,7 +157,7 @@ def test_a_run_in_a_bucket_is_killed_resumes_from_its_checkpoint_and_is_evaluate
 
     evaluated = subprocess.run(
         [sys.executable, "-m", "cavmae_jax.cli", "retrieval", "--model", f"{workdir}/model"]
-        + ["--data", str(data), "--batch-size", "4"],
+        + ["--data", str(data), "--split", "train", "--batch-size", "4"],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -184,9 +184,13 @@ def test_demo_pretraining_learns_audio_visual_correspondence(tmp_path):
         check=True,
         capture_output=True,
     )
+    retrieval = [*cavmae, "retrieval", "--model", str(tmp_path / "model")]
+    retrieval += ["--data", str(tmp_path / "data" / "dataset")]
+    # the evaluation split by default: the demo's dataset has only its training split
+    default = subprocess.run(retrieval, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert default.returncode == 2 and "no split 'eval' (it has train)" in default.stderr
     done = subprocess.run(
-        [*cavmae, "retrieval", "--model", str(tmp_path / "model")]
-        + ["--data", str(tmp_path / "data" / "dataset")],
+        [*retrieval, "--split", "train"],
         cwd=ROOT,
         env=env,
         check=True,
