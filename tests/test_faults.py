@@ -84,13 +84,22 @@ def test_a_truncated_shard_is_named_with_its_rebuild_command(dataset, tmp_path, 
 
 
 def test_divergence_names_the_step_the_checkpoint_kept_and_what_to_try(dataset, tmp_path, capsys):
-    argv = pretrain(tmp_path / "run", dataset, "--config.lr=1e6")
-    argv[2] = "configs/demo.py"
-    line = one_line(argv, capsys)
-    assert "diverged at step " in line and "loss=" in line
-    kept = Checkpointer(tmp_path / "run" / "checkpoints").manager.all_steps()
-    newest = f"newest checkpoint kept: step {max(kept)}" if kept else "no checkpoint kept yet"
-    assert newest in line and "--config.lr" in line and "--config.clip_norm" in line
+    """The same diverging run logged every update, and logged only at the end: both name the
+    same first non-finite update (watched on the device at every update), and no checkpoint
+    was saved from it or after it."""
+    reported = []
+    for log_every in (1, 100):
+        workdir = tmp_path / f"run-{log_every}"
+        argv = pretrain(workdir, dataset, "--config.lr=1e6", f"--config.log_every={log_every}")
+        argv[2] = "configs/demo.py"
+        line = one_line(argv, capsys)
+        assert "diverged at step " in line and "loss=" in line
+        reported.append(int(line.split("diverged at step ")[1].split()[0]))
+        kept = Checkpointer(workdir / "checkpoints").manager.all_steps()
+        assert all(step < reported[-1] for step in kept)
+        newest = f"newest checkpoint kept: step {max(kept)}" if kept else "no checkpoint kept yet"
+        assert newest in line and "--config.lr" in line and "--config.clip_norm" in line
+    assert reported[0] == reported[1] < STEPS
 
 
 def test_a_full_disk_while_preparing_resumes_with_every_clip(clips, tmp_path, capsys, monkeypatch):

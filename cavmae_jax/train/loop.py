@@ -14,6 +14,7 @@ import math
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
@@ -44,7 +45,7 @@ def keep_lines_until(path: Path, step: int) -> None:
 
 
 class Diverged(Exception):
-    """Non-finite metrics at a logged step."""
+    """Non-finite metrics at an update (the first such one)."""
 
     def __init__(self, step: int, values: dict[str, float]):
         super().__init__(step, values)
@@ -62,6 +63,16 @@ class Diverged(Exception):
             f"same command with it {again}), or --config.clip_norm=1.0 in a new workdir (it "
             "changes the optimizer state)"
         )
+
+
+@jax.jit
+def _watch(first_bad: jax.Array, bad_metrics: dict, metrics: dict, step: jax.Array):
+    """On the device, without waiting for the step: the first update whose metrics were not
+    all finite (0: none yet) and its metrics."""
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in metrics.values()]))
+    new = (first_bad == 0) & ~finite
+    kept = jax.tree.map(lambda old, now: jnp.where(new, now, old), bad_metrics, metrics)
+    return jnp.where(new, step, first_bad), kept
 
 
 def evaluate(setup: Setup, state: dict, due: list, step: int, workdir: Path) -> dict:
@@ -107,14 +118,21 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
     preemption = Preemption()
     logged: dict[str, float] = {}
     clock, clock_step = time.perf_counter(), start
+    first_bad, bad_metrics = jnp.zeros((), jnp.int32), None
+
+    def check_finite() -> None:
+        """Stop at the first non-finite update, read when metrics are logged and before any
+        checkpoint is saved, so that no checkpoint holds what a diverged update made."""
+        if int(first_bad):
+            values = {name: float(value) for name, value in bad_metrics.items()}
+            raise Diverged(
+                int(first_bad), {k: v for k, v in values.items() if not math.isfinite(v)}
+            )
 
     def log_metrics(step: int, metrics: dict, evaluated: dict) -> dict[str, float]:
-        """Write the step's metrics with rates since the last log; stop on a non-finite one."""
+        """Write the step's metrics with rates since the last log."""
         nonlocal clock, clock_step
         values = {name: float(value) for name, value in metrics.items()}
-        bad = {name: v for name, v in values.items() if not math.isfinite(v)}
-        if bad:
-            raise Diverged(step, bad)
         now = time.perf_counter()
         clips_per_s = (step - clock_step) * config.batch_size / (now - clock)
         tflops = clips_per_s * setup.clip_flops / 1e12
@@ -132,15 +150,21 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
                     {k: local[k] for k in setup.trainer.batch_keys}, setup.mesh
                 )
                 state, metrics = setup.step_at(step)(state, batch)
+                if bad_metrics is None:
+                    bad_metrics = jax.tree.map(jnp.zeros_like, metrics)
+                first_bad, bad_metrics = _watch(first_bad, bad_metrics, metrics, jnp.int32(step))
                 bar.update()
                 due = [e for e in setup.evaluators if e[1].due(step, total)]
                 evaluated = evaluate(setup, state, due, step, workdir) if due else {}
                 stop = preemption.due(step)  # the same step on every process
+                saving = step % config.checkpoint_every == 0 or step == total or stop
+                if step % config.log_every == 0 or step == total or evaluated or saving:
+                    check_finite()
                 if step % config.log_every == 0 or step == total or evaluated:
                     logged = log_metrics(step, metrics, evaluated)
                     shown = [name for name in setup.trainer.shown if name in logged]
                     bar.set_postfix({name: f"{logged[name]:.4f}" for name in shown})
-                if step % config.checkpoint_every == 0 or step == total or stop:
+                if saving:
                     meta = {"step": step, "config": config.to_dict()}
                     checkpointer.save(step, state, meta, force=stop)
                 if stop:
