@@ -112,7 +112,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.checkpoint_ocdbt = True  # TensorStore's OCDBT format (False: a folder per array)
     config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
-    config.peak_tflops = 197.0  # per device: TPU v4 / A100-class bf16; set for your hardware
+    config.peak_tflops = 0.0  # per device; 0: the device kind's published bf16 peak (peaks.py)
     config.evals = ml_collections.ConfigDict()  # e.g. retrieval: see train/evaluators.py
     if "tiny" in modifiers:
         config.model.update(

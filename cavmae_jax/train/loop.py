@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
-from cavmae_jax import paths
+from cavmae_jax import paths, peaks
 from cavmae_jax.errors import RunStopped
 from cavmae_jax.paths import Path
 from cavmae_jax.train import durations as durations_lib
 from cavmae_jax.train import sharding
 from cavmae_jax.train.checkpoint import Checkpointer, Preemption
+from cavmae_jax.train.chrono import Chrono
 from cavmae_jax.train.metrics import MetricsWriter
 from cavmae_jax.train.setup import Setup, build
 
@@ -117,7 +117,11 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
     batches = setup.batches_from(start)
     preemption = Preemption()
     logged: dict[str, float] = {}
-    clock, clock_step = time.perf_counter(), start
+    kind = setup.mesh.devices.flat[0].device_kind
+    peak = peaks.peak_tflops(kind, config.peak_tflops)
+    if peak is None and jax.process_index() == 0:
+        print(f"MFU not logged: no peak FLOP/s known for {kind}; set --config.peak_tflops")
+    chrono = Chrono(start, config.batch_size, setup.clip_flops, peak)
     first_bad, bad_metrics = jnp.zeros((), jnp.int32), None
 
     def check_finite() -> None:
@@ -130,15 +134,10 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
             )
 
     def log_metrics(step: int, metrics: dict, evaluated: dict) -> dict[str, float]:
-        """Write the step's metrics with rates since the last log."""
-        nonlocal clock, clock_step
-        values = {name: float(value) for name, value in metrics.items()}
-        now = time.perf_counter()
-        clips_per_s = (step - clock_step) * config.batch_size / (now - clock)
-        tflops = clips_per_s * setup.clip_flops / 1e12
-        mfu = tflops / (config.peak_tflops * setup.mesh.size)
-        values.update(step=step, clips_per_s=clips_per_s, tflops=tflops, mfu=mfu, **evaluated)
-        clock, clock_step = now, step
+        """Write the step's metrics (fetched in one transfer) with the rates since the last
+        log."""
+        values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+        values.update(step=step, **chrono.rates(step, setup.mesh.size), **evaluated)
         writer.write(step, values)
         return values
 
@@ -153,9 +152,13 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
                 if bad_metrics is None:
                     bad_metrics = jax.tree.map(jnp.zeros_like, metrics)
                 first_bad, bad_metrics = _watch(first_bad, bad_metrics, metrics, jnp.int32(step))
+                if step == start + 1:
+                    jax.block_until_ready(metrics)
+                    chrono.first_update_done(step)
                 bar.update()
                 due = [e for e in setup.evaluators if e[1].due(step, total)]
-                evaluated = evaluate(setup, state, due, step, workdir) if due else {}
+                with chrono.paused():
+                    evaluated = evaluate(setup, state, due, step, workdir) if due else {}
                 stop = preemption.due(step)  # the same step on every process
                 saving = step % config.checkpoint_every == 0 or step == total or stop
                 if step % config.log_every == 0 or step == total or evaluated or saving:
@@ -166,7 +169,8 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
                     bar.set_postfix({name: f"{logged[name]:.4f}" for name in shown})
                 if saving:
                     meta = {"step": step, "config": config.to_dict()}
-                    checkpointer.save(step, state, meta, force=stop)
+                    with chrono.paused():
+                        checkpointer.save(step, state, meta, force=stop)
                 if stop:
                     print(f"SIGTERM: saved step {step}, exiting")
                     break
