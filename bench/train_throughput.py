@@ -45,6 +45,7 @@ def full_size_config(kind: str, data_dir: Path, batch: int, steps: int):
     )
     if kind != "pretrain":
         config.data.update(eval_dir=str(data_dir), eval_split="train", balanced=False)
+        config.data.mixup_approx = True  # the generated clips keep no waveform
         config.evals = {}  # no epoch ends in this run
     config.batch_size = batch
     config.num_steps = WARMUP + steps

@@ -123,6 +123,25 @@ def test_weight_averaging_that_never_reached_its_window_saves_no_model(dataset, 
         np.testing.assert_array_equal(value, last[name], err_msg=name)
 
 
+def test_mixup_without_stored_waveforms_is_refused_unless_the_approximation_is_asked(
+    dataset, tmp_path
+):
+    """The official recipes mix waveforms; on a dataset prepared without them the run stops
+    in one line naming the dataset and the three ways on (the tiny recipe asks for the
+    approximation, as every other finetuning test here runs)."""
+    refused = subprocess.run(
+        command(tmp_path, dataset) + ["--config.data.mixup_approx=False"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    line = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"{dataset}: mixup 0.5 mixes waveforms as the official loader does" in line
+    assert "--keep-waveform" in line and "mixup_approx=True" in line
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def direct_logits(model, dataset: Path) -> tuple[np.ndarray, np.ndarray]:
     """Logits [10 frames, N, K] and labels of every clip, batch by batch on one device, without
     the mesh code (one pass reading all ten frames of each clip)."""

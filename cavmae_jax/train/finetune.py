@@ -78,7 +78,18 @@ class Finetuning(Trainer):
             share = host_split(data.train_split, loader_config)
             weights = balanced_weights(data_dir, data.train_split, share, workdir)
             loader_config = dataclasses.replace(loader_config, sample_weights=weights)
-        return Loader(data_dir, data.train_split, loader_config)
+        loader = Loader(data_dir, data.train_split, loader_config)
+        if data.mixup and not loader.has_waveform:
+            if not data.mixup_approx:
+                raise UserError(
+                    f"{data_dir}: mixup {data.mixup} mixes waveforms as the official loader "
+                    "does, and this dataset stores none: prepare it with --keep-waveform, or "
+                    "set --config.data.mixup_approx=True (mixes mel energies instead) or "
+                    "--config.data.mixup=0"
+                )
+            if jax.process_index() == 0:
+                print("mixup: mel energies mixed (no waveforms stored), not the official waveforms")
+        return loader
 
     def phases(
         self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
