@@ -56,10 +56,19 @@ class LoaderConfig:
 def host_split(split: str, config: LoaderConfig) -> str:
     """This host's disjoint share of ``split``: equal shares in training, every clip (shares
     differing by at most one) in evaluation."""
+    return _shares(split, config)[config.process_index]
+
+
+def host_offset(builder, split: str, config: LoaderConfig) -> int:
+    """Where this host's share of ``split`` starts in it (the shares are consecutive)."""
+    earlier = _shares(split, config)[: config.process_index]
+    return sum(builder.info.splits[share].num_examples for share in earlier)
+
+
+def _shares(split: str, config: LoaderConfig) -> list[str]:
     if config.process_count == 1:
-        return split
-    shares = tfds.even_splits(split, n=config.process_count, drop_remainder=config.train)
-    return shares[config.process_index]
+        return [split]
+    return tfds.even_splits(split, n=config.process_count, drop_remainder=config.train)
 
 
 def _split_field(builder, split: str, field: str = "label") -> list:
@@ -114,6 +123,7 @@ class Loader:
             known = ", ".join(self.builder.info.splits)
             raise DatasetError(f"{data_dir}: no split {split!r} (it has {known})")
         self.split = host_split(split, config)
+        self.first_position = host_offset(self.builder, split, config)  # of this host's clips
         self.num_examples = self.builder.info.splits[self.split].num_examples  # this host's
         self.split_examples = self.builder.info.splits[split].num_examples  # all hosts'
         self.has_waveform = "waveform" in self.builder.info.features

@@ -49,6 +49,18 @@ def evaluate(data_dir: str, batch_size: int, devices: int) -> dict:
         "logits": out["logits"].tolist(),
         "label": out["label"].argmax(1).tolist(),
     }
+    # the per-epoch validation: full global batches only, in the split's order
+    validation = Classification(
+        graphdef,
+        mesh,
+        data_dir,
+        "train",
+        batch_size,
+        SMALL.label_dim,
+        "multimodal",
+        drop_last=True,
+    )
+    result["validation"] = validation.outputs(state, frame=5)["logits"].tolist()
     # PCAV-MAE's memory bank (batched the same way) and the prototypes found on it
     graphdef, state = replicated_state(PCAVMAE(SMALL_PCAV, nnx.Rngs(0)), mesh)
     bank = momentum_embeddings(

@@ -233,12 +233,14 @@ def canonical(result: dict) -> dict:
         "gamma": np.asarray(result["gamma"]),
         "sizes": sorted(result["sizes"]),
         "recall": result["recall"],
+        "validation": np.asarray(result["validation"]),
     }
 
 
 def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset):
     """12 clips, global batch 8: one device, 8 fake devices and 2 processes x 2 devices give the
-    same logits for every clip (the short last batches are padded, then dropped), and the same
+    same logits for every clip (the short last batches are padded, then dropped), the same
+    per-epoch validation (the split's first full global batch, in order), and the same
     PCAV-MAE memory bank and prototypes (its refresh runs through the same batched path), and
     the same retrieval recall ranked in blocks on each mesh."""
     with socket.socket() as probe:
@@ -265,3 +267,6 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
         np.testing.assert_allclose(result["gamma"], single["gamma"], rtol=1e-4)
         assert result["sizes"] == single["sizes"]
         assert result["recall"] == pytest.approx(single["recall"])
+        # the same 8 clips, in the same order, whatever the hosts and devices
+        assert len(single["validation"]) == 8
+        np.testing.assert_allclose(result["validation"], single["validation"], rtol=1e-4, atol=1e-5)

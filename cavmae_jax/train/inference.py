@@ -1,8 +1,10 @@
 """Batched inference on the mesh: host batches in, every host's outputs gathered, in order.
 
-Evaluation must see every clip (no ``drop_last``) while a sharded step needs full, equal batches
-on every host: a short last batch is padded and hosts with fewer batches feed padding batches;
-a ``valid`` mask travels with the batch and padded rows are dropped after the gather.
+Evaluation must see every clip while a sharded step needs full, equal batches on every host: a
+short last batch is padded and hosts with fewer batches feed padding batches; a ``valid`` mask
+travels with the batch and padded rows are dropped after the gather. Each row also carries its
+clip's position in the split, so that the outputs come back in the split's order and the
+official per-epoch validation's "full batches only" drops the same clips for any host count.
 """
 
 from __future__ import annotations
@@ -27,13 +29,10 @@ def replicated_state(model, mesh: Mesh) -> tuple:
     return graphdef, {"params": params, "rest": rest}
 
 
-def batches_per_host(total: int, local_batch: int, drop_last: bool) -> int:
-    """Batches every host runs over a split of ``total`` clips shared between the hosts:
-    all clips (padded), or only full batches as the official per-epoch validation."""
-    hosts = jax.process_count()
-    if drop_last:
-        return (total // hosts) // local_batch
-    return math.ceil(math.ceil(total / hosts) / local_batch)
+def batches_per_host(total: int, local_batch: int) -> int:
+    """Batches every host runs over a split of ``total`` clips shared between the hosts (the
+    last ones padded)."""
+    return math.ceil(math.ceil(total / jax.process_count()) / local_batch)
 
 
 def _padded(
@@ -70,14 +69,14 @@ def gather_outputs(
     keys=("audio", "image", "label"),
 ) -> dict[str, np.ndarray]:
     """Run ``apply(global batch) -> {name: [B, ...]}`` over ``count`` padded host batches and
-    return every output, plus the batch's ``label``, for the valid rows of all hosts."""
+    return every output, plus the batch's ``label`` (and ``position``), for the valid rows of
+    all hosts."""
     collected: dict[str, list[np.ndarray]] = {}
     for local in _padded(batches, list(keys), local_batch, count):
         batch = global_batch(local, mesh)
         outputs = dict(apply(batch))
-        outputs.update(
-            valid=batch["valid"], **({"label": batch["label"]} if "label" in batch else {})
-        )
+        carried = {k: batch[k] for k in ("label", "position") if k in batch}
+        outputs.update(valid=batch["valid"], **carried)
         gathered = multihost_utils.process_allgather(outputs, tiled=True)
         valid = np.asarray(gathered.pop("valid"), bool)
         for name, value in gathered.items():
@@ -98,8 +97,9 @@ def predict_split(
 ) -> dict[str, np.ndarray]:
     """``apply`` over every clip of a prepared split (evaluation view: no augmentation, frame
     ``frame``), global batch ``batch_size`` split over the hosts and the mesh; with
-    ``drop_last`` only full batches, as the official per-epoch validation. The one inference
-    path of classification, retrieval, the PCAV-MAE memory bank and explanations."""
+    ``drop_last`` only the clips of the split's full global batches, as the official per-epoch
+    validation (the same clips for any host count). Outputs come in the split's order. The one
+    inference path of classification, retrieval, the PCAV-MAE memory bank and explanations."""
     from input_pipeline.dataset import Loader, LoaderConfig
 
     local_batch = batch_size // jax.process_count()
@@ -108,11 +108,25 @@ def predict_split(
         num_classes=num_classes,
         train=False,
         frame=frame,
-        drop_remainder=drop_last,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
     loader = Loader(data_dir, split, config)
     total = loader.split_examples
-    count = batches_per_host(total, local_batch, drop_last)
-    return gather_outputs(apply, loader, mesh, local_batch, count, keys)
+    count = batches_per_host(total, local_batch)
+    batches = _with_positions(loader, loader.first_position)
+    out = gather_outputs(apply, batches, mesh, local_batch, count, (*keys, "position"))
+    position = out.pop("position")
+    order = np.argsort(position, kind="stable")
+    if drop_last:
+        order = order[position[order] < total // batch_size * batch_size]
+    return {name: value[order] for name, value in out.items()}
+
+
+def _with_positions(batches: Iterable[Mapping], first: int) -> Iterator[dict]:
+    """Each batch with its rows' positions in the split (this host's share starts at
+    ``first``)."""
+    for batch in batches:
+        rows = len(next(iter(batch.values())))
+        yield {**batch, "position": np.arange(first, first + rows)}
+        first += rows
