@@ -161,3 +161,14 @@ def test_a_full_disk_while_training_resumes_from_the_last_whole_checkpoint(
     logged = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, STEPS + 1))
     assert (workdir / "model" / "model.json").exists()
+
+
+def test_a_profile_of_chosen_updates_is_written_to_the_workdir(dataset, tmp_path):
+    """``config.profile`` traces updates 2 and 3 (each one step of the trace) into
+    ``W/profile``, for TensorBoard's profile plugin; the run ends as usual."""
+    workdir = tmp_path / "run"
+    argv = pretrain(workdir, dataset, "--config.profile.start_step=2", "--config.profile.steps=2")
+    cli.main(argv)
+    traces = list((workdir / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert (workdir / "model").is_dir()

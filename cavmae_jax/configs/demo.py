@@ -47,6 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.peak_tflops = 0.48  # per device, for MFU (this 2-core CPU's float32 matmul peak)
     config.checkpoint_every = 100
     config.keep_checkpoints = 3
+    # a jax.profiler trace of updates start_step.. (W/profile; steps 0: none)
+    config.profile = ml_collections.ConfigDict({"start_step": 1, "steps": 0})
     config.checkpoint_ocdbt = True  # TensorStore's OCDBT format (False: a folder per array)
     config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
     config.init = ""  # official .pth or cavmae-jax model dir to start from ("" = random init)

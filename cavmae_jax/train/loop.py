@@ -25,6 +25,7 @@ from cavmae_jax.train import sharding
 from cavmae_jax.train.checkpoint import Checkpointer, Preemption
 from cavmae_jax.train.chrono import Chrono
 from cavmae_jax.train.metrics import MetricsWriter
+from cavmae_jax.train.profiling import StepProfiler
 from cavmae_jax.train.setup import Setup, build
 
 
@@ -122,6 +123,8 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
     if peak is None and jax.process_index() == 0:
         print(f"MFU not logged: no peak FLOP/s known for {kind}; set --config.peak_tflops")
     chrono = Chrono(start, config.batch_size, setup.clip_flops, peak)
+    profile = config.profile
+    profiler = StepProfiler(workdir / "profile", profile.start_step, profile.steps)
     first_bad, bad_metrics = jnp.zeros((), jnp.int32), None
 
     def check_finite() -> None:
@@ -148,7 +151,9 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
                 batch = sharding.global_batch(
                     {k: local[k] for k in setup.trainer.batch_keys}, setup.mesh
                 )
-                state, metrics = setup.step_at(step)(state, batch)
+                with profiler.update(step):
+                    state, metrics = setup.step_at(step)(state, batch)
+                profiler.updated(step, metrics)
                 if bad_metrics is None:
                     bad_metrics = jax.tree.map(jnp.zeros_like, metrics)
                 first_bad, bad_metrics = _watch(first_bad, bad_metrics, metrics, jnp.int32(step))
@@ -178,6 +183,7 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
         checkpointer.manager.wait_until_finished()
         raise RunStopped(diverged.explain(checkpointer.latest_step(), workdir)) from None
     finally:
+        profiler.stop()
         writer.close()
         checkpointer.close()
         preemption.restore()
