@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         "attention": setup.cfg.attention,
         "remat": setup.cfg.remat,
         "batch": config.batch_size,
-        "gflop_per_clip": figure(setup.clip_flops / 1e9),
+        "gflop_per_clip": figure(setup.flops_at(1) / 1e9),
     }
     if args.dry_run:
         report["lowered"] = bool(lowered.as_text())
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     report.update(
         step_ms=figure(seconds * 1e3),
         clips_per_s=figure(clips_per_s),
-        tflops=figure(clips_per_s * setup.clip_flops / 1e12),
+        tflops=figure(clips_per_s * setup.flops_at(1) / 1e12),
         loss_finite=bool(np.isfinite(float(metrics["loss"]))),
         peak_memory_gib=peak_memory_gib(),
     )

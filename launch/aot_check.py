@@ -100,7 +100,7 @@ def main(argv: list[str]) -> dict:
         "attention": setup.cfg.attention,
         "remat": setup.cfg.remat,
         "hbm_gib": slice_.chip.hbm_gib if slice_ else None,
-        "tflop_per_chip_analytic": _figure(setup.clip_flops * config.batch_size / count / 1e12),
+        "tflop_per_chip_analytic": _figure(setup.flops_at(1) * config.batch_size / count / 1e12),
     }
     started = time.perf_counter()
     try:

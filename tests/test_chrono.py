@@ -22,7 +22,7 @@ def test_compilation_evaluation_and_saving_are_off_the_clock():
     """A first update of 0.4 s (compiling), then two updates of 0.05 s around a 0.4 s pause
     (an evaluation): the rate is that of the two updates alone; the first update's seconds are
     reported once, apart; no MFU without a known peak."""
-    chrono = Chrono(step=0, batch=8, clip_flops=1e9, peak_tflops=None)
+    chrono = Chrono(step=0, batch=8, flops_at=lambda update: 1e9, peak_tflops=None)
     time.sleep(0.4)
     chrono.first_update_done(step=1)
     first = chrono.rates(step=1, devices=1)
@@ -35,7 +35,35 @@ def test_compilation_evaluation_and_saving_are_off_the_clock():
     assert rates["clips_per_s"] == pytest.approx(2 * 8 / 0.1, rel=0.3)
     assert rates["tflops"] == pytest.approx(rates["clips_per_s"] * 1e-3)
     assert "mfu" not in rates and "first_update_s" not in rates
-    known = Chrono(step=0, batch=8, clip_flops=1e9, peak_tflops=0.5)
+    known = Chrono(step=0, batch=8, flops_at=lambda update: 1e9, peak_tflops=0.5)
     time.sleep(0.05)
     rates = known.rates(step=1, devices=2)
     assert rates["mfu"] == pytest.approx(rates["tflops"] / (0.5 * 2))
+
+
+def test_tflops_follow_the_phase_of_each_update():
+    """PCAV-MAE drops its decoder after some epochs: updates 1-2 count 3 GFLOP per clip, 3-4
+    count 1; a log over updates 2-4 counts 3 + 1 + 1."""
+    chrono = Chrono(
+        step=1, batch=2, flops_at=lambda update: 3e9 if update <= 2 else 1e9, peak_tflops=None
+    )
+    time.sleep(0.1)
+    rates = chrono.rates(step=4, devices=1)
+    seconds = 3 * 2 / rates["clips_per_s"]
+    assert rates["tflops"] == pytest.approx((3e9 + 1e9 + 1e9) * 2 / seconds / 1e12)
+
+
+def test_the_pcav_phases_count_the_decoder_only_while_it_trains():
+    """Without the decoder a PCAV-MAE update costs the decoder's forward and backward less."""
+    from cavmae_jax import flops
+    from cavmae_jax.config_loading import load_config
+    from cavmae_jax.models.pcav_mae import pcav_config
+    from cavmae_jax.train.pcav import PCAVPretraining
+
+    config = load_config("configs/pcav.py:as")
+    cfg = pcav_config(**config.model.to_dict())
+    with_decoder, encoders = PCAVPretraining().clip_flops(config, cfg)
+    ratios = (config.mask_ratio_a, config.mask_ratio_v)
+    decoder = flops.pretrain_step(cfg, *ratios)
+    decoder -= flops.pretrain_step(cfg.replace(decoder_depth=0), *ratios)
+    assert decoder > 0 and with_decoder - encoders == decoder

@@ -1,5 +1,6 @@
 """Training throughput on a clock that runs only while updates do: the first update of a
-process (compilation) is timed apart, and evaluation and checkpoint saving pause it."""
+process and of each phase (which compiles its step) is timed apart, and evaluation and
+checkpoint saving pause the clock."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import time
 class Chrono:
     """Clips/s, TFLOP/s and MFU between two logs, from update time only."""
 
-    def __init__(self, step: int, batch: int, clip_flops: float, peak_tflops: float | None):
-        self.batch, self.clip_flops, self.peak = batch, clip_flops, peak_tflops
+    def __init__(self, step: int, batch: int, flops_at, peak_tflops: float | None):
+        """``flops_at(update)``: training FLOPs per clip of that update (phases differ)."""
+        self.batch, self.flops_at, self.peak = batch, flops_at, peak_tflops
         self.first_update_s: float | None = None
         self._restart(step)
 
@@ -41,7 +43,8 @@ class Chrono:
         if step > self.mark_step:
             seconds = time.perf_counter() - self.mark - self.paused_s
             clips_per_s = (step - self.mark_step) * self.batch / seconds
-            rates.update(clips_per_s=clips_per_s, tflops=clips_per_s * self.clip_flops / 1e12)
+            flops = sum(self.flops_at(s) for s in range(self.mark_step + 1, step + 1))
+            rates.update(clips_per_s=clips_per_s, tflops=flops * self.batch / seconds / 1e12)
             if self.peak:
                 rates["mfu"] = rates["tflops"] / (self.peak * devices)
         self._restart(step)

@@ -119,7 +119,7 @@ class Finetuning(Trainer):
         return {"head_lr": config.head_lr, "freeze_base": config.freeze_base}
 
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> float:
-        return flops.finetune_step(cfg, config.mode)
+        return (flops.finetune_step(cfg, config.mode),)
 
     def finish(self, setup, state: dict, workdir: Path) -> dict:
         """The averaged model (``W/model``) and its final evaluation (``evaluation.json``)."""

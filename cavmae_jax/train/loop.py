@@ -122,7 +122,7 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
     peak = peaks.peak_tflops(kind, config.peak_tflops)
     if peak is None and jax.process_index() == 0:
         print(f"MFU not logged: no peak FLOP/s known for {kind}; set --config.peak_tflops")
-    chrono = Chrono(start, config.batch_size, setup.clip_flops, peak)
+    chrono = Chrono(start, config.batch_size, setup.flops_at, peak)
     profile = config.profile
     profiler = StepProfiler(workdir / "profile", profile.start_step, profile.steps)
     first_bad, bad_metrics = jnp.zeros((), jnp.int32), None
@@ -157,8 +157,8 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
                 if bad_metrics is None:
                     bad_metrics = jax.tree.map(jnp.zeros_like, metrics)
                 first_bad, bad_metrics = _watch(first_bad, bad_metrics, metrics, jnp.int32(step))
-                if step == start + 1:
-                    jax.block_until_ready(metrics)
+                if step == start + 1 or setup.step_at(step) is not setup.step_at(step - 1):
+                    jax.block_until_ready(metrics)  # the update that compiled its step
                     chrono.first_update_done(step)
                 bar.update()
                 due = [e for e in setup.evaluators if e[1].due(step, total)]

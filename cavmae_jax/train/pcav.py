@@ -63,10 +63,13 @@ class PCAVPretraining(Trainer):
     def optimizer_options(self, config: ml_collections.ConfigDict) -> dict:
         return {"b1": config.b1}
 
-    def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> float:
-        # plus the momentum encoder's forward
-        train = flops.pretrain_step(cfg, config.mask_ratio_a, config.mask_ratio_v)
-        return train + flops.features_forward(cfg)
+    def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple:
+        """With the decoder, then without it; each plus the momentum encoder's forward."""
+        ratios = (config.mask_ratio_a, config.mask_ratio_v)
+        momentum = flops.features_forward(cfg)
+        with_decoder = flops.pretrain_step(cfg, *ratios)
+        encoders = flops.pretrain_step(cfg.replace(decoder_depth=0), *ratios)
+        return with_decoder + momentum, encoders + momentum
 
     def finish(self, setup, state: dict, workdir) -> dict:
         convert.save_checkpoint(setup.model(state["params"]), workdir / "model")

@@ -30,4 +30,4 @@ class CAVMAEPretraining(Trainer):
         return [(durations.num_steps, pretrain_loss(graphdef, masks))]
 
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> float:
-        return flops.pretrain_step(cfg, config.mask_ratio_a, config.mask_ratio_v)
+        return (flops.pretrain_step(cfg, config.mask_ratio_a, config.mask_ratio_v),)

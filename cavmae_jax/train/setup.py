@@ -42,7 +42,7 @@ class Setup:
     state_shardings: dict
     durations: Durations
     phases: list[tuple[int, Callable]]  # (last update, jitted step)
-    clip_flops: float
+    clip_flops: tuple[float, ...]  # training FLOPs per clip of each phase
     data_dir: paths.Path | None = None
     batches_from: Callable[[int], Iterator[dict]] | None = None  # start update -> host batches
     evaluators: list = dataclasses.field(default_factory=list)  # (name, Period, evaluator)
@@ -50,6 +50,12 @@ class Setup:
     def step_at(self, update: int) -> Callable:
         """The jitted step that makes update ``update`` (from 1)."""
         return next(step for last, step in self.phases if update <= last)
+
+    def flops_at(self, update: int) -> float:
+        """Training FLOPs per clip of update ``update`` (from 1): its phase's (a trainer states
+        them for every phase it can have; a run may have fewer)."""
+        lasts = [last for last, _ in self.phases]
+        return next(f for last, f in zip(lasts, self.clip_flops, strict=False) if update <= last)
 
     def model(self, params) -> nnx.Module:
         return nnx.merge(self.graphdef, params, self.state["rest"])

@@ -68,8 +68,8 @@ class Trainer:
     ) -> AfterUpdate | None:
         return None
 
-    def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> float:
-        """Training FLOPs per clip (for TFLOP/s and MFU)."""
+    def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple:
+        """Training FLOPs per clip of each phase (``phases``), for TFLOP/s and MFU."""
         raise NotImplementedError
 
     def optimizer_options(self, config: ml_collections.ConfigDict) -> dict:
