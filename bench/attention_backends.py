@@ -28,7 +28,8 @@ def run(attention: str, dtype: str, batch: int, accum: int, steps: int) -> dict:
     from cavmae_jax import flops
     from cavmae_jax.models import CAVMAE, ModelConfig
     from cavmae_jax.train.optim import official_adam
-    from cavmae_jax.train.steps import make_train_step, pretrain_loss
+    from cavmae_jax.train.pretrain import pretrain_loss
+    from cavmae_jax.train.steps import make_train_step
 
     cfg = ModelConfig(dtype=dtype, norm_pix_loss=True, attention=attention)
     graphdef, params, rest = nnx.split(CAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)

@@ -47,7 +47,8 @@ def full_size_pretraining(dtype: str, batch: int):
 
     from cavmae_jax.models import CAVMAE, ModelConfig
     from cavmae_jax.train.optim import official_adam
-    from cavmae_jax.train.steps import make_train_step, pretrain_loss
+    from cavmae_jax.train.pretrain import pretrain_loss
+    from cavmae_jax.train.steps import make_train_step
 
     cfg = ModelConfig(dtype=dtype, norm_pix_loss=True)
     graphdef, params, rest = nnx.split(CAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)

@@ -216,10 +216,10 @@ def finetune(workdir: Path, dataset: Path, model: Path, epochs: int, seed: int) 
 def embeddings(model_dir: Path, dataset: Path, split: str):
     """Unit audio, visual and joint embeddings of a split, and its class labels."""
     from cavmae_jax import convert
+    from cavmae_jax.evaluators import Retrieval
+    from cavmae_jax.inference import replicated_state
     from cavmae_jax.losses import l2_normalize
-    from cavmae_jax.train.evaluators import Retrieval
-    from cavmae_jax.train.inference import replicated_state
-    from cavmae_jax.train.sharding import make_mesh
+    from cavmae_jax.sharding import make_mesh
     from input_pipeline.dataset import Loader, LoaderConfig
 
     mesh = make_mesh({"data": -1})

@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> dict:
     apply_overrides(config, overrides)
     if args.batch:
         config.batch_size = args.batch
-    setup = build(config, abstract_clips=NOMINAL_CLIPS)
+    setup, state = build(config, abstract_clips=NOMINAL_CLIPS)
     batch = abstract_batch(config, setup)
     step = setup.step_at(1)
-    lowered = step.lower(setup.state, batch)
+    lowered = step.lower(state, batch)
     report = {
         "config": args.config,
         "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     compiled = TrainStep(lowered.compile())  # the step lowered above, not lowered again
     report["compile_s"] = round(time.perf_counter() - started, 1)
-    state, data = random_like(setup.state, 0), random_like(batch, 1)
+    state, data = random_like(state, 0), random_like(batch, 1)
     times = []
     for _ in range(2 + args.steps):  # two warm-up updates
         started = time.perf_counter()

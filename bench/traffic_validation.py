@@ -33,8 +33,8 @@ def measure(recipe: str, layers: dict, topology: str, batch: int) -> dict:
     with config.unlocked():
         config.model.update(layers)
         config.batch_size = batch
-    setup = build(config, abstract_clips=100_000, devices=tpu.devices(tpu.parse(topology)))
-    compiled = setup.step_at(1).lower(setup.state, abstract_batch(config, setup)).compile()
+    setup, state = build(config, abstract_clips=100_000, devices=tpu.devices(tpu.parse(topology)))
+    compiled = setup.step_at(1).lower(state, abstract_batch(config, setup)).compile()
     text = compiled.as_text()
     stats = hlo_stats.analyze(text)
     loops = sum(i.op == "while" for c in hlo_stats.parse(text)[0].values() for i in c)

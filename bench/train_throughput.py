@@ -24,8 +24,8 @@ from pathlib import Path
 
 import jax
 
+from cavmae_jax import sharding
 from cavmae_jax.config_loading import load_config
-from cavmae_jax.train import sharding
 from cavmae_jax.train.loop import train
 from cavmae_jax.train.setup import build
 
@@ -55,29 +55,28 @@ def full_size_config(kind: str, data_dir: Path, batch: int, steps: int):
     return config
 
 
-def bare_rate(setup, batch: int, steps: int) -> float:
-    """clips/s of the jitted step alone, repeated on one device-resident batch."""
+def bare_rate(setup, state: dict, batch: int, steps: int) -> tuple[float, dict]:
+    """clips/s of the jitted step alone, repeated on one device-resident batch, and the state
+    it leaves."""
     stream = setup.batches_from(0)
     local = next(stream)
     del stream  # stops the loader's prefetching threads: the bare step runs alone
     data = sharding.global_batch({k: local[k] for k in setup.trainer.batch_keys}, setup.mesh)
-    state = setup.state
     for i in range(WARMUP + steps):
         if i == WARMUP:
             start = time.perf_counter()
         state, metrics = setup.step_at(i + 1)(state, data)
         jax.block_until_ready(metrics)
-    setup.state = state
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / (time.perf_counter() - start), state
 
 
 def measure(kind: str, data_dir: Path, batch: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         config = full_size_config(kind, data_dir, batch, steps)
-        setup = build(config, workdir)
-        bare = bare_rate(setup, batch, steps)
-        train(setup, workdir)
+        setup, state = build(config, workdir)
+        bare, state = bare_rate(setup, state, batch, steps)
+        train(setup, state, workdir)
         rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     trainer = statistics.median(r["clips_per_s"] for r in rows[WARMUP:])
     return {

@@ -17,7 +17,7 @@ from flax import nnx
 from cavmae_jax import clip_inputs
 from cavmae_jax.errors import UserError
 from cavmae_jax.models.cav_mae_ft import FT_MODES, SUM_MODE
-from cavmae_jax.train.sharding import make_mesh
+from cavmae_jax.sharding import make_mesh
 
 AUDIO_MODES = ("audioonly",)
 AUDIOSET_CLASSES = 527

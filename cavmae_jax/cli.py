@@ -88,9 +88,9 @@ def _evaluate(args, overrides):
     import jax
 
     from cavmae_jax import paths
-    from cavmae_jax.train.evaluators import EVAL_FRAME, Classification
-    from cavmae_jax.train.inference import replicated_state
-    from cavmae_jax.train.sharding import make_mesh
+    from cavmae_jax.evaluators import EVAL_FRAME, Classification
+    from cavmae_jax.inference import replicated_state
+    from cavmae_jax.sharding import make_mesh
 
     _no_overrides(args, overrides)
     _join_processes(args)
@@ -231,9 +231,9 @@ def _export(args, overrides):
 
 
 def _retrieval(args, overrides):
-    from cavmae_jax.train.evaluators import Retrieval
-    from cavmae_jax.train.inference import replicated_state
-    from cavmae_jax.train.sharding import make_mesh
+    from cavmae_jax.evaluators import Retrieval
+    from cavmae_jax.inference import replicated_state
+    from cavmae_jax.sharding import make_mesh
 
     _no_overrides(args, overrides)
     mesh = make_mesh({"data": -1})

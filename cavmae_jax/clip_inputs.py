@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from cavmae_jax import paths
 from cavmae_jax.errors import UserError
-from cavmae_jax.train.sharding import global_batch
+from cavmae_jax.sharding import global_batch
 from input_pipeline.video import VIDEO_SUFFIXES
 
 

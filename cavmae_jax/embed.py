@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from cavmae_jax import clip_inputs, paths
-from cavmae_jax.train.sharding import make_mesh
+from cavmae_jax.sharding import make_mesh
 
 EVAL_FRAME = 5
 

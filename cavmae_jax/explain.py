@@ -14,12 +14,11 @@ import json
 import ml_collections
 import numpy as np
 
-from cavmae_jax import convert, paths
+from cavmae_jax import convert, paths, prototypes
+from cavmae_jax.inference import replicated_state, split_embeddings
 from cavmae_jax.losses import l2_normalize
 from cavmae_jax.paths import Path
-from cavmae_jax.train.evaluators import find_prototypes, momentum_embeddings
-from cavmae_jax.train.inference import replicated_state
-from cavmae_jax.train.sharding import make_mesh
+from cavmae_jax.sharding import make_mesh
 
 SHOWN_PER_LEVEL = 3
 
@@ -31,7 +30,7 @@ def dataset_embeddings(model, data_dir: Path, split: str, batch_size: int = 32) 
 
     mesh = make_mesh({"data": -1})
     graphdef, state = replicated_state(model, mesh)
-    bank = momentum_embeddings(
+    bank = split_embeddings(
         graphdef, mesh, data_dir, split, batch_size, state["params"], state["rest"]
     )
     loader = Loader(data_dir, split, LoaderConfig(batch_size, num_classes=1, train=False))
@@ -171,7 +170,7 @@ def explain(
     model = convert.load_checkpoint(workdir / "momentum_model")
     data = dataset_embeddings(model, data_dir, split)
     granularities = tuple(pcav["granularities"])
-    arrays, levels = find_prototypes(data, ml_collections.ConfigDict(pcav), config["seed"])
+    arrays, levels = prototypes.from_settings(data, ml_collections.ConfigDict(pcav), config["seed"])
     report = prototype_report(levels, arrays, data, granularities)
     (output / "prototypes.json").write_text(json.dumps(report, indent=1))
     tsne_figure(data, levels, output / "tsne.png", config["seed"])

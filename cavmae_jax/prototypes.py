@@ -259,3 +259,19 @@ def discover(
         sizes = np.bincount(np.asarray(labels), minlength=k)
         levels.append({"clips": np.asarray(clips), "labels": np.asarray(labels), "sizes": sizes})
     return {name: np.stack(values) for name, values in out.items()}, levels
+
+
+def from_settings(bank: dict, pcav, seed: int, mesh=None):
+    """The prototype arrays and levels of a memory bank ``{"audio", "visual"}`` under a run's
+    ``config.pcav`` settings."""
+    return discover(
+        bank["audio"],
+        bank["visual"],
+        pcav.method,
+        tuple(pcav.granularities),
+        pcav.max_prototypes,
+        pcav.beta,
+        pcav.gamma_mean,
+        seed,
+        mesh=mesh,
+    )

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cavmae_jax.train.sharding import make_mesh
+from cavmae_jax.sharding import make_mesh
 
 
 def _unit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -86,7 +86,7 @@ def main(argv: list[str]) -> dict:
     config = load_config(args.config)
     apply_overrides(config, overrides)
     devices = tpu.devices(slice_) if slice_ else None
-    setup = build(config, abstract_clips=NOMINAL_CLIPS, devices=devices)
+    setup, state = build(config, abstract_clips=NOMINAL_CLIPS, devices=devices)
     count = setup.mesh.size
     report = {
         "config": args.config,
@@ -104,7 +104,7 @@ def main(argv: list[str]) -> dict:
     }
     started = time.perf_counter()
     try:
-        lowered = setup.step_at(1).lower(setup.state, abstract_batch(config, setup))
+        lowered = setup.step_at(1).lower(state, abstract_batch(config, setup))
         compiled = lowered.compile()
     except Exception as error:  # the compiler's verdict on memory is the check's result
         if not (slice_ and _memory_exhausted(error)):

@@ -17,11 +17,11 @@ from flax import nnx
 from worker_env import join_from_env
 
 from cavmae_jax import prototypes, retrieval
+from cavmae_jax.evaluators import Classification
+from cavmae_jax.inference import replicated_state, split_embeddings
 from cavmae_jax.models import CAVMAEFT, ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE, pcav_config
-from cavmae_jax.train.evaluators import Classification, momentum_embeddings
-from cavmae_jax.train.inference import replicated_state
-from cavmae_jax.train.sharding import make_mesh
+from cavmae_jax.sharding import make_mesh
 
 SMALL = ModelConfig(embed_dim=32, depth=2, modality_specific_depth=1, num_heads=2, label_dim=4)
 SMALL_PCAV = pcav_config(
@@ -63,7 +63,7 @@ def evaluate(data_dir: str, batch_size: int, devices: int) -> dict:
     result["validation"] = validation.outputs(state, frame=5)["logits"].tolist()
     # PCAV-MAE's memory bank (batched the same way) and the prototypes found on it
     graphdef, state = replicated_state(PCAVMAE(SMALL_PCAV, nnx.Rngs(0)), mesh)
-    bank = momentum_embeddings(
+    bank = split_embeddings(
         graphdef, mesh, data_dir, "train", batch_size, state["params"], state["rest"]
     )
     arrays, levels = prototypes.discover(

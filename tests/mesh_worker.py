@@ -22,9 +22,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from worker_env import join_from_env
 
+from cavmae_jax import sharding
 from cavmae_jax.models import CAVMAE, tiny
-from cavmae_jax.train import sharding
-from cavmae_jax.train.steps import make_train_step, pretrain_loss
+from cavmae_jax.train.pretrain import pretrain_loss
+from cavmae_jax.train.steps import make_train_step
 
 
 def gathered(x: jax.Array) -> np.ndarray:

@@ -148,8 +148,8 @@ def test_training_step_moves_the_momentum_encoder_once_per_update(setup):
     import ml_collections
     import optax
 
-    from cavmae_jax.train.pcav import PCAVPretraining
-    from cavmae_jax.train.steps import make_train_step, pcav_loss
+    from cavmae_jax.train.pcav import PCAVPretraining, pcav_loss
+    from cavmae_jax.train.steps import make_train_step
 
     model, _, _, audio, image, protos, _ = setup
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -196,7 +196,7 @@ def pcav_command(workdir, dataset) -> list[str]:
         workdir,
         dataset,
         PCAV_STEPS,
-        "--config.evals.memory_bank.every_steps=2",
+        "--config.pcav.refresh.every_steps=2",
         config="configs/pcav.py:demo",
     )
 

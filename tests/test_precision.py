@@ -10,7 +10,8 @@ from flax import nnx
 
 from cavmae_jax.models import CAVMAE, tiny
 from cavmae_jax.train.optim import official_adam
-from cavmae_jax.train.steps import make_train_step, pretrain_loss
+from cavmae_jax.train.pretrain import pretrain_loss
+from cavmae_jax.train.steps import make_train_step
 
 UPDATES = 8
 LOSS_BOUND = 0.002  # relative, every update (measured: at most 5e-4)

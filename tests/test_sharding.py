@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from worker_env import fake_devices_env
 
-from cavmae_jax.train.sharding import FSDP_RULES, make_mesh
+from cavmae_jax.sharding import FSDP_RULES, make_mesh
 
 WORKER = Path(__file__).with_name("mesh_worker.py")
 # every run: 3 SGD steps on the same batch of 8 clips. Data parallel runs with G=4 contrastive

@@ -11,8 +11,9 @@ from conftest import random_inputs
 from flax import nnx
 
 from cavmae_jax.models import CAVMAEFT, tiny
+from cavmae_jax.train.finetune import finetune_loss
 from cavmae_jax.train.optim import make_optimizer, warmup_cosine
-from cavmae_jax.train.steps import finetune_loss, make_train_step
+from cavmae_jax.train.steps import make_train_step
 
 
 def initial_state(params, rest, tx) -> dict:
@@ -98,8 +99,8 @@ def test_logged_rate_is_the_applied_rate():
 def test_indivisible_micro_batches_are_rejected():
     import ml_collections
 
+    from cavmae_jax.sharding import make_mesh
     from cavmae_jax.train.setup import check_batch
-    from cavmae_jax.train.sharding import make_mesh
 
     config = ml_collections.ConfigDict({"batch_size": 12, "grad_accum": 5})
     with pytest.raises(ValueError, match="does not split into 5 micro-batches"):

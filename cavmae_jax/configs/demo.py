@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    config.sharding = "dp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/train/sharding.py)
+    config.sharding = "dp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/sharding.py)
     config.peak_tflops = 0.48  # per device, for MFU (this 2-core CPU's float32 matmul peak)
     config.checkpoint_every = 100
     config.keep_checkpoints = 3

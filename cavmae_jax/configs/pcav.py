@@ -52,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             decoder_epochs=200,
             pje_weight=1.0,  # eq. (1) in the total loss; 0 = the ablation without L_PJE
             pcpe_weight=1.0,  # eq. (3) in the total loss; 0 = the ablation without L_PCPE
+            # the memory-bank refresh (momentum embeddings of every clip, then the prototypes):
+            # before the first update, then every epoch (every_steps wins when set)
+            refresh=dict(every_epochs=1, every_steps=0, at_start=True),
         )
     )
     config.data = ml_collections.ConfigDict(
@@ -69,7 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # One slice's mesh (slices add an outer data-parallel axis by themselves); FSDP over all
     # its chips: the recipes' global batches then fit 16 GiB v5e chips (docs/tpu.md).
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (train/sharding.py)
+    config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/sharding.py)
     config.init = ""
     config.seed = 0
     config.batch_size = 512  # the paper's (accumulated) global batch per update
@@ -94,10 +97,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_ocdbt = True  # TensorStore's OCDBT format (False: a folder per array)
     config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
     config.peak_tflops = 0.0  # per device; 0: the device kind's published bf16 peak (peaks.py)
-    # the memory-bank refresh: before the first update, then every epoch (train/evaluators.py)
-    config.evals = ml_collections.ConfigDict(
-        {"memory_bank": dict(kind="memory_bank", every_epochs=1, every_steps=0, at_start=True)}
-    )
+    config.evals = ml_collections.ConfigDict()  # evaluators: see cavmae_jax/evaluators.py
     if tiny:
         config.model.update(
             dict(

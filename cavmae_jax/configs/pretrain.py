@@ -83,7 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # One slice's mesh (slices add an outer data-parallel axis by themselves); FSDP over all
     # its chips: the recipes' global batches then fit 16 GiB v5e chips (docs/tpu.md).
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (train/sharding.py)
+    config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/sharding.py)
     config.init = ""
     config.seed = 0
     config.batch_size = recipe["batch"]  # global batch per update
@@ -115,7 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint_ocdbt = True  # TensorStore's OCDBT format (False: a folder per array)
     config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
     config.peak_tflops = 0.0  # per device; 0: the device kind's published bf16 peak (peaks.py)
-    config.evals = ml_collections.ConfigDict()  # e.g. retrieval: see train/evaluators.py
+    config.evals = ml_collections.ConfigDict()  # e.g. retrieval: see cavmae_jax/evaluators.py
     if "tiny" in modifiers:
         config.model.update(
             dict(

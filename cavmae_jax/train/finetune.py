@@ -21,12 +21,26 @@ from flax import nnx
 
 from cavmae_jax import convert, flops
 from cavmae_jax.errors import UserError
+from cavmae_jax.evaluators import EVAL_FRAME, Classification
+from cavmae_jax.losses import CLASSIFICATION_LOSSES
 from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
 from cavmae_jax.paths import Path
 from cavmae_jax.train.durations import Durations
-from cavmae_jax.train.evaluators import EVAL_FRAME, Classification
-from cavmae_jax.train.steps import finetune_loss
+from cavmae_jax.train.steps import LossFn
 from cavmae_jax.train.trainer import Trainer, load_model, write_run_files
+
+
+def finetune_loss(graphdef: nnx.GraphDef, mode: str, loss: str) -> LossFn:
+    """Classification: ``loss`` ("bce" or "ce") of the logits in finetuning ``mode`` against
+    the batch's soft labels (no masks: ``key`` is unused)."""
+    loss_of = CLASSIFICATION_LOSSES[loss]
+
+    def loss_fn(params, state, batch, key):
+        model = nnx.merge(graphdef, params, state["rest"])
+        value = loss_of(model(batch["audio"], batch["image"], mode=mode), batch["label"])
+        return value, {"loss": value}
+
+    return loss_fn
 
 
 def balanced_weights(data_dir: Path, split: str, share: str, workdir: Path) -> tuple[float, ...]:
@@ -149,7 +163,9 @@ class Finetuning(Trainer):
         )
         result = final.run({"params": params, "rest": state["rest"]})
         convert.save_checkpoint(
-            setup.model(params), workdir / "model", {"mode": config.mode, "loss": config.loss}
+            setup.model(params, state["rest"]),
+            workdir / "model",
+            {"mode": config.mode, "loss": config.loss},
         )
         if jax.process_index() == 0:
             (workdir / "evaluation.json").write_text(json.dumps(result, indent=1))

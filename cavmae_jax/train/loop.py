@@ -17,11 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 from tqdm import tqdm
 
-from cavmae_jax import paths, peaks
+from cavmae_jax import paths, peaks, sharding
 from cavmae_jax.errors import RunStopped
 from cavmae_jax.paths import Path
 from cavmae_jax.train import durations as durations_lib
-from cavmae_jax.train import sharding
 from cavmae_jax.train.checkpoint import Checkpointer, Preemption
 from cavmae_jax.train.chrono import Chrono
 from cavmae_jax.train.metrics import MetricsWriter
@@ -91,14 +90,33 @@ def evaluate(setup: Setup, state: dict, due: list, step: int, workdir: Path) -> 
     return scalars
 
 
-def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
-    """Run updates up to ``setup.durations.num_steps``, resuming from ``workdir/checkpoints``.
-    Metrics (the step's and those of the evaluators that ran) are appended to
-    ``workdir/metrics.jsonl`` every ``config.log_every`` updates and whenever an evaluator ran.
-    Returns the final state, the last logged metrics and whether the run finished (False after
-    SIGTERM)."""
+def refresh_and_evaluate(setup: Setup, state: dict, step: int, workdir: Path) -> tuple[dict, dict]:
+    """After update ``step`` (0: before the first of a fresh run), the trainer's refreshes that
+    are due (they change the state), then the evaluators that are (they read it); their
+    scalars come back as ``name/metric``."""
+    total = setup.durations.num_steps
+
+    def due(period) -> bool:
+        return period.at_start if step == 0 else period.due(step, total)
+
+    scalars = {}
+    for name, period, refresh in setup.refreshes:
+        if due(period):
+            state, result = refresh(state)
+            scalars.update({f"{name}/{k}": v for k, v in result.items()})
+    evaluators = [e for e in setup.evaluators if due(e[1])]
+    if evaluators:
+        scalars.update(evaluate(setup, state, evaluators, step, workdir))
+    return state, scalars
+
+
+def train(setup: Setup, state: dict, workdir: Path) -> tuple[dict, dict[str, float], bool]:
+    """Run updates from ``state`` up to ``setup.durations.num_steps``, resuming from
+    ``workdir/checkpoints``. Metrics (the step's and those of the refreshes and evaluators that
+    ran) are appended to ``workdir/metrics.jsonl`` every ``config.log_every`` updates and
+    whenever an evaluator ran. Returns the final state, the last logged metrics and whether
+    the run finished (False after SIGTERM)."""
     config, total = setup.config, setup.durations.num_steps
-    state = setup.state
     checkpointer = Checkpointer(
         workdir / "checkpoints", config.keep_checkpoints, ocdbt=config.checkpoint_ocdbt
     )
@@ -112,9 +130,9 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
         keep_lines_until(workdir / "metrics.jsonl", start if start else -1)
     writer = MetricsWriter(workdir, active=first)
     if start == 0:
-        at_start = [e for e in setup.evaluators if e[1].at_start]
-        if at_start:
-            writer.write(0, {"step": 0, **evaluate(setup, state, at_start, 0, workdir)})
+        state, scalars = refresh_and_evaluate(setup, state, 0, workdir)
+        if scalars:
+            writer.write(0, {"step": 0, **scalars})
     batches = setup.batches_from(start)
     preemption = Preemption()
     logged: dict[str, float] = {}
@@ -161,9 +179,8 @@ def train(setup: Setup, workdir: Path) -> tuple[dict, dict[str, float], bool]:
                     jax.block_until_ready(metrics)  # the update that compiled its step
                     chrono.first_update_done(step)
                 bar.update()
-                due = [e for e in setup.evaluators if e[1].due(step, total)]
                 with chrono.paused():
-                    evaluated = evaluate(setup, state, due, step, workdir) if due else {}
+                    state, evaluated = refresh_and_evaluate(setup, state, step, workdir)
                 stop = preemption.due(step)  # the same step on every process
                 saving = step % config.checkpoint_every == 0 or step == total or stop
                 if step % config.log_every == 0 or step == total or evaluated or saving:
@@ -196,11 +213,11 @@ def run(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
     the trainer's final result."""
     workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    setup = build(config, workdir)
+    setup, state = build(config, workdir)
     if jax.process_index() == 0:
         print(setup.durations.summary())
         print(durations_lib.schedule_summary(config, setup.durations))
-    state, logged, finished = train(setup, workdir)
+    state, logged, finished = train(setup, state, workdir)
     if not finished:
         return logged
     return {**logged, **setup.trainer.finish(setup, state, workdir)}

@@ -1,6 +1,6 @@
-"""The one setup path of every trainer: config -> mesh, data, model, sharded state, steps,
-evaluators. ``launch/aot_check.py`` calls it too, abstractly (no data read, nothing allocated),
-so the compile check is the training code.
+"""The one setup path of every trainer: config -> mesh, data, model, steps, evaluators, and a
+fresh sharded initial state. ``launch/aot_check.py`` calls it too, abstractly (no data read,
+nothing allocated), so the compile check is the training code.
 """
 
 from __future__ import annotations
@@ -15,36 +15,48 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cavmae_jax import paths
+from cavmae_jax import evaluators as evaluators_lib
+from cavmae_jax import paths, sharding
 from cavmae_jax.errors import UserError
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.attention import resolve as resolve_attention
 from cavmae_jax.models.layers import resolve_remat
 from cavmae_jax.train import durations as durations_lib
-from cavmae_jax.train import evaluators as evaluators_lib
-from cavmae_jax.train import sharding
 from cavmae_jax.train.durations import Durations
+from cavmae_jax.train.finetune import Finetuning
 from cavmae_jax.train.optim import make_optimizer
+from cavmae_jax.train.pcav import PCAVPretraining
+from cavmae_jax.train.pretrain import CAVMAEPretraining
 from cavmae_jax.train.steps import make_train_step
-from cavmae_jax.train.trainer import Trainer, get
+from cavmae_jax.train.trainer import Trainer
+
+TRAINERS = {"pretrain": CAVMAEPretraining, "finetune": Finetuning, "pcav": PCAVPretraining}
 
 
-@dataclasses.dataclass
+def trainer_named(name: str) -> Trainer:
+    """The trainer a config names (``config.trainer``)."""
+    if name not in TRAINERS:
+        raise UserError(f"unknown trainer {name!r}; expected one of {list(TRAINERS)}")
+    return TRAINERS[name]()
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
-    """Everything a run needs; ``state`` is concrete (or ``ShapeDtypeStruct``s when abstract)."""
+    """Everything a run needs but its state (``build`` returns that beside it: the loop donates
+    the state's buffers to the step, so nothing here holds them)."""
 
     config: ml_collections.ConfigDict
     trainer: Trainer
     cfg: ModelConfig
     mesh: Mesh
     graphdef: nnx.GraphDef
-    state: dict
     state_shardings: dict
     durations: Durations
     phases: list[tuple[int, Callable]]  # (last update, jitted step)
     clip_flops: tuple[float, ...]  # training FLOPs per clip of each phase
     data_dir: paths.Path | None = None
     batches_from: Callable[[int], Iterator[dict]] | None = None  # start update -> host batches
+    refreshes: list = dataclasses.field(default_factory=list)  # (name, Period, state -> state)
     evaluators: list = dataclasses.field(default_factory=list)  # (name, Period, evaluator)
 
     def step_at(self, update: int) -> Callable:
@@ -57,8 +69,8 @@ class Setup:
         lasts = [last for last, _ in self.phases]
         return next(f for last, f in zip(lasts, self.clip_flops, strict=False) if update <= last)
 
-    def model(self, params) -> nnx.Module:
-        return nnx.merge(self.graphdef, params, self.state["rest"])
+    def model(self, params, rest) -> nnx.Module:
+        return nnx.merge(self.graphdef, params, rest)
 
 
 def prepared_dataset(config: ml_collections.ConfigDict, workdir: paths.Path) -> paths.Path:
@@ -205,11 +217,12 @@ def build(
     workdir: paths.Path | None = None,
     abstract_clips: int | None = None,
     devices=None,
-) -> Setup:
-    """The run of ``config`` in ``workdir``. With ``abstract_clips`` nothing is read or
-    allocated: durations assume that many training clips and the state is abstract (for
-    ahead-of-time compilation on ``devices``, e.g. a TPU topology's)."""
-    trainer = get(config.trainer)
+) -> tuple[Setup, dict]:
+    """The run of ``config`` in ``workdir`` and its initial state. With ``abstract_clips``
+    nothing is read or allocated: durations assume that many training clips and the state is
+    ``ShapeDtypeStruct``s (for ahead-of-time compilation on ``devices``, e.g. a TPU
+    topology's)."""
+    trainer = trainer_named(config.trainer)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     check_batch(config, mesh)
     abstract = abstract_clips is not None
@@ -252,25 +265,28 @@ def build(
         )
         for last, loss_fn in trainer.phases(graphdef, config, durations)
     ]
+    batches_from, refreshes, evaluators = None, [], []
+    if not abstract:
+        per_epoch = durations.steps_per_epoch
+        batches_from = loader.iterate_from
+        refreshes = trainer.refreshes(config, graphdef, mesh, data_dir, per_epoch)
+        evaluators = evaluators_lib.from_config(config, graphdef, mesh, data_dir, per_epoch)
     setup = Setup(
         config,
         trainer,
         cfg,
         mesh,
         graphdef,
-        state,
         shardings,
         durations,
         phases,
         trainer.clip_flops(config, cfg),
         data_dir,
+        batches_from,
+        refreshes,
+        evaluators,
     )
-    if not abstract:
-        setup.batches_from = loader.iterate_from
-        setup.evaluators = evaluators_lib.from_config(
-            config, setup, data_dir, durations.steps_per_epoch
-        )
-    return setup
+    return setup, state
 
 
 def abstract_batch(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, Any]:

@@ -16,11 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cavmae_jax.losses import CLASSIFICATION_LOSSES
-from cavmae_jax.train.sharding import BATCH_AXES
+from cavmae_jax.sharding import BATCH_AXES
 
 # (params, state, batch, key) -> (loss, metrics): the trainer's loss on one (micro-)batch
 LossFn = Callable[[Any, dict, dict, jax.Array], tuple[jax.Array, dict]]
@@ -125,71 +123,3 @@ def make_train_step(
     if state_shardings is not None:
         out = ({k: v for k, v in state_shardings.items() if k != "rest"}, None)
     return TrainStep(jax.jit(update, donate_argnums=(0,), out_shardings=out))
-
-
-SCALARS = ("loss", "loss_mae", "loss_mae_a", "loss_mae_v", "loss_c", "c_acc")
-
-
-def pretrain_loss(graphdef: nnx.GraphDef, mask_kwargs: dict[str, Any]) -> LossFn:
-    """CAV-MAE pretraining: the model's own loss under fresh random masks (``key``)."""
-
-    def loss_fn(params, state, batch, key):
-        model = nnx.merge(graphdef, params, state["rest"])
-        out = model(batch["audio"], batch["image"], key=key, **mask_kwargs)
-        return out["loss"], {name: out[name] for name in SCALARS}
-
-    return loss_fn
-
-
-def finetune_loss(graphdef: nnx.GraphDef, mode: str, loss: str) -> LossFn:
-    """Classification: ``loss`` ("bce" or "ce") of the logits in finetuning ``mode`` against
-    the batch's soft labels (no masks: ``key`` is unused)."""
-    loss_of = CLASSIFICATION_LOSSES[loss]
-
-    def loss_fn(params, state, batch, key):
-        model = nnx.merge(graphdef, params, state["rest"])
-        value = loss_of(model(batch["audio"], batch["image"], mode=mode), batch["label"])
-        return value, {"loss": value}
-
-    return loss_fn
-
-
-PCAV_SCALARS = ("loss", "loss_pje", "loss_pcpe", "loss_r", "loss_mae_a", "loss_mae_v", "p_acc")
-
-
-def pcav_loss(graphdef: nnx.GraphDef, model_kwargs: dict[str, Any], use_decoder: bool) -> LossFn:
-    """PCAV-MAE: the momentum encoder (``state["ema"]``) embeds the unmasked batch to find each
-    clip's prototypes (``state["protos"]``); the trained encoder is scored against them."""
-    from cavmae_jax.models.pcav_mae import clip_prototypes
-
-    def loss_fn(params, state, batch, key):
-        momentum = nnx.merge(graphdef, state["ema"], state["rest"])
-        with jax.named_scope("momentum"):
-            audio_m, visual_m = momentum.embed(batch["audio"], batch["image"])
-        audio_m, visual_m = jax.lax.stop_gradient((audio_m, visual_m))
-        protos = state["protos"]
-        targets = clip_prototypes(
-            audio_m, visual_m, protos["audio"], protos["visual"], protos["valid"]
-        )
-        out = nnx.merge(graphdef, params, state["rest"])(
-            batch["audio"],
-            batch["image"],
-            protos,
-            targets,
-            key=key,
-            use_decoder=use_decoder,
-            **model_kwargs,
-        )
-        return out["loss"], {name: out[name] for name in PCAV_SCALARS}
-
-    return loss_fn
-
-
-def make_logits_step(graphdef: nnx.GraphDef, mode: str) -> Callable:
-    """Jitted ``(params, rest, batch) -> {"logits": [B, K]}`` for evaluation."""
-
-    def logits(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        return {"logits": model(batch["audio"], batch["image"], mode=mode)}
-
-    return jax.jit(logits)

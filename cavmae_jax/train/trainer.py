@@ -1,23 +1,29 @@
 """What a trainer is: the parts in which CAV-MAE pretraining, finetuning and PCAV-MAE differ.
 
-A config names its trainer (``config.trainer``: ``pretrain``, ``finetune`` or ``pcav``); setup,
-the step and the loop are shared (``train/setup.py``, ``train/steps.py``, ``train/loop.py``).
+A config names its trainer (``config.trainer``: ``pretrain``, ``finetune`` or ``pcav``); each
+trainer's file holds the whole of it: its loss, its extra state, what it does after an update
+and its periodic state refreshes. Setup, the step and the loop are shared (``train/setup.py``,
+``train/steps.py``, ``train/loop.py``).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import ml_collections
 from flax import nnx
 
 from cavmae_jax import convert
-from cavmae_jax.errors import UserError
+from cavmae_jax.evaluators import Period
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.paths import Path
 from cavmae_jax.train.durations import Durations
 from cavmae_jax.train.metrics import plot_curves
 from cavmae_jax.train.steps import AfterUpdate, LossFn
+
+# state -> (new state, scalars to log): a periodic change of the state outside the step
+Refresh = Callable[[dict], tuple[dict, dict]]
 
 
 class Trainer:
@@ -68,6 +74,18 @@ class Trainer:
     ) -> AfterUpdate | None:
         return None
 
+    def refreshes(
+        self,
+        config: ml_collections.ConfigDict,
+        graphdef: nnx.GraphDef,
+        mesh,
+        data_dir: Path,
+        steps_per_epoch: int,
+    ) -> list[tuple[str, Period, Refresh]]:
+        """(name, period, refresh) of the state refreshes the loop runs, before the evaluators,
+        when their period is due (their scalars are logged as ``name/scalar``)."""
+        return []
+
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple:
         """Training FLOPs per clip of each phase (``phases``), for TFLOP/s and MFU."""
         raise NotImplementedError
@@ -79,7 +97,7 @@ class Trainer:
         """After the last update, on every process: save the model (process 0)."""
         import jax
 
-        convert.save_checkpoint(setup.model(state["params"]), workdir / "model")
+        convert.save_checkpoint(setup.model(state["params"], state["rest"]), workdir / "model")
         if jax.process_index() == 0:
             write_run_files(setup.config, workdir)
         return {}
@@ -101,15 +119,3 @@ def load_model(source: str, kind: str, **overrides) -> nnx.Module:
     if str(source).endswith(".pth"):
         return convert.load_torch_checkpoint(source, kind=kind, **overrides)
     return convert.load_checkpoint(source)
-
-
-def get(name: str) -> Trainer:
-    """The trainer a config names."""
-    from cavmae_jax.train.finetune import Finetuning
-    from cavmae_jax.train.pcav import PCAVPretraining
-    from cavmae_jax.train.pretrain import CAVMAEPretraining
-
-    trainers = {"pretrain": CAVMAEPretraining, "finetune": Finetuning, "pcav": PCAVPretraining}
-    if name not in trainers:
-        raise UserError(f"unknown trainer {name!r}; expected one of {list(trainers)}")
-    return trainers[name]()

@@ -1,8 +1,8 @@
 """Evaluators: what runs during and after training, and in ``cavmae evaluate / retrieval``.
 
 Each is a small object with one ``run(state) -> {metric: value}`` over the train state (``params``
-and ``rest``, plus ``ema`` for the memory bank), going through the one batched, mesh-sharded
-inference path (``train/inference.py``). ``config.evals`` names them with their periods:
+and ``rest``): it reads the state and never changes it, through the one batched, mesh-sharded
+inference path (``cavmae_jax/inference.py``). ``config.evals`` names them with their periods:
 
     config.evals.validation = dict(kind="classification", every_epochs=1)
     config.evals.retrieval = dict(kind="retrieval", at_end=True, split="train")
@@ -14,24 +14,31 @@ first update of a fresh run), ``at_end`` (after the last update).
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from cavmae_jax import evaluation, prototypes, retrieval
+from cavmae_jax import evaluation, retrieval
 from cavmae_jax.errors import UserError
+from cavmae_jax.inference import predict_split
 from cavmae_jax.losses import CLASSIFICATION_LOSSES
 from cavmae_jax.paths import Path
-from cavmae_jax.train.inference import predict_split
-from cavmae_jax.train.steps import make_logits_step
 
 EVAL_FRAME = 5
+
+
+def make_logits_step(graphdef: nnx.GraphDef, mode: str) -> Callable:
+    """Jitted ``(params, rest, batch) -> {"logits": [B, K]}`` for evaluation."""
+
+    def logits(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        return {"logits": model(batch["audio"], batch["image"], mode=mode)}
+
+    return jax.jit(logits)
 
 
 @dataclasses.dataclass
@@ -144,111 +151,35 @@ class Retrieval:
         return {**result, "clips": clips, "chance_r1": 1.0 / clips}
 
 
-@functools.cache
-def embedder(graphdef: nnx.GraphDef) -> Callable:
-    """Jitted ``(params, rest, batch) -> {"audio", "visual"}``: PCAV-MAE embeddings (one
-    compiled function per model, reused by every refresh)."""
-
-    @jax.jit
-    def embed(params, rest, batch):
-        audio, visual = nnx.merge(graphdef, params, rest).embed(batch["audio"], batch["image"])
-        return {"audio": audio, "visual": visual}
-
-    return embed
-
-
-def momentum_embeddings(
-    graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str, batch_size: int, params, rest
-) -> dict[str, np.ndarray]:
-    """PCAV-MAE embeddings ``audio``, ``visual`` [N, D] of every clip of a split."""
-    embed = embedder(graphdef)
-    return predict_split(
-        lambda batch: embed(params, rest, batch),
-        mesh,
-        data_dir,
-        split,
-        batch_size,
-        keys=("audio", "image"),
-    )
-
-
-def find_prototypes(bank: dict, pcav: ml_collections.ConfigDict, seed: int, mesh=None):
-    """The prototype arrays and levels of a memory bank under the run's settings."""
-    return prototypes.discover(
-        bank["audio"],
-        bank["visual"],
-        pcav.method,
-        tuple(pcav.granularities),
-        pcav.max_prototypes,
-        pcav.beta,
-        pcav.gamma_mean,
-        seed,
-        mesh=mesh,
-    )
-
-
-class MemoryBank:
-    """PCAV-MAE's refresh: the momentum encoder (``state["ema"]``) embeds every training clip
-    and the prototypes of every granularity are found on that bank; they replace
-    ``state["protos"]`` (the one evaluator that changes the state)."""
-
-    def __init__(
-        self,
-        graphdef: nnx.GraphDef,
-        mesh: Mesh,
-        data_dir,
-        batch_size: int,
-        pcav: ml_collections.ConfigDict,
-        seed: int,
-    ):
-        self.graphdef, self.mesh, self.data_dir = graphdef, mesh, data_dir
-        self.batch_size, self.pcav, self.seed = batch_size, pcav, seed
-
-    def run(self, state: dict) -> dict:
-        bank = momentum_embeddings(
-            self.graphdef,
-            self.mesh,
-            self.data_dir,
-            "train",
-            self.batch_size,
-            state["ema"],
-            state["rest"],
-        )
-        arrays, levels = find_prototypes(bank, self.pcav, self.seed, self.mesh)
-        state["protos"] = jax.device_put(arrays, NamedSharding(self.mesh, PartitionSpec()))
-        return {f"prototypes_{g}": len(level["sizes"]) for g, level in enumerate(levels)}
-
-
-def empty_prototypes(pcav: ml_collections.ConfigDict, dim: int) -> dict:
-    """Prototype arrays before the first refresh (none valid)."""
-    k, levels = pcav.max_prototypes, len(pcav.granularities)
-    return {
-        "audio": jnp.zeros((levels, k, dim)),
-        "visual": jnp.zeros((levels, k, dim)),
-        "gamma": jnp.ones((levels, k)),
-        "valid": jnp.zeros((levels, k), bool),
-    }
-
-
 def from_config(
-    config: ml_collections.ConfigDict, setup, data_dir: Path, steps_per_epoch: int
+    config: ml_collections.ConfigDict,
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    data_dir: Path,
+    steps_per_epoch: int,
 ) -> list[tuple[str, Period, object]]:
     """(name, period, evaluator) of every entry of ``config.evals``."""
     evaluators = []
     for name, spec in config.get("evals", {}).items():
-        period = Period(
-            every_steps=spec.get("every_steps", 0)
-            or round(spec.get("every_epochs", 0) * steps_per_epoch),
-            at_start=spec.get("at_start", False),
-            at_end=spec.get("at_end", False),
-        )
-        evaluators.append((name, period, build(spec, config, setup, data_dir)))
+        evaluator = build(spec, config, graphdef, mesh, data_dir)
+        evaluators.append((name, period_of(spec, steps_per_epoch), evaluator))
     return evaluators
 
 
-def build(spec, config: ml_collections.ConfigDict, setup, data_dir: Path):
-    """One evaluator of kind ``spec.kind`` for a training run's ``setup``."""
-    graphdef, mesh, batch = setup.graphdef, setup.mesh, spec.get("batch_size", config.batch_size)
+def period_of(spec, steps_per_epoch: int) -> Period:
+    """The period a config entry states (``every_epochs``/``every_steps``, ``at_start``,
+    ``at_end``)."""
+    return Period(
+        every_steps=spec.get("every_steps", 0)
+        or round(spec.get("every_epochs", 0) * steps_per_epoch),
+        at_start=spec.get("at_start", False),
+        at_end=spec.get("at_end", False),
+    )
+
+
+def build(spec, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh: Mesh, data_dir):
+    """One evaluator of kind ``spec.kind`` for a training run."""
+    batch = spec.get("batch_size", config.batch_size)
     if spec.kind == "classification":
         eval_dir = config.data.get("eval_dir") or data_dir
         frames = tuple(spec.get("frames", (EVAL_FRAME,)))
@@ -267,6 +198,4 @@ def build(spec, config: ml_collections.ConfigDict, setup, data_dir: Path):
     if spec.kind == "retrieval":
         eval_dir = config.data.get("eval_dir") or data_dir
         return Retrieval(graphdef, mesh, eval_dir, spec.get("split", "train"), batch)
-    if spec.kind == "memory_bank":
-        return MemoryBank(graphdef, mesh, data_dir, batch, config.pcav, config.seed)
     raise UserError(f"unknown evaluator kind {spec.kind!r}")

@@ -9,6 +9,7 @@ official per-epoch validation's "full batches only" drops the same clips for any
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
@@ -18,7 +19,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cavmae_jax.train.sharding import global_batch
+from cavmae_jax.sharding import global_batch
 
 
 def replicated_state(model, mesh: Mesh) -> tuple:
@@ -130,3 +131,31 @@ def _with_positions(batches: Iterable[Mapping], first: int) -> Iterator[dict]:
         rows = len(next(iter(batch.values())))
         yield {**batch, "position": np.arange(first, first + rows)}
         first += rows
+
+
+@functools.cache
+def _embedder(graphdef: nnx.GraphDef) -> Callable:
+    """Jitted ``(params, rest, batch) -> {"audio", "visual"}``: PCAV-MAE embeddings (one
+    compiled function per model, reused by every memory-bank refresh)."""
+
+    @jax.jit
+    def embed(params, rest, batch):
+        audio, visual = nnx.merge(graphdef, params, rest).embed(batch["audio"], batch["image"])
+        return {"audio": audio, "visual": visual}
+
+    return embed
+
+
+def split_embeddings(
+    graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str, batch_size: int, params, rest
+) -> dict[str, np.ndarray]:
+    """PCAV-MAE embeddings ``audio``, ``visual`` [N, D] of every clip of a split."""
+    embed = _embedder(graphdef)
+    return predict_split(
+        lambda batch: embed(params, rest, batch),
+        mesh,
+        data_dir,
+        split,
+        batch_size,
+        keys=("audio", "image"),
+    )
