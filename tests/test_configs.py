@@ -37,6 +37,41 @@ def test_every_variant_builds(variant):
     assert config.trainer == "pretrain" and config.epochs > 0 and config.num_steps == 0
 
 
+EVERY_RECIPE = [
+    "demo",
+    *(f"pretrain:{v}" for v in VARIANTS + ["as-base,tiny", "avmae,tiny"]),
+    *(f"finetune:{v}" for v in ["as20k", "as2m", "vgg", "as20k-audioonly", "as2m,tiny"]),
+    *(f"pcav:{v}" for v in ["as", "vgg", "demo", "as,tiny"]),
+]
+
+
+def field_names(config, prefix: str = "") -> set[str]:
+    names = set()
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            names |= field_names(value, f"{prefix}{key}.")
+        else:
+            names.add(prefix + key)
+    return names
+
+
+def test_every_recipe_exposes_the_shared_fields_and_one_trainer_the_same_fields():
+    """An override of a shared field (any model field among them) is valid for every recipe,
+    and an override valid for one recipe of a trainer is valid for all of them."""
+    from cavmae_jax.configs.common import run_config
+
+    fields_by_trainer: dict[str, set] = {}
+    for name in EVERY_RECIPE:
+        config = load_config(name)
+        fields = field_names(config)
+        missing = field_names(run_config(config.trainer)) - fields
+        assert not missing, (name, missing)
+        fields_by_trainer.setdefault(config.trainer, set()).add(frozenset(fields))
+    assert set(fields_by_trainer) == {"pretrain", "finetune", "pcav"}
+    for trainer, variants in fields_by_trainer.items():
+        assert len(variants) == 1, (trainer, set.symmetric_difference(*map(set, variants)))
+
+
 AUDIOSET_2M, VGGSOUND = 1_772_023, 183_727  # the official training lists' clips
 
 

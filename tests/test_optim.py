@@ -7,7 +7,7 @@ import optax
 import pytest
 import torch
 
-from cavmae_jax.train.optim import make_optimizer, multistep_schedule, official_adam, warmup_cosine
+from cavmae_jax.train.optim import make_optimizer, multistep_schedule, warmup_cosine
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of .lr_scheduler.step")
@@ -34,13 +34,14 @@ def test_as20k_recipe_rates_per_epoch():
     assert rates[14] == pytest.approx(4.88e-8, rel=1e-3)
 
 
-def test_official_adam_equals_torch_adam_with_coupled_weight_decay():
+@pytest.mark.parametrize("b1", [0.95, 0.9])
+def test_official_adam_equals_torch_adam_with_coupled_weight_decay(b1):
     rng = np.random.default_rng(0)
     init = rng.standard_normal(6).astype(np.float32)
     grads = [rng.standard_normal(6).astype(np.float32) for _ in range(5)]
     param = torch.nn.Parameter(torch.from_numpy(init.copy()))
-    opt = torch.optim.Adam([param], lr=1e-2, betas=(0.95, 0.999), eps=1e-8, weight_decay=0.1)
-    tx = official_adam(1e-2, weight_decay=0.1)
+    opt = torch.optim.Adam([param], lr=1e-2, betas=(b1, 0.999), eps=1e-8, weight_decay=0.1)
+    tx = make_optimizer(1e-2, init, "adam_l2", weight_decay=0.1, b1=b1)  # config.b1
     ours = init.copy()
     state = tx.init(ours)
     for g in grads:

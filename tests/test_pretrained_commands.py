@@ -45,9 +45,11 @@ def test_release_table_is_complete_and_consistent():
     assert len(finetuned) == 8
     for r in releases:
         assert r.url == f"https://www.dropbox.com/s/{r.url.split('/')[-2]}/{r.file}?dl=1"
-        recipe = r.recipe.split()[0]
+        recipe, *overrides = r.recipe.split()
         if recipe.startswith(("pretrain:", "finetune:")):
             config = config_loading.load_config(recipe)
+            overrides = [o for o in overrides if o.startswith("--config.")]
+            config_loading.apply_overrides(config, overrides)  # each names a real field
             expected = "finetune" if r.kind == "CAVMAEFT" else "pretrain"
             assert config.trainer == expected, r.name
         if r.kind == "CAVMAEFT":

@@ -26,6 +26,7 @@ averaging over the recipe's epochs and the 10-frame ensemble at the end (audio-o
 import ml_collections
 
 from cavmae_jax.configs import variant
+from cavmae_jax.configs.common import CPU_PEAK_TFLOPS, TINY_MODEL, run_config
 from cavmae_jax.errors import UserError
 
 RECIPES = {
@@ -79,28 +80,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         known = [*RECIPES, "as20k-audioonly", "as20k-videoonly", "as2m-audioonly"]
         raise UserError(f"unknown recipe {name!r}; expected one of {known}")
     recipe = RECIPES[base]
-    config = ml_collections.ConfigDict()
-    config.trainer = "finetune"
-    config.model = ml_collections.ConfigDict(
+    config = run_config("finetune")
+    config.model.update(
         dict(
-            modality_specific_depth=11,
             label_dim=recipe["classes"],
             tr_pos=True,  # CAVMAEFT trains its position embeddings (official behaviour 8)
-            dtype="bfloat16",
-            remat="auto",  # auto | none | matmuls | full (cavmae_jax/models/layers.py)
-            attention="auto",  # auto | xla | cudnn | recompute (cavmae_jax/models/attention.py)
         )
     )
-    config.data = ml_collections.ConfigDict(
+    config.data.update(
         dict(
-            dir="",  # training split's dataset (cavmae prepare output)
             eval_dir="",  # evaluation dataset ("" = the training dataset)
-            train_split="train",
             eval_split=recipe["eval_split"],
-            generate=False,
-            clips=0,
             classes=recipe["classes"],
-            workers=1,
             freqm=48,
             timem=192,
             mixup=0.5,
@@ -108,62 +99,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # the fbank-domain approximation for a dataset that stores none
             mixup_approx=False,
             label_smooth=0.1,
-            noise=True,
             balanced=recipe["balanced"],  # official --bal: label-balanced weighted sampling
-            shuffle_buffer=10_000,
         )
     )
     config.mode = mode or recipe["mode"]  # or "multimodal_sum" (PCAV-MAE: + both streams)
     config.loss = recipe["loss"]  # bce (mAP tasks) | ce (accuracy tasks)
     # final evaluation: 10 = mean over frames 0..9 (official); 1 = frame 5 (audio-only models)
     config.eval_frames = 1 if config.mode == "audioonly" else 10
-    # One slice's mesh (slices add an outer data-parallel axis by themselves); FSDP over all
-    # its chips: the recipes' global batches then fit 16 GiB v5e chips (docs/tpu.md).
-    config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/sharding.py)
-    config.init = ""  # pretrained .pth / model dir ("" = random init)
-    config.seed = 0
-    config.batch_size = recipe["batch"]  # global batch per update
-    config.epochs = recipe["epochs"]  # updates per epoch: training clips // batch_size
-    config.num_steps = 0  # > 0: the run's length in updates instead of epochs
-    config.optimizer = "adam_l2"
+    config.batch_size = recipe["batch"]
+    config.epochs = recipe["epochs"]
     config.lr = recipe["lr"]
     config.head_lr = float(recipe["head_lr"])
     config.freeze_base = False  # True: linear probe (head only)
-    config.weight_decay = 5e-7
-    config.clip_norm = 0.0
-    config.grad_accum = 1  # micro-batches the global batch is split into (same update)
-    config.schedule = "multistep"
-    config.warmup_epochs = 0.0
     config.lr_decay_start = recipe["start"]
     config.lr_decay_every = 1
     config.lr_decay = 0.5
     config.wa = True
     config.wa_start, config.wa_end = recipe["wa"]
-    config.log_every = 100
     config.checkpoint_every = 1000
-    config.keep_checkpoints = 3
-    # a jax.profiler trace of updates start_step.. (W/profile; steps 0: none)
-    config.profile = ml_collections.ConfigDict({"start_step": 1, "steps": 0})
-    config.checkpoint_ocdbt = True  # TensorStore's OCDBT format (False: a folder per array)
-    config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
-    config.peak_tflops = 0.0  # per device; 0: the device kind's published bf16 peak (peaks.py)
     # the official per-epoch validation: frame 5, full batches (cavmae_jax/evaluators.py)
     config.evals = ml_collections.ConfigDict(
         {"validation": dict(kind="classification", every_epochs=1, every_steps=0)}
     )
     if "tiny" in modifiers:
-        config.model.update(
-            dict(
-                embed_dim=64,
-                depth=4,
-                modality_specific_depth=3,
-                num_heads=4,
-                decoder_depth=0,
-                label_dim=8,
-                dtype="float32",
-            )
-        )
+        config.model.update(TINY_MODEL)
+        config.model.update(dict(decoder_depth=0, label_dim=8))
         config.data.update(
             dict(generate=True, clips=48, classes=8, eval_split="train", shuffle_buffer=100)
         )
@@ -175,5 +135,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.wa_start, config.wa_end = 2, 3
         config.log_every = 2
         config.checkpoint_every = 6
-        config.peak_tflops = 0.48
+        config.peak_tflops = CPU_PEAK_TFLOPS
     return config

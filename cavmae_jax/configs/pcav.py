@@ -21,7 +21,9 @@ the PCAV-MAE side of the comparison in docs/pcavmae.md.
 import ml_collections
 
 from cavmae_jax.configs import variant
+from cavmae_jax.configs.common import CPU_PEAK_TFLOPS, TINY_MODEL, run_config
 from cavmae_jax.errors import UserError
+from cavmae_jax.models.pcav_mae import PAPER_SIZES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -29,17 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if name not in ("as", "vgg", "demo"):
         raise UserError(f"unknown recipe {name!r}; expected as, vgg or demo")
     tiny = name == "demo" or "tiny" in modifiers
-    config = ml_collections.ConfigDict()
-    config.trainer = "pcav"
-    config.model = ml_collections.ConfigDict(
-        dict(
-            modality_specific_depth=11,
-            norm_pix_loss=True,
-            dtype="bfloat16",
-            remat="auto",  # auto | none | matmuls | full (cavmae_jax/models/layers.py)
-            attention="auto",
-        )
-    )
+    config = run_config("pcav")
+    config.model.update(PAPER_SIZES)
     config.pcav = ml_collections.ConfigDict(
         dict(
             tau=0.1,  # eq. (1)/(3) temperature: the 1 / tau factor of the loss
@@ -57,60 +50,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             refresh=dict(every_epochs=1, every_steps=0, at_start=True),
         )
     )
-    config.data = ml_collections.ConfigDict(
-        dict(
-            dir="",
-            train_split="train",
-            generate=False,
-            clips=0,
-            classes=527,
-            workers=1,
-            noise=True,
-            shuffle_buffer=10_000,
-        )
-    )
-    # One slice's mesh (slices add an outer data-parallel axis by themselves); FSDP over all
-    # its chips: the recipes' global batches then fit 16 GiB v5e chips (docs/tpu.md).
-    config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/sharding.py)
-    config.init = ""
-    config.seed = 0
     config.batch_size = 512  # the paper's (accumulated) global batch per update
     config.grad_accum = 8  # in micro-batches of 64
     config.epochs = 400
-    config.num_steps = 0  # > 0: the run's length in updates instead of epochs
     config.optimizer = "adamw"
     config.b1 = 0.9
     config.lr = 2e-4
     config.weight_decay = 0.05  # not in the paper: the MAE value
-    config.clip_norm = 0.0
     config.schedule = "cosine"  # not in the paper: MAE's warmup + cosine
     config.warmup_epochs = 20.0
-    config.lr_decay_start, config.lr_decay_every, config.lr_decay = 10, 5, 0.5  # multistep only
     config.mask_ratio_a = 0.5
     config.mask_ratio_v = 0.75
-    config.log_every = 100
-    config.checkpoint_every = 2000
-    config.keep_checkpoints = 3
-    # a jax.profiler trace of updates start_step.. (W/profile; steps 0: none)
-    config.profile = ml_collections.ConfigDict({"start_step": 1, "steps": 0})
-    config.checkpoint_ocdbt = True  # TensorStore's OCDBT format (False: a folder per array)
-    config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
-    config.peak_tflops = 0.0  # per device; 0: the device kind's published bf16 peak (peaks.py)
-    config.evals = ml_collections.ConfigDict()  # evaluators: see cavmae_jax/evaluators.py
     if tiny:
-        config.model.update(
-            dict(
-                embed_dim=64,
-                depth=4,
-                modality_specific_depth=3,
-                num_heads=4,
-                decoder_embed_dim=32,
-                decoder_depth=2,
-                decoder_num_heads=4,
-                dtype="float32",
-            )
-        )
+        config.model.update(TINY_MODEL)
         config.pcav.update(dict(granularities=(5, 15), max_prototypes=64, decoder_epochs=10_000))
         config.data.update(
             dict(generate=True, clips=240, classes=8, workers=2, shuffle_buffer=1000)
@@ -124,5 +76,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.warmup_epochs = 0.0
         config.log_every = 25
         config.checkpoint_every = 100
-        config.peak_tflops = 0.48
+        config.peak_tflops = CPU_PEAK_TFLOPS
     return config

@@ -27,6 +27,7 @@ official AudioSet-2M list has 1,772,023 training clips: 36,917 updates of 48 per
 import ml_collections
 
 from cavmae_jax.configs import variant
+from cavmae_jax.configs.common import CPU_PEAK_TFLOPS, TINY_MODEL, run_config
 from cavmae_jax.errors import UserError
 
 RECIPES = {
@@ -53,52 +54,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     recipe = RECIPES.get(name, RECIPES["as-base"])
     if name not in RECIPES and name not in ABLATIONS:
         raise UserError(f"unknown recipe {name!r}; expected one of {[*RECIPES, *ABLATIONS]}")
-    config = ml_collections.ConfigDict()
-    config.trainer = "pretrain"
-    config.model = ml_collections.ConfigDict(
+    config = run_config("pretrain")
+    config.model.update(
         dict(
             norm_pix_loss=True,
             contrast_loss_weight=0.01,
-            modality_specific_depth=11,
             decoder_depth=8,
             contrastive_groups=1,
-            dtype="bfloat16",
-            remat="auto",  # auto | none | matmuls | full (cavmae_jax/models/layers.py)
-            attention="auto",  # auto | xla | cudnn | recompute (cavmae_jax/models/attention.py)
         )
     )
     config.model.update(ABLATIONS.get(name, {}))
-    config.data = ml_collections.ConfigDict(
-        dict(
-            dir="",
-            train_split="train",
-            generate=False,
-            clips=0,
-            classes=527,
-            workers=1,
-            noise=True,
-            shuffle_buffer=10_000,
-        )
-    )
-    # One slice's mesh (slices add an outer data-parallel axis by themselves); FSDP over all
-    # its chips: the recipes' global batches then fit 16 GiB v5e chips (docs/tpu.md).
-    config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
-    config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/sharding.py)
-    config.init = ""
-    config.seed = 0
-    config.batch_size = recipe["batch"]  # global batch per update
-    config.epochs = recipe["epochs"]  # updates per epoch: training clips // batch_size
-    config.num_steps = 0  # > 0: the run's length in updates instead of epochs
-    config.optimizer = "adam_l2"
+    config.batch_size = recipe["batch"]
+    config.epochs = recipe["epochs"]
     config.lr = recipe["lr"]
-    config.weight_decay = 5e-7
-    config.clip_norm = 0.0
-    config.grad_accum = 1  # micro-batches the global batch is split into (same update)
-    config.schedule = "multistep"
-    config.warmup_epochs = 0.0
-    config.lr_decay_start = 10
-    config.lr_decay_every = 5
-    config.lr_decay = 0.5
     config.mask_ratio_a = config.mask_ratio_v = 0.75
     config.mask_mode = "unstructured"
     if name.startswith("mask-"):
@@ -107,32 +75,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.mask_ratio_a = config.mask_ratio_v = int(kind) / 100
         else:
             config.mask_mode = {"tf": "tf", "time": "time", "freq": "freq"}[kind]
-    config.log_every = 100
-    config.checkpoint_every = 2000
-    config.keep_checkpoints = 3
-    # a jax.profiler trace of updates start_step.. (W/profile; steps 0: none)
-    config.profile = ml_collections.ConfigDict({"start_step": 1, "steps": 0})
-    config.checkpoint_ocdbt = True  # TensorStore's OCDBT format (False: a folder per array)
-    config.restore_step = 0  # resume from this checkpoint; 0: the newest readable one
-    config.peak_tflops = 0.0  # per device; 0: the device kind's published bf16 peak (peaks.py)
-    config.evals = ml_collections.ConfigDict()  # e.g. retrieval: see cavmae_jax/evaluators.py
     if "tiny" in modifiers:
-        config.model.update(
-            dict(
-                embed_dim=64,
-                depth=4,
-                modality_specific_depth=min(3, config.model.modality_specific_depth),
-                num_heads=4,
-                decoder_embed_dim=32,
-                decoder_depth=min(2, config.model.decoder_depth),
-                decoder_num_heads=4,
-                dtype="float32",
-            )
-        )
+        ablated = (config.model.modality_specific_depth, config.model.decoder_depth)
+        config.model.update(TINY_MODEL)
+        config.model.modality_specific_depth = min(3, ablated[0])
+        config.model.decoder_depth = min(2, ablated[1])
         config.data.update(dict(generate=True, clips=48, classes=8, workers=1, shuffle_buffer=100))
         config.batch_size = 8
         config.epochs = 2  # 48 clips: 6 updates per epoch
         config.log_every = 4
         config.checkpoint_every = 6
-        config.peak_tflops = 0.48
+        config.peak_tflops = CPU_PEAK_TFLOPS
     return config

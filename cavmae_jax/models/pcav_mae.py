@@ -20,20 +20,21 @@ from cavmae_jax.models.cav_mae import CAVMAE
 from cavmae_jax.models.config import ModelConfig
 from cavmae_jax.models.layers import dense
 
+# The paper's sizes (section 3.2) where they differ from CAV-MAE's
+PAPER_SIZES = dict(
+    modality_specific_depth=11,
+    decoder_embed_dim=384,
+    decoder_depth=4,
+    decoder_num_heads=6,
+    mlp_ratio=4.0,
+    norm_pix_loss=True,
+    contrast_loss_weight=1.0,  # builds the modality streams that feed eq. (1)
+)
+
 
 def pcav_config(**changes) -> ModelConfig:
-    """The paper's sizes (section 3.2) on ``ModelConfig``."""
-    base = dict(
-        modality_specific_depth=11,
-        decoder_embed_dim=384,
-        decoder_depth=4,
-        decoder_num_heads=6,
-        mlp_ratio=4.0,
-        norm_pix_loss=True,
-        contrast_loss_weight=1.0,  # builds the modality streams that feed eq. (1)
-    )
-    base.update(changes)
-    return ModelConfig(**base)
+    """The paper's sizes on ``ModelConfig``."""
+    return ModelConfig(**{**PAPER_SIZES, **changes})
 
 
 def masked_mean(tokens: jax.Array, mask: jax.Array) -> jax.Array:

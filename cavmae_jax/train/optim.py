@@ -29,12 +29,13 @@ def multistep_schedule(
 
 
 def official_adam(
-    schedule: optax.ScalarOrSchedule, weight_decay: float = 5e-7
+    schedule: optax.ScalarOrSchedule, weight_decay: float = 5e-7, b1: float = 0.95
 ) -> optax.GradientTransformation:
-    """torch.optim.Adam(betas=(0.95, 0.999), eps=1e-8, weight_decay): L2 added to the gradient."""
+    """torch.optim.Adam(betas=(b1, 0.999), eps=1e-8, weight_decay): L2 added to the gradient
+    (the official recipes' b1 is 0.95)."""
     return optax.chain(
         optax.add_decayed_weights(weight_decay),
-        optax.scale_by_adam(b1=0.95, b2=0.999, eps=1e-8),
+        optax.scale_by_adam(b1=b1, b2=0.999, eps=1e-8),
         optax.scale_by_learning_rate(schedule),
     )
 
@@ -64,13 +65,13 @@ def make_optimizer(
     b1: float = 0.95,
 ) -> optax.GradientTransformation:
     """The training optimizer. ``adam_l2`` is the official coupled-L2 Adam, ``adamw`` decoupled
-    AdamW with first-moment decay ``b1`` (0.95 as the official Adam unless set). The head's
+    AdamW, both with first-moment decay ``b1`` (the official Adam's 0.95 unless set). The head's
     updates are scaled by ``head_lr`` (the official second parameter group); ``freeze_base``
     trains the head only (linear probe); ``clip_norm`` clips the global gradient norm first.
     Gradient accumulation is part of the step (``train/steps.py``), not an optimizer wrapper,
     so that the schedule advances once per update."""
     if kind == "adam_l2":
-        tx = official_adam(schedule, weight_decay)
+        tx = official_adam(schedule, weight_decay, b1)
     elif kind == "adamw":
         tx = optax.adamw(schedule, b1=b1, b2=0.999, eps=1e-8, weight_decay=weight_decay)
     else:

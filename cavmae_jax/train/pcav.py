@@ -127,9 +127,6 @@ class PCAVPretraining(Trainer):
         momentum = config.pcav.ema_momentum
         return lambda state, params, step: {"ema": ema_update(state["ema"], params, momentum)}
 
-    def optimizer_options(self, config: ml_collections.ConfigDict) -> dict:
-        return {"b1": config.b1}
-
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple:
         """With the decoder, then without it; each plus the momentum encoder's forward."""
         ratios = (config.mask_ratio_a, config.mask_ratio_v)

@@ -251,6 +251,7 @@ def build(
             config.optimizer,
             config.weight_decay,
             clip_norm=config.clip_norm,
+            b1=config.b1,
             **trainer.optimizer_options(config),
         )
 
