@@ -15,38 +15,37 @@ from __future__ import annotations
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from input_pipeline import prepare
-
 
 class _WriteShard(beam.DoFn):
-    def __init__(self, layout: prepare.Layout, options: prepare.Options):
-        self.layout, self.options = layout, options
+    def __init__(self, make_writer):
+        self.make_writer = make_writer
 
     def setup(self):
-        self.spec = prepare.features(self.options)
+        self.write = self.make_writer()
 
     def process(self, element):
         shard, results = element
-        done = [(example, record) for _, example, record in sorted(results, key=lambda r: r[0])]
-        prepare.write_shard(self.layout, shard, done, self.spec)
+        self.write(
+            shard, [(example, record) for _, example, record in sorted(results, key=lambda r: r[0])]
+        )
         yield shard
 
 
-def run(jobs: list, layout: prepare.Layout, options: prepare.Options, runner: str, args) -> None:
-    """Process ``jobs`` (``(position, clip, options)``) and write their shards. ``runner``:
+def run(jobs: list, decode, make_writer, shard_size: int, runner: str, args) -> None:
+    """Process ``jobs`` (``(position, clip, options)``) with ``decode`` (-> ``(position,
+    example, record)``) and write each shard with ``make_writer()(shard, done)``. ``runner``:
     ``beam`` for the DirectRunner, or a Beam runner's name; ``args``: Beam pipeline options
     (e.g. ``--direct_num_workers=2 --direct_running_mode=multi_processing``, or Dataflow's
     ``--project --region --temp_location``)."""
     if not jobs:
         return
     name = "DirectRunner" if runner == "beam" else runner
-    shard_size = layout.shard_size
     with beam.Pipeline(options=PipelineOptions([f"--runner={name}", *args])) as pipeline:
         _ = (
             pipeline
             | "clips" >> beam.Create(jobs, reshuffle=True)
-            | "decode" >> beam.Map(prepare.decode_job)
+            | "decode" >> beam.Map(decode)
             | "by shard" >> beam.Map(lambda result: (result[0] // shard_size, result))
             | "group" >> beam.GroupByKey()
-            | "write" >> beam.ParDo(_WriteShard(layout, options))
+            | "write" >> beam.ParDo(_WriteShard(make_writer))
         )

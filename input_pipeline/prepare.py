@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -25,9 +26,8 @@ from cavmae_jax import paths
 from cavmae_jax.errors import UserError
 from cavmae_jax.paths import Path
 from input_pipeline import audio, official_lists, video
-from input_pipeline.verify import invocation_path
+from input_pipeline.files import DATASET_NAME, invocation_path, report_path, shard_path
 
-DATASET_NAME = "clips"
 SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 TARGET_LENGTH = 1024
 SHORT_SECONDS = 9.0  # clips with less audio are padded and flagged in the report
@@ -213,10 +213,6 @@ def features(options: Options):
     return tfds.features.FeaturesDict(spec)
 
 
-def shard_path(output: Path, split: str, index: int, count: int) -> Path:
-    return output / f"{DATASET_NAME}-{split}.tfrecord-{index:05d}-of-{count:05d}"
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where a split's shards go, and which positions of the clip list each holds."""
@@ -229,6 +225,12 @@ class Layout:
 
     def members(self, shard: int) -> range:
         return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.clips))
+
+
+def shard_writer(layout: Layout, options: Options):
+    """``write(shard, done)``: writes shards of ``layout`` (the feature spec built once)."""
+    spec = features(options)
+    return lambda shard, done: write_shard(layout, shard, done, spec)
 
 
 def write_shard(layout: Layout, shard: int, done: list[tuple], spec) -> None:
@@ -276,10 +278,6 @@ def _write_shard(output, split, index, count, examples, records, spec) -> None:
 
     paths.publish(shard_path(output, split, index, count), write_examples)
     paths.publish(report_path(output, split, index), write_report)
-
-
-def report_path(output: Path, split: str, index: int) -> Path:
-    return output / f"report-{split}-{index:05d}.json"
 
 
 def _reports(output: Path, split: str, count: int) -> tuple[list[int], list[dict]]:
@@ -406,7 +404,8 @@ def prepare(
     else:
         from input_pipeline import beam_prepare
 
-        beam_prepare.run(jobs, layout, options, runner, beam_args)
+        writer = functools.partial(shard_writer, layout, options)
+        beam_prepare.run(jobs, decode_job, writer, shard_size, runner, beam_args)
     prepared, records = _finish(output, split, count, spec)
     failed = sum(1 for r in records if not r.get("kept"))
     if videos is not None:

@@ -13,10 +13,7 @@ import shlex
 
 from cavmae_jax import paths
 from cavmae_jax.paths import Path
-
-
-def invocation_path(output: Path, split: str) -> Path:
-    return output / f"prepare-{split}.json"
+from input_pipeline.files import invocation_path, report_path
 
 
 def prepare_command(data_dir, split: str) -> str:
@@ -35,8 +32,6 @@ def prepare_command(data_dir, split: str) -> str:
 
 
 def rebuild_hint(data_dir, split: str, index: int, shard: Path) -> str:
-    from input_pipeline.prepare import report_path
-
     report = report_path(paths.path(data_dir), split, index)
     return (
         f"rebuild it: rm {shlex.quote(str(shard))} {report} && {prepare_command(data_dir, split)}"
