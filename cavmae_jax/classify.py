@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cavmae_jax import clip_inputs
 from cavmae_jax.errors import UserError
+from cavmae_jax.evaluators import frame_ensemble
+from cavmae_jax.inference import predict_inputs
 from cavmae_jax.models.cav_mae_ft import FT_MODES, SUM_MODE
 from cavmae_jax.sharding import make_mesh
 
@@ -51,7 +52,6 @@ def scores_fn(model, mode: str, loss: str):
         raise UserError(f"unknown mode {mode!r}; expected one of {(*FT_MODES, SUM_MODE)}")
     if loss not in ("bce", "ce"):
         raise UserError(f"unknown loss {loss!r}; expected bce (sigmoid) or ce (softmax)")
-    activation = jax.nn.sigmoid if loss == "bce" else jax.nn.softmax
     audio_only = kind == "CAVMAEFTAudio" or mode in AUDIO_MODES
     graphdef, state = nnx.split(model)
 
@@ -61,9 +61,9 @@ def scores_fn(model, mode: str, loss: str):
         if audio_only:
             logits = m(batch["audio"], None, mode=mode)[None]
         else:
-            frames = jnp.moveaxis(batch["frames"], 1, 0)
+            frames = jnp.moveaxis(batch["image"], 1, 0)
             logits = jax.lax.map(lambda image: m(batch["audio"], image, mode=mode), frames)
-        return {"scores": activation(logits).mean(axis=0), "logits": logits.mean(axis=0)}
+        return {"scores": frame_ensemble(logits, loss), "logits": logits.mean(axis=0)}
 
     return lambda batch: apply(state, batch)
 
@@ -79,12 +79,11 @@ def classify(
     split: str = "eval",
 ) -> list[dict]:
     """One result per readable clip: ``{"path", "mode", "top": [{"index", "name", "score"}],
-    "logits"}`` (top-k by score)."""
+    "logits"}`` (top-k by score); in a multi-process run the processes share the clips and
+    each returns every result."""
     names = label_names(labels, model.cfg.label_dim)
     mesh = make_mesh({"data": -1})
-    ids, out = clip_inputs.run_batched(
-        scores_fn(model, mode, loss), inputs, mesh, batch_size, split
-    )
+    ids, out = predict_inputs(scores_fn(model, mode, loss), inputs, mesh, batch_size, split)
     results = []
     for path, scores, logits in zip(ids, out["scores"], out["logits"], strict=True):
         order = scores.argsort()[::-1][:top_k]

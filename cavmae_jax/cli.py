@@ -88,8 +88,8 @@ def _evaluate(args, overrides):
     import jax
 
     from cavmae_jax import paths
-    from cavmae_jax.evaluators import EVAL_FRAME, Classification
-    from cavmae_jax.inference import replicated_state
+    from cavmae_jax.evaluators import Classification
+    from cavmae_jax.inference import EVAL_FRAME, replicated_state
     from cavmae_jax.sharding import make_mesh
 
     _no_overrides(args, overrides)
@@ -231,14 +231,19 @@ def _export(args, overrides):
 
 
 def _retrieval(args, overrides):
+    import jax
+
     from cavmae_jax.evaluators import Retrieval
     from cavmae_jax.inference import replicated_state
     from cavmae_jax.sharding import make_mesh
 
     _no_overrides(args, overrides)
+    _join_processes(args)
     mesh = make_mesh({"data": -1})
     graphdef, state = replicated_state(_load(args.model).model, mesh)
     result = Retrieval(graphdef, mesh, args.data, args.split, args.batch_size).run(state)
+    if jax.process_index():
+        return
     print(json.dumps(result))
     print(
         f"audio->visual R@1 {result['a2v_r1']:.3f}, visual->audio R@1 {result['v2a_r1']:.3f} "
@@ -247,28 +252,36 @@ def _retrieval(args, overrides):
 
 
 def _embed(args, overrides):
+    import jax
+
     from cavmae_jax.embed import embed
 
     _no_overrides(args, overrides)
+    _join_processes(args)
     shapes = embed(
         _load(args.model).model, args.inputs, args.output, args.batch_size, args.tokens, args.split
     )
+    if jax.process_index():
+        return
     clips = next(iter(shapes.values()))[0]
     listed = ", ".join(f"{name}.npy {list(shape)}" for name, shape in shapes.items())
     print(f"{clips} clips -> {args.output}: ids.txt, {listed}")
 
 
 def _classify(args, overrides):
+    import jax
+
     from cavmae_jax.classify import classify
 
     _no_overrides(args, overrides)
+    _join_processes(args)
     loaded = _load(args.model)
     loss = {"sigmoid": "bce", "softmax": "ce"}.get(args.activation)
     mode, loss = loaded.classifier_settings(args.mode, loss, "--activation sigmoid|softmax")
     results = classify(
         loaded.model, args.inputs, mode, loss, args.top_k, args.labels, args.batch_size, args.split
     )
-    for result in results:
+    for result in results if jax.process_index() == 0 else []:
         if args.json:
             print(json.dumps(result))
             continue
@@ -360,11 +373,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="prepared dataset")
     p.add_argument("--split", default="eval", help="split of the dataset")
     p.add_argument("--batch-size", type=int, default=32, help="global batch")
+    _add_process_arguments(p)
 
     p = command("embed", "audio, visual and joint embeddings of clips (.npy)", _embed)
     _add_inputs(p, 8)
     p.add_argument("--output", required=True, help="folder for ids.txt and <name>.npy")
     p.add_argument("--tokens", action="store_true", help="also every token's features")
+    _add_process_arguments(p)
 
     p = command("classify", "top-k labels of clips from a finetuned model", _classify)
     _add_inputs(p, 8)
@@ -375,6 +390,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--activation", choices=["sigmoid", "softmax"], help="default: how the model was trained"
     )
+    _add_process_arguments(p)
 
     p = command("reconstruct", "inpainting figure of one clip (pretrained model)", _reconstruct)
     p.add_argument("model", help="model directory, official .pth, or released name")

@@ -14,10 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cavmae_jax import clip_inputs, paths
+from cavmae_jax import paths
+from cavmae_jax.inference import EVAL_FRAME, predict_inputs
 from cavmae_jax.sharding import make_mesh
-
-EVAL_FRAME = 5
 
 
 def embedding_fn(model, per_token: bool):
@@ -31,7 +30,7 @@ def embedding_fn(model, per_token: bool):
         a = m.encode_audio(batch["audio"])
         tokens = {"audio": m.modality_stream(a, "a")}
         if visual:
-            v = m.encode_visual(batch["frames"][:, EVAL_FRAME])
+            v = m.encode_visual(batch["image"][:, EVAL_FRAME])
             tokens["visual"] = m.modality_stream(v, "v")
             tokens["joint"] = m.joint_stream(jnp.concatenate([a, v], axis=1))
         out = {name: t.mean(axis=1) for name, t in tokens.items()}
@@ -56,14 +55,16 @@ def embed(
     per_token: bool = False,
     split: str = "eval",
 ) -> dict[str, tuple[int, ...]]:
-    """Write ``<name>.npy`` (row i is clip i of ``ids.txt``) under ``output``; returns shapes."""
+    """Write ``<name>.npy`` (row i is clip i of ``ids.txt``) under ``output`` (process 0 of a
+    multi-process run, which shares the clips between its processes); returns shapes."""
     mesh = make_mesh({"data": -1})
-    ids, outputs = clip_inputs.run_batched(
-        embedding_fn(model, per_token), inputs, mesh, batch_size, split
-    )
+    ids, outputs = predict_inputs(embedding_fn(model, per_token), inputs, mesh, batch_size, split)
+    shapes = {name: array.shape for name, array in outputs.items()}
+    if jax.process_index():
+        return shapes
     output = paths.path(output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
     for name, array in outputs.items():
         _save(array.astype(np.float32), output / f"{name}.npy")
-    return {name: array.shape for name, array in outputs.items()}
+    return shapes

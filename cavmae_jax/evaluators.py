@@ -17,6 +17,7 @@ import dataclasses
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -24,21 +25,9 @@ from jax.sharding import Mesh
 
 from cavmae_jax import evaluation, retrieval
 from cavmae_jax.errors import UserError
-from cavmae_jax.inference import predict_split
+from cavmae_jax.inference import EVAL_FRAME, predict_split
 from cavmae_jax.losses import CLASSIFICATION_LOSSES
 from cavmae_jax.paths import Path
-
-EVAL_FRAME = 5
-
-
-def make_logits_step(graphdef: nnx.GraphDef, mode: str) -> Callable:
-    """Jitted ``(params, rest, batch) -> {"logits": [B, K]}`` for evaluation."""
-
-    def logits(params, rest, batch):
-        model = nnx.merge(graphdef, params, rest)
-        return {"logits": model(batch["audio"], batch["image"], mode=mode)}
-
-    return jax.jit(logits)
 
 
 @dataclasses.dataclass
@@ -52,11 +41,38 @@ class Period:
         return bool(periodic or (self.at_end and step == last))
 
 
+def frame_ensemble(logits_per_frame: jax.Array, loss: str) -> jax.Array:
+    """The official multi-frame prediction: the mean over frames of the sigmoid (``bce``, mAP
+    tasks) or softmax (``ce``, accuracy tasks) outputs. [F, B, K] -> [B, K]."""
+    activation = jax.nn.sigmoid if loss == "bce" else jax.nn.softmax
+    return activation(logits_per_frame.astype(jnp.float32)).mean(axis=0)
+
+
+def make_logits_step(graphdef: nnx.GraphDef, mode: str, frames=None, loss: str = "bce"):
+    """Jitted ``(params, rest, batch) -> {"logits": [B, K]}`` for evaluation on one frame; with
+    ``frames`` (indices into a batch of all 10, ``image`` [B, 10, ...]) ``{"logits" [B, F, K],
+    "scores" [B, K]}``: each frame's logits and their ensemble, in one pass over the batch."""
+
+    def logits(params, rest, batch):
+        model = nnx.merge(graphdef, params, rest)
+        if frames is None:
+            return {"logits": model(batch["audio"], batch["image"], mode=mode)}
+        images = jnp.moveaxis(batch["image"][:, jnp.asarray(frames)], 1, 0)
+        per_frame = jax.lax.map(lambda image: model(batch["audio"], image, mode=mode), images)
+        return {
+            "logits": jnp.moveaxis(per_frame, 0, 1),
+            "scores": frame_ensemble(per_frame, loss),
+        }
+
+    return jax.jit(logits)
+
+
 class Classification:
     """Official statistics (mAP, mAUC, d-prime, accuracy; per-class AP / AUC) of a classifier on
     a split. One frame with ``drop_last`` is the official per-epoch validation (plus the
     loss); several frames average the sigmoid (mAP tasks) or softmax outputs, the official
-    final evaluation, with each frame's own mAP and accuracy in ``per_frame``."""
+    final evaluation, with each frame's own mAP and accuracy in ``per_frame``: the split is read
+    once, with all its frames."""
 
     def __init__(
         self,
@@ -74,32 +90,35 @@ class Classification:
         self.mesh, self.data_dir, self.split = mesh, data_dir, split
         self.batch_size, self.num_classes, self.loss = batch_size, num_classes, loss
         self.frames, self.drop_last = tuple(frames), drop_last
-        self.logits = make_logits_step(graphdef, mode)
+        several = self.frames if len(self.frames) > 1 else None
+        self.logits = make_logits_step(graphdef, mode, several, loss)
 
-    def outputs(self, state: dict, frame: int) -> dict[str, np.ndarray]:
+    def outputs(self, state: dict) -> dict[str, np.ndarray]:
+        """``logits`` [N, K] (one frame) or [N, F, K] and ``scores`` [N, K] (several), and
+        ``label``, in the split's order."""
         return predict_split(
             lambda batch: self.logits(state["params"], state["rest"], batch),
             self.mesh,
             self.data_dir,
             self.split,
             self.batch_size,
-            frame,
+            self.frames[0],
             self.drop_last,
             self.num_classes,
+            all_frames=len(self.frames) > 1,
         )
 
     def run(self, state: dict) -> dict:
-        per_frame, logits, labels = [], [], None
-        for frame in self.frames:
-            out = self.outputs(state, frame)
-            labels = out["label"]
-            logits.append(out["logits"])
-            stats = evaluation.classification_stats(out["logits"], labels)
-            per_frame.append({"frame": frame, "mAP": stats["mAP"], "acc": stats["acc"]})
+        out = self.outputs(state)
+        labels, logits = out["label"], out["logits"]
         if len(self.frames) == 1:
-            scores = logits[0]
+            by_frame, scores = logits[:, None], logits
         else:
-            scores = evaluation.average_frame_predictions(np.stack(logits), self.loss == "bce")
+            by_frame, scores = logits, out["scores"]
+        per_frame = []
+        for i, frame in enumerate(self.frames):
+            stats = evaluation.classification_stats(by_frame[:, i], labels)
+            per_frame.append({"frame": frame, "mAP": stats["mAP"], "acc": stats["acc"]})
         stats = evaluation.classification_stats(scores, labels)
         stats.update(
             AP=stats["AP"].tolist(),
@@ -108,7 +127,7 @@ class Classification:
             per_frame=per_frame,
         )
         if len(self.frames) == 1:
-            stats["valid_loss"] = float(CLASSIFICATION_LOSSES[self.loss](logits[0], labels))
+            stats["valid_loss"] = float(CLASSIFICATION_LOSSES[self.loss](logits, labels))
         return stats
 
 

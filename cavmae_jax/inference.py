@@ -1,4 +1,6 @@
-"""Batched inference on the mesh: host batches in, every host's outputs gathered, in order.
+"""Batched inference on the mesh: host batches in, every host's outputs gathered, in order. The
+host batches come from a prepared split (``predict_split``) or from video files and folders
+(``predict_inputs``, which also takes one prepared dataset).
 
 Evaluation must see every clip while a sharded step needs full, equal batches on every host: a
 short last batch is padded and hosts with fewer batches feed padding batches; a ``valid`` mask
@@ -19,7 +21,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from cavmae_jax import clip_inputs
+from cavmae_jax.errors import UserError
 from cavmae_jax.sharding import global_batch
+
+EVAL_FRAME = 5  # the official evaluation's frame of the 10 (``frame_use``)
 
 
 def replicated_state(model, mesh: Mesh) -> tuple:
@@ -37,11 +43,14 @@ def batches_per_host(total: int, local_batch: int) -> int:
 
 
 def _padded(
-    batches: Iterable[Mapping[str, np.ndarray]], keys, local_batch: int, count: int
+    batches: Iterable[Mapping[str, np.ndarray]],
+    keys,
+    local_batch: int,
+    count: int,
+    template: Mapping[str, np.ndarray] | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Exactly ``count`` batches of ``local_batch`` rows with a ``valid`` mask; short or missing
-    batches are zero-padded (shapes taken from the first batch)."""
-    template = None
+    batches are zero-padded (shapes taken from the first batch, or from ``template``)."""
     iterator = iter(batches)
     for _ in range(count):
         local = next(iterator, None)
@@ -68,12 +77,14 @@ def gather_outputs(
     local_batch: int,
     count: int,
     keys=("audio", "image", "label"),
+    template: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``apply(global batch) -> {name: [B, ...]}`` over ``count`` padded host batches and
     return every output, plus the batch's ``label`` (and ``position``), for the valid rows of
-    all hosts."""
+    all hosts. ``template``: arrays of the batch's row shapes, for a host that may have no
+    batch at all."""
     collected: dict[str, list[np.ndarray]] = {}
-    for local in _padded(batches, list(keys), local_batch, count):
+    for local in _padded(batches, list(keys), local_batch, count, template):
         batch = global_batch(local, mesh)
         outputs = dict(apply(batch))
         carried = {k: batch[k] for k in ("label", "position") if k in batch}
@@ -91,17 +102,22 @@ def predict_split(
     data_dir,
     split: str,
     batch_size: int,
-    frame: int = 5,
+    frame: int = EVAL_FRAME,
     drop_last: bool = False,
     num_classes: int = 1,
     keys=("audio", "image", "label"),
+    all_frames: bool = False,
 ) -> dict[str, np.ndarray]:
     """``apply`` over every clip of a prepared split (evaluation view: no augmentation, frame
-    ``frame``), global batch ``batch_size`` split over the hosts and the mesh; with
-    ``drop_last`` only the clips of the split's full global batches, as the official per-epoch
-    validation (the same clips for any host count). Outputs come in the split's order. The one
-    inference path of classification, retrieval, the PCAV-MAE memory bank and explanations."""
+    ``frame``, or all 10 frames [B, 10, ...] with ``all_frames``), global batch ``batch_size``
+    split over the hosts and the mesh; with ``drop_last`` only the clips of the split's full
+    global batches, as the official per-epoch validation (the same clips for any host count).
+    Outputs come in the split's order. The one inference path of classification, retrieval,
+    the PCAV-MAE memory bank, explanations, ``embed`` and ``classify``."""
     from input_pipeline.dataset import Loader, LoaderConfig
+
+    if batch_size % jax.process_count():
+        raise UserError(f"batch {batch_size} does not split over {jax.process_count()} hosts")
 
     local_batch = batch_size // jax.process_count()
     config = LoaderConfig(
@@ -109,6 +125,7 @@ def predict_split(
         num_classes=num_classes,
         train=False,
         frame=frame,
+        all_frames=all_frames,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -159,3 +176,43 @@ def split_embeddings(
         batch_size,
         keys=("audio", "image"),
     )
+
+
+def predict_inputs(
+    apply: Callable[[dict], Mapping[str, jax.Array]],
+    inputs: list[str],
+    mesh: Mesh,
+    batch_size: int,
+    split: str = "eval",
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """``apply`` over every readable clip of ``inputs``: one prepared dataset (its ``split``)
+    or video files and folders, as batches ``{"audio", "image" [b, 10, ...]}`` (all frames), the
+    global batch ``batch_size`` split over the hosts (each reads its share) and the mesh.
+    Returns the clips' ids (a video's path) and the outputs, in input order."""
+    if batch_size % mesh.size:
+        raise UserError(f"--batch-size {batch_size} is not a multiple of the {mesh.size} devices")
+    if len(inputs) == 1 and clip_inputs.is_dataset(inputs[0]):
+        from input_pipeline.dataset import Loader, LoaderConfig
+
+        out = predict_split(apply, mesh, inputs[0], split, batch_size, all_frames=True)
+        ids = Loader(inputs[0], split, LoaderConfig(batch_size, num_classes=1, train=False)).ids()
+        out.pop("label")
+        return ids, out
+    files = clip_inputs.video_files(inputs)
+    local_batch = batch_size // jax.process_count()
+    share = math.ceil(len(files) / jax.process_count())
+    first = jax.process_index() * share
+    mine = files[first : first + share]
+    batches = clip_inputs.video_batches(mine, local_batch, first)
+    empty = {  # what a host pads with when none of its clips can be read
+        "audio": np.zeros((0, *clip_inputs.AUDIO_SHAPE), np.float32),
+        "image": np.zeros((0, *clip_inputs.FRAMES_SHAPE), np.float32),
+        "position": np.zeros((0,), np.int64),
+    }
+    count = batches_per_host(len(files), local_batch)
+    out = gather_outputs(apply, batches, mesh, local_batch, count, tuple(empty), empty)
+    position = out.pop("position")
+    if not len(position):
+        raise UserError(f"{' '.join(inputs)}: no clip could be read")
+    order = np.argsort(position, kind="stable")
+    return [files[p] for p in position[order]], {name: value[order] for name, value in out.items()}

@@ -16,11 +16,10 @@ from flax import nnx
 
 from cavmae_jax import clip_inputs, paths
 from cavmae_jax.errors import UserError
+from cavmae_jax.inference import EVAL_FRAME
 from cavmae_jax.models import masking
 from cavmae_jax.models.layers import patchify, unpatchify
 from input_pipeline.video import IMAGENET_MEAN, IMAGENET_STD
-
-EVAL_FRAME = 5
 
 
 def _destandardise(pred: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -156,9 +156,12 @@ def direct_logits(model, dataset: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(logits, axis=1), np.concatenate(labels)
 
 
-def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, capsys, tmp_path):
+def test_evaluate_command_matches_direct_model_statistics(
+    finetuned, dataset, capsys, tmp_path, monkeypatch
+):
     """One frame: the statistics of directly computed logits, and the run's own final
-    evaluation; ten frames: the statistics of the mean of the ten frames' sigmoids (NumPy)."""
+    evaluation; ten frames: the statistics of the mean of the ten frames' sigmoids (NumPy),
+    and of each frame, from one read of the split."""
     from cavmae_jax import cli
 
     evaluate = ["evaluate", "--model", str(finetuned / "model"), "--data", str(dataset)]
@@ -174,11 +177,20 @@ def test_evaluate_command_matches_direct_model_statistics(finetuned, dataset, ca
     final = json.loads((finetuned / "evaluation.json").read_text())
     assert one["mAP"] == pytest.approx(final["mAP"], abs=1e-6)
     output = tmp_path / "e.json"
+    reads = []
+    iterate_from = Loader.iterate_from
+    monkeypatch.setattr(
+        Loader, "iterate_from", lambda self, start: reads.append(start) or iterate_from(self, start)
+    )
     cli.main([*evaluate, "--output", str(output)])
+    assert reads == [0]  # ten frames, one pass over the split
     ten = json.loads(output.read_text())
-    mean_sigmoid = np.mean(1 / (1 + np.exp(-logits.astype(np.float64))), axis=0)
+    mean_sigmoid = evaluation.average_frame_predictions(logits, multilabel=True)
     expected = evaluation.classification_stats(mean_sigmoid, labels)
     assert [f["frame"] for f in ten["per_frame"]] == list(range(10))
+    for frame, stats in enumerate(ten["per_frame"]):
+        reference = evaluation.classification_stats(logits[frame], labels)
+        assert stats["mAP"] == pytest.approx(reference["mAP"], abs=1e-6)
     assert ten["mAP"] == pytest.approx(expected["mAP"], abs=1e-6)
     np.testing.assert_allclose(ten["AP"], expected["AP"], atol=1e-6)
 
@@ -224,7 +236,8 @@ def results_of(process) -> list[dict]:
 def canonical(result: dict) -> dict:
     by_logits = np.lexsort(np.asarray(result["logits"]).T)
     by_audio = np.lexsort(np.asarray(result["audio"]).T)
-    return {
+    commands = {k: result[k] for k in ("classify", "embed_videos", "embed_dataset") if k in result}
+    return commands | {
         "devices": result["devices"],
         "logits": np.asarray(result["logits"])[by_logits],
         "label": np.asarray(result["label"])[by_logits],
@@ -270,3 +283,40 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
         # the same 8 clips, in the same order, whatever the hosts and devices
         assert len(single["validation"]) == 8
         np.testing.assert_allclose(result["validation"], single["validation"], rtol=1e-4, atol=1e-5)
+
+
+def test_embed_and_classify_on_two_processes_give_every_clip_once_in_order(dataset):
+    """12 videos, global batch 8: two processes x 2 devices share the clips (6 each: a full and
+    a padded batch) and give what one process gives, in input order: classify's paths and
+    logits on every process, embed's ids and joint embeddings (of the videos and of the
+    prepared dataset) written by process 0."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    hosts = [
+        run_eval_worker(
+            dataset,
+            2,
+            CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
+            CAVMAE_PROCESSES="2",
+            CAVMAE_PROCESS_ID=str(pid),
+        )
+        for pid in range(2)
+    ]
+    single = results_of(run_eval_worker(dataset, 1))[0]
+    first, second = (results_of(p)[0] for p in hosts)
+    paths = [path for path, _ in single["classify"]]
+    assert len(paths) == CLIPS and paths == sorted(paths)
+    for result in (first, second):
+        assert [path for path, _ in result["classify"]] == paths
+        np.testing.assert_allclose(
+            [logits for _, logits in result["classify"]],
+            [logits for _, logits in single["classify"]],
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    assert "embed_videos" not in second
+    for source in ("embed_videos", "embed_dataset"):
+        ids, joint = first[source]
+        assert ids == single[source][0] and len(ids) == CLIPS
+        np.testing.assert_allclose(joint, single[source][1], rtol=1e-4, atol=1e-5)

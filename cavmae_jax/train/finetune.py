@@ -21,7 +21,8 @@ from flax import nnx
 
 from cavmae_jax import convert, flops
 from cavmae_jax.errors import UserError
-from cavmae_jax.evaluators import EVAL_FRAME, Classification
+from cavmae_jax.evaluators import Classification
+from cavmae_jax.inference import EVAL_FRAME
 from cavmae_jax.losses import CLASSIFICATION_LOSSES
 from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
 from cavmae_jax.paths import Path
