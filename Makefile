@@ -34,8 +34,9 @@ test: install-test
 	$(TEST_BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 $(LONG_TESTS) tests
 
 demo: install
-	$(BIN)/cavmae pretrain --config configs/demo.py --workdir workdir/demo
-	$(BIN)/cavmae retrieval --model workdir/demo/model --data workdir/demo/data/dataset --split train
+	$(BIN)/cavmae prepare --demo 240 --output workdir/demo-data --workers 2
+	$(BIN)/cavmae pretrain --config demo --workdir workdir/demo --config.data.dir=workdir/demo-data
+	$(BIN)/cavmae retrieval --model workdir/demo/model --data workdir/demo-data --split train
 
 lint: install-test
 	$(TEST_BIN)/ruff check cavmae_jax input_pipeline tests bench launch

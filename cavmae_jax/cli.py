@@ -169,6 +169,21 @@ def _verify(data_dir: str) -> None:
         raise SystemExit(1)
 
 
+def _demo_videos(args) -> tuple[str, str]:
+    """Generate ``--demo`` clips under OUTPUT/videos once; their list and label CSV."""
+    from cavmae_jax import paths
+    from input_pipeline import synthetic
+
+    if args.input or not args.output:
+        raise UserError("--demo makes its own videos: give --output only, not --input")
+    if paths.is_remote(args.output):
+        raise UserError(f"{args.output}: the demo videos are generated on a local disk")
+    videos = paths.path(args.output) / "videos"
+    if not (videos / "clips.csv").exists():
+        synthetic.generate(videos, clips=args.demo, classes=args.demo_classes, seed=0)
+    return str(videos / "clips.csv"), str(videos / "labels.csv")
+
+
 def _prepare(args, overrides):
     from input_pipeline.prepare import Options, prepare
 
@@ -177,8 +192,10 @@ def _prepare(args, overrides):
     if args.verify:
         _verify(args.verify)
         return
+    if args.demo:
+        args.input, args.labels = _demo_videos(args)
     if not (args.input and args.output):
-        raise UserError("prepare needs --input and --output (or --verify DIR)")
+        raise UserError("prepare needs --input and --output (or --verify DIR, or --demo N)")
     options = Options(fbank_dtype=args.fbank_dtype, keep_waveform=args.keep_waveform)
     prepared, failed = prepare(
         args.input,
@@ -438,6 +455,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", help="dataset folder, local or gs://")
     p.add_argument("--verify", metavar="DIR", help="read back every record of a dataset")
+    p.add_argument(
+        "--demo",
+        type=int,
+        metavar="N",
+        help="generate N demo clips (a coloured shape with a sound per class) and prepare them",
+    )
+    p.add_argument("--demo-classes", type=int, default=8, help="classes of the --demo clips")
     p.add_argument("--labels", help="official label CSV (index,mid,display_name)")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (local runner)")
     p.add_argument(

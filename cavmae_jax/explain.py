@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from cavmae_jax import convert, paths, prototypes
+from cavmae_jax.errors import UserError
 from cavmae_jax.inference import replicated_state, split_embeddings
 from cavmae_jax.losses import l2_normalize
 from cavmae_jax.paths import Path
@@ -166,7 +167,10 @@ def explain(
     output.mkdir(parents=True, exist_ok=True)
     config = json.loads((workdir / "config.json").read_text())
     pcav = config["pcav"]
-    data_dir = paths.path(data_dir or config["data"]["dir"] or workdir / "data" / "dataset")
+    data_dir = data_dir or config["data"]["dir"]
+    if not data_dir:
+        raise UserError(f"{workdir}: the run names no dataset; give the one to explain")
+    data_dir = paths.path(data_dir)
     model = convert.load_checkpoint(workdir / "momentum_model")
     data = dataset_embeddings(model, data_dir, split)
     granularities = tuple(pcav["granularities"])

@@ -30,7 +30,6 @@ def pretrain_command(
         "--config.checkpoint_every=2",
         "--config.batch_size=4",
         f"--config.data.dir={dataset}",
-        "--config.data.generate=False",
         *extra,
     ]
 

@@ -54,6 +54,7 @@ def test_pretraining_starts_from_given_weights(tmp_path, fmt):
     else:
         source = tmp_path / "init.pth"
         convert.save_torch_checkpoint(initial, source)
+    cli.main(["prepare", "--demo", "4", "--output", str(tmp_path / "data")])
     cli.main(
         [
             "pretrain",
@@ -63,9 +64,8 @@ def test_pretraining_starts_from_given_weights(tmp_path, fmt):
             str(tmp_path / "run"),
             "--config.epochs=0",
             f"--config.init={source}",
-            "--config.data.clips=4",
+            f"--config.data.dir={tmp_path / 'data'}",
             "--config.batch_size=4",
-            "--config.data.workers=1",
         ]
     )
     expected = convert.to_torch_state_dict(initial)

@@ -137,23 +137,26 @@ def test_ablation_switches():
 
 
 def test_tiny_contrastive_only_variant_trains(tmp_path):
-    """The contrastive-only ablation (no decoder) trains (8 clips, 2 steps: it runs, not learns)."""
+    """The contrastive-only ablation (no decoder) trains (8 clips, 2 steps: it runs, not learns)
+    on demo data that ``cavmae prepare --demo`` generates."""
+    cli.main(["prepare", "--demo", "8", "--output", str(tmp_path / "data")])
+    assert (tmp_path / "data" / "videos" / "clips.csv").exists()
     cli.main(
         [
             "pretrain",
             "--config",
             f"{PRETRAIN}:cav,tiny",
             "--workdir",
-            str(tmp_path),
-            "--config.data.clips=8",
+            str(tmp_path / "run"),
+            f"--config.data.dir={tmp_path / 'data'}",
             "--config.batch_size=4",
             "--config.num_steps=2",
             "--config.log_every=1",
         ]
     )
-    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2] and lines[0]["loss_mae"] == 0
-    assert (tmp_path / "model" / "model.json").exists()
+    assert (tmp_path / "run" / "model" / "model.json").exists()
 
 
 def test_a_run_without_a_workdir_is_refused_in_one_line():

@@ -34,7 +34,7 @@ def dataset(clips, tmp_path_factory):
 def pretrain(workdir, data, *extra: str) -> list[str]:
     return [
         *("pretrain", "--config", TINY, "--workdir", str(workdir)),
-        *(f"--config.data.dir={data}", "--config.data.generate=False"),
+        f"--config.data.dir={data}",
         *("--config.batch_size=4", f"--config.num_steps={STEPS}", "--config.log_every=1"),
         "--config.checkpoint_every=2",
         *extra,

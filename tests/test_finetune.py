@@ -46,7 +46,6 @@ def command(workdir: Path, dataset: Path) -> list[str]:
         "--workdir",
         str(workdir),
         f"--config.data.dir={dataset}",
-        "--config.data.generate=False",
         f"--config.data.classes={CLASSES}",
         f"--config.model.label_dim={CLASSES}",
         f"--config.batch_size={BATCH}",

@@ -166,6 +166,8 @@ def test_demo_pretraining_learns_audio_visual_correspondence(tmp_path):
     suite's XLA_FLAGS)."""
     env = {name: value for name, value in os.environ.items() if name != "XLA_FLAGS"}
     cavmae = [sys.executable, "-m", "cavmae_jax.cli"]
+    data = tmp_path / "data"
+    subprocess.run([*cavmae, "prepare", "--demo", "48", "--output", str(data)], check=True)
     subprocess.run(
         [
             *cavmae,
@@ -174,10 +176,9 @@ def test_demo_pretraining_learns_audio_visual_correspondence(tmp_path):
             "configs/demo.py",
             "--workdir",
             str(tmp_path),
-            "--config.data.clips=48",
+            f"--config.data.dir={data}",
             "--config.epochs=50",
             "--config.lr_decay_start=50",
-            "--config.data.workers=1",
         ],
         cwd=ROOT,
         env=env,
@@ -185,7 +186,7 @@ def test_demo_pretraining_learns_audio_visual_correspondence(tmp_path):
         capture_output=True,
     )
     retrieval = [*cavmae, "retrieval", "--model", str(tmp_path / "model")]
-    retrieval += ["--data", str(tmp_path / "data" / "dataset")]
+    retrieval += ["--data", str(data)]
     # the evaluation split by default: the demo's dataset has only its training split
     default = subprocess.run(retrieval, cwd=ROOT, env=env, capture_output=True, text=True)
     assert default.returncode == 2 and "no split 'eval' (it has train)" in default.stderr

@@ -36,10 +36,7 @@ def run_config(trainer: str) -> ml_collections.ConfigDict:
         dict(
             dir="",  # the training dataset (a `cavmae prepare` output)
             train_split="train",
-            generate=False,  # True: generate and prepare the demo videos under W/data
-            clips=0,  # demo videos to generate
             classes=527,
-            workers=1,  # processes preparing the generated videos
             noise=True,  # the official noise + time roll augmentation
             shuffle_buffer=10_000,
         )

@@ -1,10 +1,14 @@
 """Demo: a small CAV-MAE pretrained for about a minute on CPU on generated audio-visual videos.
 
-Launch: ``cavmae pretrain --config configs/demo.py --workdir workdir/demo`` (what ``make demo``
-runs). The first run writes ``data.clips`` mp4 files (``input_pipeline/synthetic.py``: each class
-pairs a coloured shape with a sound) and prepares them with ``cavmae prepare`` under
-``workdir/demo/data``; training then reads them through the tf.data loader with the official
-pretraining augmentation (noise + time roll). Inputs are full size (1024 x 128 fbank, 224 x 224
+Launch (what ``make demo`` runs):
+
+    cavmae prepare --demo 240 --output workdir/demo-data
+    cavmae pretrain --config demo --workdir workdir/demo --config.data.dir=workdir/demo-data
+
+The first writes 240 mp4 files (``input_pipeline/synthetic.py``: each of 8 classes pairs a
+coloured shape with a sound) under ``workdir/demo-data/videos`` and prepares them; training then
+reads them through the tf.data loader with the official pretraining augmentation (noise + time
+roll). Inputs are full size (1024 x 128 fbank, 224 x 224
 frame); the model is a narrow 4-layer CAV-MAE so that it trains in seconds per hundred steps.
 The contrastive accuracy ``c_acc`` should climb well above chance (1 / batch_size).
 Sized for a 2-core CPU; the full-size recipes are the official ViT-B ones.
@@ -19,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = run_config("pretrain")
     config.model.update(TINY_MODEL)
     config.model.update(dict(norm_pix_loss=True, contrast_loss_weight=0.01))
-    config.data.update(dict(generate=True, clips=240, classes=8, workers=2, shuffle_buffer=1000))
+    config.data.update(dict(classes=8, shuffle_buffer=1000))
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding = "dp"
     config.peak_tflops = CPU_PEAK_TFLOPS

@@ -15,8 +15,8 @@ and 10-frame; hardware of the official run, 4 GPUs each):
   as2m             48 / 1e-5 /  50 / 10 / 2  AS-2M audio-visual, balanced: mAP 51.1 (~10 days)
   as2m-audioonly   48 / 1e-5 /  50 / 10 / 2  AS-2M audio, balanced: mAP 46.6
   vgg              48 / 1e-4 /  10 / 10 / 2  VGGSound audio-visual, balanced, CE: acc 65.8 (~5.5 h)
-Append ``,tiny`` for a CPU-sized model on generated data (8 classes; evaluated on its own
-training split, since the generated dataset has only one).
+Append ``,tiny`` for a CPU-sized model on the generated demo data (``cavmae prepare --demo 48
+--output DIR``, 8 classes; evaluated on its own training split, since that dataset has only one).
 
 All use SpecAugment (freqm 48, timem 192), mixup 0.5, label smoothing 0.1, noise, the official
 Adam with the head at ``head_lr`` x lr, the per-epoch MultiStep halving every epoch, weight
@@ -124,9 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "tiny" in modifiers:
         config.model.update(TINY_MODEL)
         config.model.update(dict(decoder_depth=0, label_dim=8))
-        config.data.update(
-            dict(generate=True, clips=48, classes=8, eval_split="train", shuffle_buffer=100)
-        )
+        config.data.update(dict(classes=8, eval_split="train", shuffle_buffer=100))
         config.data.mixup_approx = True  # the generated demo clips keep no waveform
         config.batch_size = 8
         config.epochs = 3

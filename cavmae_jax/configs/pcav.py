@@ -14,7 +14,8 @@ the schedule, the momentum encoder and the data position count updates either wa
 50% audio / 75% visual. Updates per epoch come from the prepared dataset at start-up.
 The paper reports, after finetuning, 57.8 mAP on AS-20K, 55.4 on AS-2M, 69.9% on VGGSound;
 nobody has reproduced them (no public code) and no hardware is stated.
-``demo`` (also ``as,tiny``): a narrow model on the generated demo data, sized for a 2-core CPU:
+``demo`` (also ``as,tiny``): a narrow model on the generated demo data (``cavmae prepare --demo
+240 --output DIR``), sized for a 2-core CPU:
 the PCAV-MAE side of the comparison in docs/pcavmae.md.
 """
 
@@ -64,9 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if tiny:
         config.model.update(TINY_MODEL)
         config.pcav.update(dict(granularities=(5, 15), max_prototypes=64, decoder_epochs=10_000))
-        config.data.update(
-            dict(generate=True, clips=240, classes=8, workers=2, shuffle_buffer=1000)
-        )
+        config.data.update(dict(classes=8, shuffle_buffer=1000))
         config.batch_size = 16
         config.grad_accum = 1
         config.epochs = 20  # 240 clips: 15 updates per epoch

@@ -13,7 +13,8 @@ Variants (batch / lr / epochs; official figure; hardware the official run used):
   vgg         120 / 1e-4 / 25  VGGSound from IN-initial: eval c_acc 0.636 (4 GPUs)
   vgg-from-as 120 / 5e-5 / 10  VGGSound continued from Scale++: eval c_acc 0.754 (4 GPUs)
   avmae, cav, mask-time, mask-freq, mask-tf, mask-50, mask-65, mask-85: ablations on as-base.
-Append ``,tiny`` (e.g. ``as-base,tiny``) for a CPU-sized model on generated data.
+Append ``,tiny`` (e.g. ``as-base,tiny``) for a CPU-sized model on the generated demo data
+(``cavmae prepare --demo 48 --output DIR``, then ``--config.data.dir=DIR``).
 
 All use masking 0.75 unstructured, contrast weight 0.01, norm_pix_loss, fixed positions, the
 official Adam (0.95, 0.999, L2 5e-7) and MultiStep(10, 5, 0.5) per epoch. Batches are global and
@@ -80,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.update(TINY_MODEL)
         config.model.modality_specific_depth = min(3, ablated[0])
         config.model.decoder_depth = min(2, ablated[1])
-        config.data.update(dict(generate=True, clips=48, classes=8, workers=1, shuffle_buffer=100))
+        config.data.update(dict(classes=8, shuffle_buffer=100))
         config.batch_size = 8
         config.epochs = 2  # 48 clips: 6 updates per epoch
         config.log_every = 4

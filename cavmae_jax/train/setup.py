@@ -73,27 +73,14 @@ class Setup:
         return nnx.merge(self.graphdef, params, rest)
 
 
-def prepared_dataset(config: ml_collections.ConfigDict, workdir: paths.Path) -> paths.Path:
-    """The prepared dataset ``config.data.dir``; with ``config.data.generate`` the demo videos
-    are first generated and prepared (resumably) under ``workdir/data``."""
-    from input_pipeline import prepare, synthetic
-
-    data = config.data
-    if not data.dir and not data.generate:
-        raise UserError("no training data: set --config.data.dir to a `cavmae prepare` output")
-    data_dir = paths.path(data.dir) if data.dir else workdir / "data" / "dataset"
-    if data.generate and not (data_dir / "dataset_info.json").exists():
-        if paths.is_remote(workdir):
-            raise UserError(
-                f"{workdir}: the demo videos are generated on a local disk; run the demo with "
-                "a local workdir, or prepare data with `cavmae prepare` and set --config.data.dir"
-            )
-        videos = workdir / "data" / "videos"
-        listing = videos / "clips.csv"
-        if not listing.exists():
-            synthetic.generate(videos, clips=data.clips, classes=data.classes, seed=config.seed)
-        prepare.prepare(listing, data_dir, labels=videos / "labels.csv", workers=data.workers)
-    return data_dir
+def prepared_dataset(config: ml_collections.ConfigDict) -> paths.Path:
+    """The prepared dataset ``config.data.dir``."""
+    if not config.data.dir:
+        raise UserError(
+            "no training data: set --config.data.dir to a `cavmae prepare` output (generated "
+            "demo data: cavmae prepare --demo 240 --output DIR)"
+        )
+    return paths.path(config.data.dir)
 
 
 def copy_weights(source: nnx.Module, target: nnx.Module, name: str) -> None:
@@ -233,10 +220,10 @@ def build(
     else:
         if workdir is None:
             raise UserError(
-                "a run needs a workdir (its checkpoints, metrics and generated data go there); "
+                "a run needs a workdir (its checkpoints and metrics go there); "
                 "only an abstract build (abstract_clips=N) goes without"
             )
-        data_dir = prepared_dataset(config, workdir)
+        data_dir = prepared_dataset(config)
         loader = trainer.loader(config, data_dir, workdir)
         steps_per_epoch = loader.batches_per_epoch
         clips = loader.split_examples
