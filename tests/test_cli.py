@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,42 @@ def test_pretraining_starts_from_given_weights(tmp_path, fmt):
     final = convert.to_torch_state_dict(convert.load_checkpoint(tmp_path / "run" / "model"))
     for name, value in expected.items():
         np.testing.assert_array_equal(final[name], value)
+
+
+def readme_commands() -> list[list[str]]:
+    """Every command line of the README's shell blocks (continuations joined, comments cut)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    lines = []
+    for block in readme.split("```bash\n")[1:]:
+        text = block.split("```", 1)[0].replace("\\\n", " ")
+        lines += [shlex.split(line.split("#", 1)[0]) for line in text.splitlines()]
+    return [words for words in lines if words]
+
+
+def test_every_readme_command_parses_and_its_overrides_name_real_fields():
+    """Each `cavmae` line is accepted by the parser, a training line's recipe loads and each of
+    its --config overrides names a field of it; a compile check names a recipe and a slice;
+    the set-up lines are Makefile targets and the install line installs this package."""
+    from cavmae_jax import tpu
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    seen = set()
+    for words in readme_commands():
+        seen.add(words[0])
+        if words[0] == "cavmae":
+            args, overrides = cli.parser().parse_known_args(words[1:])
+            if args.command in ("pretrain", "finetune"):
+                config = load_config(args.config)
+                apply_overrides(config, overrides)
+                assert config.trainer == args.command
+            else:
+                assert not overrides, words
+        elif words[0] == "python":
+            assert words[1] == "launch/aot_check.py"
+            load_config(words[2])
+            tpu.parse(words[words.index("--topology") + 1])
+        elif words[0] == "make":
+            assert f"\n{words[1]}:" in makefile
+        else:
+            assert words[:2] == ["pip", "install"] and "cavmae-jax[data]" in words[2]
+    assert seen == {"make", "pip", "cavmae", "python"}

@@ -247,9 +247,9 @@ def test_every_command_documents_its_options():
                 assert action.help, f"cavmae {name} {action.option_strings or action.dest}"
 
 
-def test_readme_synopsis_lists_every_option_of_every_command():
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("## Commands\n\n```\n", 1)[1].split("```", 1)[0]
+def test_command_synopsis_lists_every_option_of_every_command():
+    synopsis = (ROOT / "docs" / "commands.md").read_text()
+    block = synopsis.split("\n```\n", 1)[1].split("```", 1)[0]
     entries: dict[str, str] = {}
     for line in block.splitlines():
         if line.startswith("cavmae "):
@@ -262,7 +262,7 @@ def test_readme_synopsis_lists_every_option_of_every_command():
         for action in sub._actions:
             for option in action.option_strings[-1:]:
                 if option != "--help":
-                    assert option in entries[name], f"README: cavmae {name} {option}"
+                    assert option in entries[name], f"docs/commands.md: cavmae {name} {option}"
 
 
 def test_convert_needs_neither_the_data_extra_nor_torch(models, tmp_path):
