@@ -221,7 +221,7 @@ def embeddings(model_dir: Path, dataset: Path, split: str):
     from input_pipeline.dataset import Loader, LoaderConfig
 
     mesh = make_mesh({"data": -1})
-    graphdef, state = replicated_state(convert.load_checkpoint(model_dir), mesh)
+    graphdef, state = replicated_state(convert.load_model(model_dir), mesh)
     emb = Retrieval(graphdef, mesh, dataset, split, 32).embeddings(state)
     unit = lambda x: np.asarray(l2_normalize(x))  # noqa: E731
     audio, visual = unit(emb["audio"]), unit(emb["visual"])

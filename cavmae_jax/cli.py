@@ -133,12 +133,12 @@ def _convert(args, overrides):
     if not (args.input and args.output):
         raise UserError("convert needs INPUT and OUTPUT (or --list)")
     if args.to_torch:
-        convert.save_torch_checkpoint(convert.load_checkpoint(args.input), args.output)
+        convert.save_pth(convert.load_model(args.input), args.output)
     elif args.mae_init:
         from cavmae_jax.pth import load_pth
 
         init = convert.mae_imagenet_init(load_pth(args.input), args.seed)
-        convert.save_checkpoint(init, args.output)
+        convert.save_model(init, args.output)
     else:
         sizes = {
             "kind": args.kind,
@@ -148,7 +148,7 @@ def _convert(args, overrides):
             "norm_pix_loss": True if args.norm_pix_loss else None,
         }
         loaded = _load(args.input, **{k: v for k, v in sizes.items() if v is not None})
-        convert.save_checkpoint(loaded.model, args.output, loaded.finetuning)
+        convert.save_model(loaded.model, args.output, loaded.finetuning)
     print(f"wrote {args.output}")
 
 
@@ -243,7 +243,7 @@ def _export(args, overrides):
 
     _no_overrides(args, overrides)
     model = _load(args.model).model
-    convert.save_checkpoint(convert.export_encoder(model, args.label_dim, args.seed), args.output)
+    convert.save_model(convert.export_encoder(model, args.label_dim, args.seed), args.output)
     print(f"wrote {args.output} (CAVMAEFT, {args.label_dim} classes)")
 
 

@@ -1,4 +1,4 @@
-"""Official PyTorch checkpoints <-> our models, and Orbax save/restore of our own parameters.
+"""Official ``.pth`` files <-> our models, and our model directories (Orbax parameters + config).
 
 Our parameter paths are the official names with Flax leaf names (``kernel``, ``scale``), so a
 name maps by ``kernel``/``scale`` -> ``weight``; values by transposing Linear weights and
@@ -259,7 +259,7 @@ def from_torch_state_dict(
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def load_torch_checkpoint(path: paths.PathLike, **kwargs) -> Model:
+def model_from_pth(path: paths.PathLike, **kwargs) -> Model:
     """Load an official ``.pth`` (a state dict, or a dict holding one under ``model``)."""
     obj = load_pth(path)
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
@@ -269,7 +269,7 @@ def load_torch_checkpoint(path: paths.PathLike, **kwargs) -> Model:
     return from_torch_state_dict(obj, source=str(path), **kwargs)
 
 
-def save_torch_checkpoint(model: Model, path: paths.PathLike, module_prefix: bool = True) -> None:
+def save_pth(model: Model, path: paths.PathLike, module_prefix: bool = True) -> None:
     """Write an official-format ``.pth`` (needs PyTorch); keys get ``module.`` like the releases."""
     import torch
 
@@ -341,13 +341,11 @@ def mae_imagenet_init(mae_state_dict: dict[str, Any], seed: int = 0, **config_ov
     return from_torch_state_dict(sd, kind="CAVMAE", source="MAE init", **fields)
 
 
-# Orbax checkpoints of our own models ---------------------------------------------------------
+# Our model directories -------------------------------------------------------------------------
 
 
-def save_checkpoint(
-    model: Model, directory: paths.PathLike, finetuning: dict | None = None
-) -> None:
-    """Save parameters and config as an Orbax checkpoint (``state``) plus ``model.json``;
+def save_model(model: Model, directory: paths.PathLike, finetuning: dict | None = None) -> None:
+    """A model directory: the parameters saved by Orbax (``state``) and ``model.json``;
     ``finetuning`` (``{"mode", "loss"}``) records how a classifier was trained, so that
     evaluation and classification use that mode and that output function by default.
     In a multi-process run every process calls it (Orbax writes the arrays together)."""
@@ -385,8 +383,8 @@ def model_info(directory: paths.PathLike) -> dict:
     return json.loads(meta_file.read_text())
 
 
-def load_checkpoint(directory: paths.PathLike) -> Model:
-    """Restore a model written by ``save_checkpoint``."""
+def load_model(directory: paths.PathLike) -> Model:
+    """Restore a model written by ``save_model``."""
     import orbax.checkpoint as ocp
 
     directory = paths.path(directory)

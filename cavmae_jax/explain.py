@@ -171,7 +171,7 @@ def explain(
     if not data_dir:
         raise UserError(f"{workdir}: the run names no dataset; give the one to explain")
     data_dir = paths.path(data_dir)
-    model = convert.load_checkpoint(workdir / "momentum_model")
+    model = convert.load_model(workdir / "momentum_model")
     data = dataset_embeddings(model, data_dir, split)
     granularities = tuple(pcav["granularities"])
     arrays, levels = prototypes.from_settings(data, ml_collections.ConfigDict(pcav), config["seed"])

@@ -157,7 +157,9 @@ def _embedder(graphdef: nnx.GraphDef) -> Callable:
 
     @jax.jit
     def embed(params, rest, batch):
-        audio, visual = nnx.merge(graphdef, params, rest).embed(batch["audio"], batch["image"])
+        audio, visual = nnx.merge(graphdef, params, rest).clip_embeddings(
+            batch["audio"], batch["image"]
+        )
         return {"audio": audio, "visual": visual}
 
     return embed

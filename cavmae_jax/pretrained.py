@@ -325,7 +325,7 @@ def load_pth(path: paths.PathLike, **overrides) -> Loaded:
     release = release_of(path)
     if release:
         overrides = {"norm_pix_loss": release.norm_pix_loss, **overrides}
-    model = convert.load_torch_checkpoint(path, **overrides)
+    model = convert.model_from_pth(path, **overrides)
     return Loaded(model, release.finetuning if release else None, str(path))
 
 
@@ -335,9 +335,7 @@ def load(spec: str, **overrides) -> Loaded:
         return load_pth(download(RELEASES[spec]), **overrides)
     path = paths.path(spec)
     if path.is_dir():
-        return Loaded(
-            convert.load_checkpoint(path), convert.model_info(path).get("finetuning"), spec
-        )
+        return Loaded(convert.load_model(path), convert.model_info(path).get("finetuning"), spec)
     if path.is_file():
         return load_pth(path, **overrides)
     raise UserError(

@@ -28,7 +28,7 @@ MESH_AXES = ("slice", "data", "fsdp", "tensor")
 BATCH_AXES = ("slice", "data", "fsdp")  # FSDP is data parallel too
 
 DATA_PARALLEL_RULES: dict[str, str | None] = {}  # every parameter replicated
-FSDP_RULES = {"embed": "fsdp", "decoder": "fsdp", "vocab": "fsdp"}
+FSDP_RULES = {"embed": "fsdp", "decoder": "fsdp", "classes": "fsdp"}
 TENSOR_RULES = {"mlp": "tensor", "qkv": "tensor", "heads": "tensor"}
 RULES = {"dp": DATA_PARALLEL_RULES, "fsdp": FSDP_RULES, "tensor": TENSOR_RULES}  # by config name
 

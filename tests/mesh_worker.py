@@ -39,7 +39,7 @@ def run(shape: dict, rules: str, groups: int = 1, steps: int = 1) -> dict:
     size = int(np.prod(list(shape.values())))
     mesh = sharding.make_mesh(shape, jax.devices()[:size])
     rules = sharding.RULES[rules]
-    cfg = tiny(embed_dim=32, num_heads=4, contrastive_groups=groups, norm_pix_loss=True)
+    cfg = tiny(embed_dim=32, num_heads=4, loss_groups=groups, norm_pix_loss=True)
     model = sharding.create_sharded(lambda: CAVMAE(cfg, nnx.Rngs(0)), mesh, rules)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_shardings = sharding.state_shardings(params, mesh, rules)

@@ -50,11 +50,11 @@ def test_pretraining_starts_from_given_weights(tmp_path, fmt):
     config = load_config(DEMO)
     initial = CAVMAE(ModelConfig(**config.model.to_dict()), nnx.Rngs(42))
     if fmt == "orbax":
-        convert.save_checkpoint(initial, tmp_path / "init")
+        convert.save_model(initial, tmp_path / "init")
         source = tmp_path / "init"
     else:
         source = tmp_path / "init.pth"
-        convert.save_torch_checkpoint(initial, source)
+        convert.save_pth(initial, source)
     cli.main(["prepare", "--demo", "4", "--output", str(tmp_path / "data")])
     cli.main(
         [
@@ -70,7 +70,7 @@ def test_pretraining_starts_from_given_weights(tmp_path, fmt):
         ]
     )
     expected = convert.to_torch_state_dict(initial)
-    final = convert.to_torch_state_dict(convert.load_checkpoint(tmp_path / "run" / "model"))
+    final = convert.to_torch_state_dict(convert.load_model(tmp_path / "run" / "model"))
     for name, value in expected.items():
         np.testing.assert_array_equal(final[name], value)
 

@@ -150,8 +150,8 @@ def test_a_run_in_a_bucket_is_killed_resumes_from_its_checkpoint_and_is_evaluate
 
     local = tmp_path / "local-run"
     subprocess.run(run_command(str(local), data), cwd=ROOT, check=True, capture_output=True)
-    resumed = convert.to_torch_state_dict(convert.load_checkpoint(f"{workdir}/model"))
-    straight = convert.to_torch_state_dict(convert.load_checkpoint(local / "model"))
+    resumed = convert.to_torch_state_dict(convert.load_model(f"{workdir}/model"))
+    straight = convert.to_torch_state_dict(convert.load_model(local / "model"))
     for name, value in straight.items():
         np.testing.assert_array_equal(resumed[name], value, err_msg=name)
 

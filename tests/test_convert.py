@@ -113,7 +113,7 @@ def test_real_torch_file_loads_and_matches(tmp_path):
     sd = random_state_dict("CAVMAEFT", cfg, seed=4)
     path = tmp_path / "as-20k.pth"
     torch.save({"module." + k: torch.from_numpy(v) for k, v in sd.items()}, path)
-    model = convert.load_torch_checkpoint(path, num_mel_bins=16, num_heads=4)
+    model = convert.model_from_pth(path, num_mel_bins=16, num_heads=4)
     back = convert.to_torch_state_dict(model)
     for name, value in sd.items():
         np.testing.assert_array_equal(back[name], value)
@@ -131,7 +131,7 @@ def test_pth_reader_handles_views_dtypes_and_nested_dicts(tmp_path):
 
 def test_written_pth_loads_in_torch(tmp_path):
     model = CAVMAEFT(tiny(tr_pos=True), nnx.Rngs(0))
-    convert.save_torch_checkpoint(model, tmp_path / "out.pth")
+    convert.save_pth(model, tmp_path / "out.pth")
     loaded = torch.load(tmp_path / "out.pth", weights_only=True)
     ours = convert.to_torch_state_dict(model)
     assert list(loaded) == ["module." + k for k in ours]
@@ -160,7 +160,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     path = tmp_path / "evil.pth"
     _zip_with_pickle(path, pickle.dumps({"w": _Exploit(marker)}, protocol=2))
     with pytest.raises(CheckpointError, match=r"evil\.pth.*refusing to load 'posix\.system'"):
-        convert.load_torch_checkpoint(path)
+        convert.model_from_pth(path)
     assert not marker.exists()
     # the same payload as a legacy (non-zip) pickle file is refused before unpickling
     raw = tmp_path / "raw.pth"
@@ -185,8 +185,8 @@ def test_out_of_bounds_tensor_view_is_refused(tmp_path):
 
 def test_orbax_checkpoint_round_trip(tmp_path):
     model = CAVMAE(tiny(), nnx.Rngs(3))
-    convert.save_checkpoint(model, tmp_path / "ckpt")
-    restored = convert.load_checkpoint(tmp_path / "ckpt")
+    convert.save_model(model, tmp_path / "ckpt")
+    restored = convert.load_model(tmp_path / "ckpt")
     assert isinstance(restored, CAVMAE) and restored.cfg == model.cfg
     a, b = convert.to_torch_state_dict(model), convert.to_torch_state_dict(restored)
     for name in a:
@@ -195,7 +195,7 @@ def test_orbax_checkpoint_round_trip(tmp_path):
     feats = model.forward_feat(audio, image)[0], restored.forward_feat(audio, image)[0]
     np.testing.assert_array_equal(np.asarray(feats[0]), np.asarray(feats[1]))
     with pytest.raises(CheckpointError, match="no model.json"):
-        convert.load_checkpoint(tmp_path)
+        convert.load_model(tmp_path)
 
 
 def fake_mae_checkpoint(dim=32, dec=16, patch=4, blocks=12, dec_blocks=8, grid=4):
@@ -297,9 +297,9 @@ def test_export_keeps_the_encoder_and_drops_the_decoder(tmp_path):
     from cavmae_jax import cli
 
     pretrained = CAVMAE(tiny(num_heads=4), nnx.Rngs(1))
-    convert.save_checkpoint(pretrained, tmp_path / "pre")
+    convert.save_model(pretrained, tmp_path / "pre")
     cli.main(["export", str(tmp_path / "pre"), str(tmp_path / "ft"), "--label-dim", "7"])
-    exported = convert.load_checkpoint(tmp_path / "ft")
+    exported = convert.load_model(tmp_path / "ft")
     assert isinstance(exported, CAVMAEFT) and exported.cfg.label_dim == 7 and exported.cfg.tr_pos
     ours, theirs = convert.to_torch_state_dict(exported), convert.to_torch_state_dict(pretrained)
     assert not any(name.startswith("decoder") for name in ours)

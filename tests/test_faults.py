@@ -154,7 +154,7 @@ def test_a_full_disk_while_training_resumes_from_the_last_whole_checkpoint(
     def no_room(model, directory, finetuning=None):
         raise no_space(directory)
 
-    monkeypatch.setattr("cavmae_jax.convert.save_checkpoint", no_room)
+    monkeypatch.setattr("cavmae_jax.convert.save_model", no_room)
     assert "no space left" in one_line(argv, capsys)
     monkeypatch.undo()
     cli.main(argv)

@@ -71,7 +71,7 @@ def saved_params(workdir: Path, step: int) -> dict[str, np.ndarray]:
 
 
 def model_params(workdir: Path) -> dict[str, np.ndarray]:
-    return flat(nnx.to_pure_dict(nnx.state(convert.load_checkpoint(workdir / "model"), nnx.Param)))
+    return flat(nnx.to_pure_dict(nnx.state(convert.load_model(workdir / "model"), nnx.Param)))
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_evaluate_command_matches_direct_model_statistics(
     evaluate += ["--split", "train", "--batch-size", "8"]
     cli.main([*evaluate, "--frames", "1"])
     one = json.loads(capsys.readouterr().out.splitlines()[0])
-    model = convert.load_checkpoint(finetuned / "model")
+    model = convert.load_model(finetuned / "model")
     logits, labels = direct_logits(model, dataset)
     expected = evaluation.classification_stats(logits[5], labels)
     assert one["clips"] == CLIPS

@@ -67,10 +67,10 @@ def test_chained_shared_blocks_differ_from_the_official_loop():
     assert not np.allclose(np.asarray(a), np.asarray(b))
 
 
-def test_contrastive_groups_sum_the_group_losses():
+def test_loss_groups_sum_the_group_losses():
     """G=2 equals two half batches computed separately and summed (the DataParallel loss)."""
     cfg = tiny()
-    whole = CAVMAE(cfg.replace(contrastive_groups=2), nnx.Rngs(0))
+    whole = CAVMAE(cfg.replace(loss_groups=2), nnx.Rngs(0))
     single = CAVMAE(cfg, nnx.Rngs(0))
     audio, image = random_inputs(cfg, 4)
     na, nv = noises(cfg, 4)

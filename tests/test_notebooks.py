@@ -54,11 +54,11 @@ def images(notebook) -> int:
 def test_quickstart_classifies_embeds_retrieves_and_reconstructs(tmp_path, monkeypatch):
     """Offline: the official file names of a classifier and of the inpainting model, as a user
     passes downloaded files."""
-    convert.save_torch_checkpoint(
+    convert.save_pth(
         CAVMAEFT(NARROW.replace(tr_pos=True, label_dim=527), nnx.Rngs(0)),
         tmp_path / "as-full-51.2.pth",
     )
-    convert.save_torch_checkpoint(CAVMAE(NARROW, nnx.Rngs(1)), tmp_path / "cav-mae-base-nonorm.pth")
+    convert.save_pth(CAVMAE(NARROW, nnx.Rngs(1)), tmp_path / "cav-mae-base-nonorm.pth")
     notebook = execute(
         "quickstart",
         monkeypatch,
@@ -92,7 +92,7 @@ def test_pretraining_notebook_trains_the_demo_model_and_logs_everything(tmp_path
     # the first update (compiling the step) is timed apart, off the throughput clock
     assert lines[0]["first_update_s"] > 0 and "clips_per_s" not in lines[0]
     assert all(x["clips_per_s"] > 0 and "first_update_s" not in x for x in lines[1:])
-    assert convert.load_checkpoint(work / "model").cfg.embed_dim == 64
+    assert convert.load_model(work / "model").cfg.embed_dim == 64
     (events,) = list((work / "tensorboard").glob("events.out.tfevents.*"))
     tags = {
         (value.tag, event.step)
@@ -120,7 +120,7 @@ def test_prototypes_notebook_trains_pcav_mae_and_explains_it(tmp_path, monkeypat
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert rows[0]["memory_bank/prototypes_0"] > 0  # found before the first update
     assert {"loss_pje", "loss_pcpe", "loss_r", "p_acc", "memory_bank/prototypes_1"} <= set(rows[1])
-    assert isinstance(convert.load_checkpoint(work / "momentum_model"), PCAVMAE)
+    assert isinstance(convert.load_model(work / "momentum_model"), PCAVMAE)
     report = json.loads((work / "explain" / "prototypes.json").read_text())
     assert [level["granularity"] for level in report] == [5, 15]
     for level in report:
@@ -131,4 +131,4 @@ def test_prototypes_notebook_trains_pcav_mae_and_explains_it(tmp_path, monkeypat
     assert images(notebook) == 4  # loss curves, t-SNE, two explained clips
     assert "granularity 5:" in text_outputs(notebook)
     cli.main(["export", str(work / "model"), str(tmp_path / "ft"), "--label-dim", "8"])
-    assert type(convert.load_checkpoint(tmp_path / "ft")).__name__ == "CAVMAEFT"
+    assert type(convert.load_model(tmp_path / "ft")).__name__ == "CAVMAEFT"

@@ -32,7 +32,7 @@ def small(**changes):
 
 
 def prototypes_for(model, audio, image, g=2, k=3):
-    za, zv = model.embed(audio, image)
+    za, zv = model.clip_embeddings(audio, image)
     idx = np.array([[0, 1, 2], [3, 0, 1]])[:g, :k]
     protos = {
         "audio": za[idx],
@@ -132,12 +132,14 @@ def test_momentum_update_and_saved_model_round_trip(tmp_path):
     new = ema_update(ema, {"w": jnp.zeros(3)}, 0.99)
     np.testing.assert_allclose(new["w"], 0.99)
     model = PCAVMAE(small(), nnx.Rngs(0))
-    convert.save_checkpoint(model, tmp_path / "m")
-    loaded = convert.load_checkpoint(tmp_path / "m")
+    convert.save_model(model, tmp_path / "m")
+    loaded = convert.load_model(tmp_path / "m")
     assert isinstance(loaded, PCAVMAE)
     audio, image = random_inputs(model.cfg, 2)
     np.testing.assert_allclose(
-        unit(loaded.embed(audio, image)[0]), model.embed(audio, image)[0], rtol=1e-6
+        unit(loaded.clip_embeddings(audio, image)[0]),
+        model.clip_embeddings(audio, image)[0],
+        rtol=1e-6,
     )
 
 

@@ -27,8 +27,8 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     pre = CAVMAE(NARROW, nnx.Rngs(0))
     ft = CAVMAEFT(NARROW.replace(tr_pos=True, label_dim=527), nnx.Rngs(1))
-    convert.save_checkpoint(pre, root / "pre")
-    convert.save_checkpoint(ft, root / "ft", {"mode": "multimodal", "loss": "bce"})
+    convert.save_model(pre, root / "pre")
+    convert.save_model(ft, root / "ft", {"mode": "multimodal", "loss": "bce"})
     return root, pre, ft
 
 
@@ -68,19 +68,19 @@ def test_convert_name_uses_a_local_file_and_records_the_release(models, tmp_path
     _, _, ft = models
     monkeypatch.setenv("CAVMAE_WEIGHTS", str(tmp_path / "weights"))
     (tmp_path / "weights").mkdir()
-    convert.save_torch_checkpoint(ft, tmp_path / "weights" / "as_46.6.pth")
+    convert.save_pth(ft, tmp_path / "weights" / "as_46.6.pth")
     cli.main(["convert", "as2m-audio-46.6", str(tmp_path / "out")])
     info = convert.model_info(tmp_path / "out")
     assert info["finetuning"] == {"mode": "audioonly", "loss": "bce"}
-    loaded = convert.load_checkpoint(tmp_path / "out")
+    loaded = convert.load_model(tmp_path / "out")
     for name, value in convert.to_torch_state_dict(ft).items():
         np.testing.assert_array_equal(convert.to_torch_state_dict(loaded)[name], value)
 
 
 def test_released_pretrained_file_gets_norm_pix_loss_from_the_table(models, tmp_path):
     _, pre, _ = models
-    convert.save_torch_checkpoint(pre, tmp_path / "audio_model.21.pth")
-    convert.save_torch_checkpoint(pre, tmp_path / "cav-mae-base-nonorm.pth")
+    convert.save_pth(pre, tmp_path / "audio_model.21.pth")
+    convert.save_pth(pre, tmp_path / "cav-mae-base-nonorm.pth")
     cli.main(["convert", str(tmp_path / "audio_model.21.pth"), str(tmp_path / "a")])
     cli.main(["convert", str(tmp_path / "cav-mae-base-nonorm.pth"), str(tmp_path / "b")])
     assert convert.model_info(tmp_path / "a")["config"]["norm_pix_loss"] is True
@@ -89,7 +89,7 @@ def test_released_pretrained_file_gets_norm_pix_loss_from_the_table(models, tmp_
 
 def test_download_writes_the_file_whole_and_checks_its_size(models, tmp_path):
     _, _, ft = models
-    convert.save_torch_checkpoint(ft, tmp_path / "served.pth")
+    convert.save_pth(ft, tmp_path / "served.pth")
     size = (tmp_path / "served.pth").stat().st_size
     release = pretrained.RELEASES["as2m-av-51.2"]
     local = release.__class__(**{**release.__dict__, "url": (tmp_path / "served.pth").as_uri()})
@@ -129,7 +129,7 @@ def test_a_classifier_that_does_not_record_its_loss_needs_the_scoring_flag(
     """An official-layout .pth that is not a release: how its scores are formed is not
     guessed; one line asks for the flag, and with it the clip is classified."""
     _, _, ft = models
-    convert.save_torch_checkpoint(ft, tmp_path / "mine.pth")
+    convert.save_pth(ft, tmp_path / "mine.pth")
     for argv, flag in (
         (["classify", str(tmp_path / "mine.pth"), CLIPS[0]], "--activation sigmoid|softmax"),
         (["evaluate", "--model", str(tmp_path / "mine.pth"), "--data", "x"], "--metric mAP|acc"),
@@ -147,7 +147,7 @@ def test_a_classifier_that_does_not_record_its_loss_needs_the_scoring_flag(
 
 def test_classify_uses_the_recorded_mode_and_loss(models, inputs, tmp_path, capsys):
     _, _, ft = models
-    convert.save_checkpoint(ft, tmp_path / "audio", {"mode": "audioonly", "loss": "ce"})
+    convert.save_model(ft, tmp_path / "audio", {"mode": "audioonly", "loss": "ce"})
     cli.main(["classify", str(tmp_path / "audio"), CLIPS[0], "--json", "--top-k", "1"])
     result = json.loads(capsys.readouterr().out)
     logits = np.asarray(ft(inputs[0]["audio"][None], None, mode="audioonly"), np.float64)[0]
@@ -268,7 +268,7 @@ def test_command_synopsis_lists_every_option_of_every_command():
 def test_convert_needs_neither_the_data_extra_nor_torch(models, tmp_path):
     """The runtime alone converts a .pth: TensorFlow, TFDS, PyAV, Pillow and PyTorch are extras."""
     _, _, ft = models
-    convert.save_torch_checkpoint(ft, tmp_path / "ft.pth")
+    convert.save_pth(ft, tmp_path / "ft.pth")
     program = (
         "import sys\n"
         "from cavmae_jax import cli\n"

@@ -35,7 +35,7 @@ def command(workdir: Path, dataset: Path) -> list[str]:
 
 
 def final_parameters(workdir: Path) -> dict[str, np.ndarray]:
-    return convert.to_torch_state_dict(convert.load_checkpoint(workdir / "model"))
+    return convert.to_torch_state_dict(convert.load_model(workdir / "model"))
 
 
 @pytest.fixture(scope="module")

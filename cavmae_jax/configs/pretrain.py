@@ -18,7 +18,7 @@ Append ``,tiny`` (e.g. ``as-base,tiny``) for a CPU-sized model on the generated 
 
 All use masking 0.75 unstructured, contrast weight 0.01, norm_pix_loss, fixed positions, the
 official Adam (0.95, 0.999, L2 5e-7) and MultiStep(10, 5, 0.5) per epoch. Batches are global and
-the contrastive negatives are the whole global batch; ``--config.model.contrastive_groups=4``
+the contrastive negatives are the whole global batch; ``--config.model.loss_groups=4``
 reproduces the official 4-GPU DataParallel loss (negatives per quarter batch, summed losses).
 Durations are epochs; updates per epoch come from the prepared dataset at start-up (the
 official AudioSet-2M list has 1,772,023 training clips: 36,917 updates of 48 per epoch for
@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             norm_pix_loss=True,
             contrast_loss_weight=0.01,
             decoder_depth=8,
-            contrastive_groups=1,
+            loss_groups=1,
         )
     )
     config.model.update(ABLATIONS.get(name, {}))

@@ -118,7 +118,7 @@ class CAVMAE(AudioVisualEncoder):
         Masks come from ``noise_a``/``noise_v`` [B, L] when given, else are drawn with ``key``.
         Returns loss, loss_mae, loss_mae_a, loss_mae_v, loss_c (weighted), c_acc, mask_a, mask_v,
         pred_a, pred_v (with a decoder), latent, latent_c_a, latent_c_v (with the contrastive loss).
-        With ``contrastive_groups`` G > 1 every loss is the sum of the G group losses and c_acc
+        With ``loss_groups`` G > 1 every loss is the sum of the G group losses and c_acc
         their mean, as the official DataParallel run.
         """
         cfg = self.cfg
@@ -150,7 +150,7 @@ class CAVMAE(AudioVisualEncoder):
     def _losses(self, out: dict, patches_a, patches_v, mask_a, mask_v) -> dict[str, jax.Array]:
         """``out`` with the losses of its predictions and modality streams added."""
         cfg = self.cfg
-        groups = cfg.contrastive_groups
+        groups = cfg.loss_groups
         zero = jnp.zeros((), jnp.float32)
         loss_mae_a = loss_mae_v = loss_mae = loss_c = c_acc = zero
         if "pred_a" in out:

@@ -20,7 +20,7 @@ def classifier_head(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.List:
     return nnx.List(
         [
             layer_norm(cfg.embed_dim, rngs),
-            dense(cfg.embed_dim, cfg.label_dim, ("embed", "vocab"), rngs, cfg.compute_dtype),
+            dense(cfg.embed_dim, cfg.label_dim, ("embed", "classes"), rngs, cfg.compute_dtype),
         ]
     )
 

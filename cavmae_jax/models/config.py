@@ -36,7 +36,7 @@ class ModelConfig:
     mae_loss_weight: float = 1.0
     contrast_loss_weight: float = 0.01  # 0: no contrastive loss nor modality streams (AV-MAE)
     bidirect_contrast: bool = False
-    contrastive_groups: int = 1  # 4 reproduces the official 4-GPU DataParallel loss
+    loss_groups: int = 1  # 4 reproduces the official 4-GPU DataParallel loss
     # The official forward_encoder applies each shared block to the branch output instead of
     # chaining them (only the last one counts when there are several); True chains them.
     chain_shared_blocks: bool = False

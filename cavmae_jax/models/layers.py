@@ -1,8 +1,8 @@
 """Transformer building blocks with the official CAV-MAE parameter layout.
 
-Attribute names follow the official PyTorch names (``attn.qkv``, ``mlp.fc1``, ``norm1_a``...) so
-that checkpoint conversion is a rename-and-transpose table. Parameters carry logical axis names
-(``embed``, ``mlp``, ``heads``, ``patch``, ``vocab``) that a sharding rules table maps to mesh axes.
+Attribute names follow the official PyTorch names (``attn.qkv``, ``mlp.fc1``, ``norm1_a``...)
+so that conversion from a ``.pth`` is a rename-and-transpose table. Parameters carry logical axis
+names (``embed``, ``mlp``, ``heads``, ``patch``, ``classes``) that a rules table maps to mesh axes.
 """
 
 from __future__ import annotations

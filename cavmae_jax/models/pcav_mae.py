@@ -55,7 +55,7 @@ class PCAVMAE(CAVMAE):
         self.proto_proj_a = dense(dd, d, ("decoder", "embed"), rngs, cfg.compute_dtype)
         self.proto_proj_v = dense(dd, d, ("decoder", "embed"), rngs, cfg.compute_dtype)
 
-    def embed(self, audio: jax.Array, image: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def clip_embeddings(self, audio: jax.Array, image: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Unmasked clip embeddings (modality streams, mean over tokens, unit norm): the
         features that are clustered. [B, D] each."""
         feat_a, feat_v = self.forward_feat(audio, image)

@@ -28,7 +28,7 @@ from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
 from cavmae_jax.paths import Path
 from cavmae_jax.train.durations import Durations
 from cavmae_jax.train.steps import LossFn
-from cavmae_jax.train.trainer import Trainer, load_model, write_run_files
+from cavmae_jax.train.trainer import Trainer, load_weights, write_run_files
 
 
 def finetune_loss(graphdef: nnx.GraphDef, mode: str, loss: str) -> LossFn:
@@ -67,7 +67,7 @@ class Finetuning(Trainer):
     def load_init(self, source: str, cfg: ModelConfig, seed: int) -> nnx.Module:
         """A pretrained CAV-MAE (official ``.pth`` loaded non-strictly, as the official recipes,
         or a cavmae-jax model dir) or a finetuned model to continue from."""
-        model = load_model(source, "CAVMAEFT", strict=False, label_dim=cfg.label_dim, seed=seed)
+        model = load_weights(source, "CAVMAEFT", strict=False, label_dim=cfg.label_dim, seed=seed)
         if isinstance(model, CAVMAE):
             model = convert.export_encoder(model, cfg.label_dim, seed)
         return model
@@ -106,7 +106,7 @@ class Finetuning(Trainer):
                 print("mixup: mel energies mixed (no waveforms stored), not the official waveforms")
         return loader
 
-    def phases(
+    def loss_phases(
         self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
     ):
         return [(durations.num_steps, finetune_loss(graphdef, config.mode, config.loss))]
@@ -163,7 +163,7 @@ class Finetuning(Trainer):
             frames,
         )
         result = final.run({"params": params, "rest": state["rest"]})
-        convert.save_checkpoint(
+        convert.save_model(
             setup.model(params, state["rest"]),
             workdir / "model",
             {"mode": config.mode, "loss": config.loss},

@@ -38,7 +38,7 @@ def pcav_loss(graphdef: nnx.GraphDef, model_kwargs: dict[str, Any], use_decoder:
     def loss_fn(params, state, batch, key):
         momentum = nnx.merge(graphdef, state["ema"], state["rest"])
         with jax.named_scope("momentum"):
-            audio_m, visual_m = momentum.embed(batch["audio"], batch["image"])
+            audio_m, visual_m = momentum.clip_embeddings(batch["audio"], batch["image"])
         audio_m, visual_m = jax.lax.stop_gradient((audio_m, visual_m))
         protos = state["protos"]
         targets = clip_prototypes(
@@ -95,7 +95,7 @@ class PCAVPretraining(Trainer):
     def create(self, cfg: ModelConfig, seed: int) -> nnx.Module:
         return PCAVMAE(cfg, nnx.Rngs(seed))
 
-    def phases(
+    def loss_phases(
         self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
     ):
         kwargs = dict(
@@ -136,10 +136,8 @@ class PCAVPretraining(Trainer):
         return with_decoder + momentum, encoders + momentum
 
     def finish(self, setup, state: dict, workdir) -> dict:
-        convert.save_checkpoint(setup.model(state["params"], state["rest"]), workdir / "model")
-        convert.save_checkpoint(
-            setup.model(state["ema"], state["rest"]), workdir / "momentum_model"
-        )
+        convert.save_model(setup.model(state["params"], state["rest"]), workdir / "model")
+        convert.save_model(setup.model(state["ema"], state["rest"]), workdir / "momentum_model")
         if jax.process_index() == 0:
             write_run_files(setup.config, workdir)
         return {}

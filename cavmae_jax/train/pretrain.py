@@ -34,7 +34,7 @@ class CAVMAEPretraining(Trainer):
     def create(self, cfg: ModelConfig, seed: int) -> nnx.Module:
         return CAVMAE(cfg, nnx.Rngs(seed))
 
-    def phases(
+    def loss_phases(
         self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
     ):
         masks = dict(

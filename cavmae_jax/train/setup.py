@@ -52,7 +52,7 @@ class Setup:
     graphdef: nnx.GraphDef
     state_shardings: dict
     durations: Durations
-    phases: list[tuple[int, Callable]]  # (last update, jitted step)
+    steps: list[tuple[int, Callable]]  # (last update, jitted step) of each phase
     clip_flops: tuple[float, ...]  # training FLOPs per clip of each phase
     data_dir: paths.Path | None = None
     batches_from: Callable[[int], Iterator[dict]] | None = None  # start update -> host batches
@@ -61,12 +61,12 @@ class Setup:
 
     def step_at(self, update: int) -> Callable:
         """The jitted step that makes update ``update`` (from 1)."""
-        return next(step for last, step in self.phases if update <= last)
+        return next(step for last, step in self.steps if update <= last)
 
     def flops_at(self, update: int) -> float:
         """Training FLOPs per clip of update ``update`` (from 1): its phase's (a trainer states
         them for every phase it can have; a run may have fewer)."""
-        lasts = [last for last, _ in self.phases]
+        lasts = [last for last, _ in self.steps]
         return next(f for last, f in zip(lasts, self.clip_flops, strict=False) if update <= last)
 
     def model(self, params, rest) -> nnx.Module:
@@ -244,14 +244,14 @@ def build(
 
     graphdef, state, shardings, tx = initial_state(trainer, config, cfg, mesh, optimizer, abstract)
     after_update = trainer.after_update(config, durations)
-    phases = [
+    steps = [
         (
             last,
             make_train_step(
                 loss_fn, tx, schedule, config.seed, config.grad_accum, after_update, shardings, mesh
             ),
         )
-        for last, loss_fn in trainer.phases(graphdef, config, durations)
+        for last, loss_fn in trainer.loss_phases(graphdef, config, durations)
     ]
     batches_from, refreshes, evaluators = None, [], []
     if not abstract:
@@ -267,7 +267,7 @@ def build(
         graphdef,
         shardings,
         durations,
-        phases,
+        steps,
         trainer.clip_flops(config, cfg),
         data_dir,
         batches_from,

@@ -40,7 +40,7 @@ class Trainer:
 
     def load_init(self, source: str, cfg: ModelConfig, seed: int) -> nnx.Module:
         """The model whose weights start the run (``config.init``)."""
-        return load_model(source, "CAVMAE")
+        return load_weights(source, "CAVMAE")
 
     def loader(self, config: ml_collections.ConfigDict, data_dir: Path, workdir: Path):
         """The training stream: random frame, noise + roll (the pretraining augmentation)."""
@@ -59,7 +59,7 @@ class Trainer:
         )
         return Loader(data_dir, config.data.train_split, loader_config)
 
-    def phases(
+    def loss_phases(
         self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
     ) -> list[tuple[int, LossFn]]:
         """(last update, loss) of each phase of the run, in order."""
@@ -87,7 +87,7 @@ class Trainer:
         return []
 
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple:
-        """Training FLOPs per clip of each phase (``phases``), for TFLOP/s and MFU."""
+        """Training FLOPs per clip of each phase (``loss_phases``), for TFLOP/s and MFU."""
         raise NotImplementedError
 
     def optimizer_options(self, config: ml_collections.ConfigDict) -> dict:
@@ -97,7 +97,7 @@ class Trainer:
         """After the last update, on every process: save the model (process 0)."""
         import jax
 
-        convert.save_checkpoint(setup.model(state["params"], state["rest"]), workdir / "model")
+        convert.save_model(setup.model(state["params"], state["rest"]), workdir / "model")
         if jax.process_index() == 0:
             write_run_files(setup.config, workdir)
         return {}
@@ -109,7 +109,7 @@ def write_run_files(config: ml_collections.ConfigDict, workdir: Path) -> None:
     plot_curves(workdir, workdir / "loss.png")
 
 
-def load_model(source: str, kind: str, **overrides) -> nnx.Module:
+def load_weights(source: str, kind: str, **overrides) -> nnx.Module:
     """An official ``.pth`` or released name (loaded non-strictly into ``kind``, as the
     official recipes) or a cavmae-jax model directory."""
     from cavmae_jax import pretrained
@@ -117,5 +117,5 @@ def load_model(source: str, kind: str, **overrides) -> nnx.Module:
     if str(source) in pretrained.RELEASES:
         source = pretrained.download(pretrained.RELEASES[str(source)])
     if str(source).endswith(".pth"):
-        return convert.load_torch_checkpoint(source, kind=kind, **overrides)
-    return convert.load_checkpoint(source)
+        return convert.model_from_pth(source, kind=kind, **overrides)
+    return convert.load_model(source)
