@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -20,19 +19,13 @@ from cavmae_jax.sharding import make_mesh
 
 
 def embedding_fn(model, per_token: bool):
-    """Jitted ``batch -> {name: array}``; a model without visual parameters gives audio only."""
+    """Jitted ``batch -> {name: array}`` (the model's ``features``, mean-pooled, and with
+    ``per_token`` every token's); a model without visual parameters gives audio only."""
     graphdef, state = nnx.split(model)
-    visual = hasattr(model, "patch_embed_v")
 
     @jax.jit
     def apply(state, batch):
-        m = nnx.merge(graphdef, state)
-        a = m.encode_audio(batch["audio"])
-        tokens = {"audio": m.modality_stream(a, "a")}
-        if visual:
-            v = m.encode_visual(batch["image"][:, EVAL_FRAME])
-            tokens["visual"] = m.modality_stream(v, "v")
-            tokens["joint"] = m.joint_stream(jnp.concatenate([a, v], axis=1))
+        tokens = nnx.merge(graphdef, state).features(batch["audio"], batch["image"][:, EVAL_FRAME])
         out = {name: t.mean(axis=1) for name, t in tokens.items()}
         if per_token:
             out.update({f"{name}_tokens": t for name, t in tokens.items()})

@@ -137,10 +137,9 @@ def pooled_features(graphdef: nnx.GraphDef) -> Callable:
 
     @jax.jit
     def features(params, rest, batch):
-        feat_a, feat_v = nnx.merge(graphdef, params, rest).forward_feat(
-            batch["audio"], batch["image"]
-        )
-        return {"audio": feat_a.mean(axis=1), "visual": feat_v.mean(axis=1)}
+        model = nnx.merge(graphdef, params, rest)
+        tokens = model.features(batch["audio"], batch["image"], joint=False)
+        return {name: tokens[name].mean(axis=1) for name in ("audio", "visual")}
 
     return features
 

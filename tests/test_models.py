@@ -132,6 +132,24 @@ def test_unknown_finetuning_mode_is_an_error_and_the_sum_mode_adds_the_streams(c
     np.testing.assert_allclose(summed, parts, rtol=1e-5, atol=1e-6)
 
 
+def test_features_are_the_streams_each_mode_pools(cfg):
+    """``features``: audio and visual are the official ``forward_feat``; joint is what the
+    multimodal classifier pools; an audio-only model gives audio alone."""
+    from cavmae_jax.models import CAVMAEFTAudio
+
+    model = CAVMAEFT(cfg, nnx.Rngs(0))
+    audio, image = random_inputs(cfg, 2)
+    tokens = model.features(audio, image)
+    feat_a, feat_v = model.forward_feat(audio, image)
+    np.testing.assert_array_equal(tokens["audio"], feat_a)
+    np.testing.assert_array_equal(tokens["visual"], feat_v)
+    for name, mode in (("joint", "multimodal"), ("audio", "audioonly"), ("visual", "videoonly")):
+        pooled = model.pooled(audio, image, mode)
+        np.testing.assert_allclose(tokens[name].mean(axis=1), pooled, rtol=1e-5, atol=1e-6)
+    assert set(model.features(audio, image, joint=False)) == {"audio", "visual"}
+    assert set(CAVMAEFTAudio(cfg, nnx.Rngs(0)).features(audio, None)) == {"audio"}
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="modality_specific_depth"):
         tiny(modality_specific_depth=5)

@@ -143,6 +143,24 @@ class AudioVisualEncoder(nnx.Module):
     def encode_visual(self, image: jax.Array) -> jax.Array:
         return self.visual_branch(self.embed_visual(self.visual_patches(image)))
 
+    def features(
+        self, audio: jax.Array, image: jax.Array | None, joint: bool = True
+    ) -> dict[str, jax.Array]:
+        """Unmasked token features of clips, the one source of every embedding: ``audio`` [B,
+        512, D] and ``visual`` [B, 196, D] (the modality streams: the official retrieval
+        features) and, with ``joint``, ``joint`` [B, 708, D] (the shared blocks over both token
+        sets, what the multimodal classifier pools); a model without visual parameters gives
+        ``audio`` only."""
+        encoded_a = self.encode_audio(audio)
+        out = {"audio": self.modality_stream(encoded_a, "a")}
+        if hasattr(self, "patch_embed_v") and image is not None:
+            encoded_v = self.encode_visual(image)
+            out["visual"] = self.modality_stream(encoded_v, "v")
+            if joint:
+                both = jnp.concatenate([encoded_a, encoded_v], axis=1)
+                out["joint"] = self.joint_stream(both)
+        return out
+
     def forward_feat(self, audio: jax.Array, image: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Unmasked token features (modality-specific norms): [B, 512, D], [B, 196, D]."""
         feat_a = self.modality_stream(self.encode_audio(audio), "a")

@@ -58,10 +58,11 @@ class PCAVMAE(CAVMAE):
     def clip_embeddings(self, audio: jax.Array, image: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Unmasked clip embeddings (modality streams, mean over tokens, unit norm): the
         features that are clustered. [B, D] each."""
-        feat_a, feat_v = self.forward_feat(audio, image)
-        return losses.l2_normalize(feat_a.mean(axis=1).astype(jnp.float32)), losses.l2_normalize(
-            feat_v.mean(axis=1).astype(jnp.float32)
+        tokens = self.features(audio, image, joint=False)
+        audio, visual = (
+            tokens[name].mean(axis=1).astype(jnp.float32) for name in ("audio", "visual")
         )
+        return losses.l2_normalize(audio), losses.l2_normalize(visual)
 
     def __call__(
         self,
