@@ -16,15 +16,15 @@ import sys
 
 import jax
 import jax.experimental.multihost_utils
+import ml_collections
 import numpy as np
 import optax
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from worker_env import join_from_env
 
 from cavmae_jax import sharding
-from cavmae_jax.models import CAVMAE, tiny
-from cavmae_jax.train.pretrain import pretrain_loss
+from cavmae_jax.models import tiny
+from cavmae_jax.train.pretrain import CAVMAEPretraining, pretrain_loss
+from cavmae_jax.train.setup import initial_state
 from cavmae_jax.train.steps import make_train_step
 
 
@@ -35,30 +35,17 @@ def gathered(x: jax.Array) -> np.ndarray:
 
 
 def run(shape: dict, rules: str, groups: int = 1, steps: int = 1) -> dict:
-    """``steps`` SGD steps on a fixed batch of 8 clips over a mesh of ``shape``."""
+    """``steps`` SGD steps on a fixed batch of 8 clips over a mesh of ``shape``, from the
+    state the trainers' own setup creates."""
     size = int(np.prod(list(shape.values())))
     mesh = sharding.make_mesh(shape, jax.devices()[:size])
-    rules = sharding.RULES[rules]
     cfg = tiny(embed_dim=32, num_heads=4, loss_groups=groups, norm_pix_loss=True)
-    model = sharding.create_sharded(lambda: CAVMAE(cfg, nnx.Rngs(0)), mesh, rules)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    param_shardings = sharding.state_shardings(params, mesh, rules)
     # SGD: Adam's first step is sign(g) and would amplify rounding in near-zero gradients
     tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.5, momentum=0.9))
-    opt_shardings = sharding.optimizer_shardings(tx, params, param_shardings)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    shardings = {
-        "params": param_shardings,
-        "opt_state": opt_shardings,
-        "step": replicated,
-        "rest": sharding.state_shardings(rest, mesh, rules),
-    }
-    state = {
-        "params": params,
-        "rest": rest,
-        "step": jax.device_put(0, replicated),
-        "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
-    }
+    config = ml_collections.ConfigDict({"sharding": rules, "seed": 0, "init": ""})
+    graphdef, state, shardings, _ = initial_state(
+        CAVMAEPretraining(), config, cfg, mesh, lambda params: tx, abstract=False
+    )
     step = make_train_step(
         pretrain_loss(graphdef, {}),
         tx,
