@@ -34,7 +34,7 @@ def gathered(x: jax.Array) -> np.ndarray:
     return np.asarray(full).astype(np.float64)
 
 
-def run(shape: dict, rules: str, groups: int = 1, steps: int = 1) -> dict:
+def run(shape: dict, rules: str, groups: int = 1, steps: int = 1, accum: int = 1) -> dict:
     """``steps`` SGD steps on a fixed batch of 8 clips over a mesh of ``shape``, from the
     state the trainers' own setup creates."""
     size = int(np.prod(list(shape.values())))
@@ -51,6 +51,7 @@ def run(shape: dict, rules: str, groups: int = 1, steps: int = 1) -> dict:
         tx,
         lambda count: 0.5,
         seed=0,
+        grad_accum=accum,
         state_shardings=shardings,
         mesh=mesh,
     )

@@ -249,12 +249,17 @@ def canonical(result: dict) -> dict:
     }
 
 
-def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset):
+def test_evaluation_embed_and_classify_on_a_mesh_and_on_two_processes_see_every_clip_once(
+    dataset,
+):
     """12 clips, global batch 8: one device, 8 fake devices and 2 processes x 2 devices give the
     same logits for every clip (the short last batches are padded, then dropped), the same
     per-epoch validation (the split's first full global batch, in order), and the same
     PCAV-MAE memory bank and prototypes (its refresh runs through the same batched path), and
-    the same retrieval recall ranked in blocks on each mesh."""
+    the same retrieval recall ranked in blocks on each mesh. ``embed`` and ``classify`` on the
+    two processes share the 12 videos (6 each: a full and a padded batch) and give what one
+    process gives, in input order: classify's paths and logits on every process, embed's ids
+    and joint embeddings (of the videos and of the prepared dataset) written by process 0."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -269,8 +274,9 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
         for pid in range(2)
     ]
     single, eight = results_of(run_eval_worker(dataset, 8, meshes=(1, 8)))
+    first, second = (results_of(p)[0] for p in hosts)
     assert single["devices"] == 1 and len(single["logits"]) == CLIPS
-    for result in [eight] + [results_of(p)[0] for p in hosts]:
+    for result in (eight, first, second):
         assert result["devices"] in (8, 4)
         np.testing.assert_allclose(result["logits"], single["logits"], rtol=1e-4, atol=1e-5)
         np.testing.assert_array_equal(result["label"], single["label"])
@@ -282,28 +288,6 @@ def test_evaluation_on_a_mesh_and_on_two_processes_sees_every_clip_once(dataset)
         # the same 8 clips, in the same order, whatever the hosts and devices
         assert len(single["validation"]) == 8
         np.testing.assert_allclose(result["validation"], single["validation"], rtol=1e-4, atol=1e-5)
-
-
-def test_embed_and_classify_on_two_processes_give_every_clip_once_in_order(dataset):
-    """12 videos, global batch 8: two processes x 2 devices share the clips (6 each: a full and
-    a padded batch) and give what one process gives, in input order: classify's paths and
-    logits on every process, embed's ids and joint embeddings (of the videos and of the
-    prepared dataset) written by process 0."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    hosts = [
-        run_eval_worker(
-            dataset,
-            2,
-            CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
-            CAVMAE_PROCESSES="2",
-            CAVMAE_PROCESS_ID=str(pid),
-        )
-        for pid in range(2)
-    ]
-    single = results_of(run_eval_worker(dataset, 1))[0]
-    first, second = (results_of(p)[0] for p in hosts)
     paths = [path for path, _ in single["classify"]]
     assert len(paths) == CLIPS and paths == sorted(paths)
     for result in (first, second):

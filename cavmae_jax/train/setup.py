@@ -248,7 +248,14 @@ def build(
         (
             last,
             make_train_step(
-                loss_fn, tx, schedule, config.seed, config.grad_accum, after_update, shardings, mesh
+                loss_fn,
+                tx,
+                schedule,
+                config.seed,
+                config.grad_accum,
+                after_update,
+                shardings,
+                mesh,
             ),
         )
         for last, loss_fn in trainer.loss_phases(graphdef, config, durations)

@@ -40,18 +40,48 @@ def micro_batches(batch: dict, count: int, mesh: Mesh | None) -> dict:
     return jax.tree.map(split, batch)
 
 
-def accumulated_gradients(loss_fn: LossFn, params, state, batch, key, count: int, mesh):
-    """Mean gradient and mean metrics over ``count`` micro-batches (the key folded with i)."""
+def gathered(tree, shardings):
+    """A params-shaped tree laid out whole along the ``fsdp`` axis (kept split along the others).
+    Made once per update, outside the micro-batch loop, so that no micro-batch gathers every
+    layer's weights again: FSDP's memory saving is kept for the optimizer state and the
+    gradients, and the loop reads the weights as data parallelism would."""
+
+    def whole(leaf, sharding):
+        spec = PartitionSpec(*(None if axis == "fsdp" else axis for axis in sharding.spec))
+        return jax.lax.with_sharding_constraint(leaf, NamedSharding(sharding.mesh, spec))
+
+    return jax.tree.map(whole, tree, shardings)
+
+
+def accumulated_gradients(
+    loss_fn: LossFn, params, state, batch, key, count: int, mesh, shardings=None
+):
+    """Mean gradient and mean metrics over ``count`` micro-batches (the key folded with i).
+    With the parameters' ``shardings`` the loop runs on ``gathered`` parameters and
+    params-shaped state entries (the momentum encoder), and each micro-batch's gradient
+    returns to the parameters' layout."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if count == 1:
         return grad_fn(params, state, batch, key)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    if shardings is not None:
+        like_params = jax.tree.structure(params)
+        state = {
+            name: gathered(value, shardings) if jax.tree.structure(value) == like_params else value
+            for name, value in state.items()
+        }
+        params = state["params"]
+
+    def to_params_layout(grads):
+        if shardings is None:
+            return grads
+        return jax.tree.map(jax.lax.with_sharding_constraint, grads, shardings)
 
     def body(total, inputs):
         micro, index = inputs
         grads, metrics = grad_fn(params, state, micro, jax.random.fold_in(key, index))
-        return jax.tree.map(jnp.add, total, grads), metrics
+        return jax.tree.map(jnp.add, total, to_params_layout(grads)), metrics
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
     inputs = (micro_batches(batch, count, mesh), jnp.arange(count))
     total, metrics = jax.lax.scan(body, zeros, inputs)
     return jax.tree.map(lambda g: g / count, total), jax.tree.map(jnp.mean, metrics)
@@ -96,7 +126,9 @@ def make_train_step(
 ) -> TrainStep:
     """The step, kept in ``state_shardings``. The key of update s (from 1) is
     ``fold_in(key(seed), s)``. ``metrics["lr"]`` is the rate this update applied: the schedule
-    at the optimizer's count, which is the number of updates done."""
+    at the optimizer's count, which is the number of updates done. With micro-batches on a
+    mesh, the weights are ``gathered`` once per update."""
+    param_shardings = state_shardings["params"] if state_shardings and mesh else None
 
     def update(donated, rest, batch):
         if mesh is None:
@@ -109,7 +141,9 @@ def make_train_step(
         done = state["step"]
         key = jax.random.fold_in(jax.random.key(seed), done + 1)
         params = state["params"]
-        grads, metrics = accumulated_gradients(loss_fn, params, state, batch, key, grad_accum, mesh)
+        grads, metrics = accumulated_gradients(
+            loss_fn, params, state, batch, key, grad_accum, mesh, param_shardings
+        )
         with jax.named_scope("optimizer"):
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_params = optax.apply_updates(params, updates)
