@@ -77,13 +77,16 @@ def classify(
     labels=None,
     batch_size: int = 8,
     split: str = "eval",
+    norm: tuple[float, float] | None = None,
 ) -> list[dict]:
     """One result per readable clip: ``{"path", "mode", "top": [{"index", "name", "score"}],
     "logits"}`` (top-k by score); in a multi-process run the processes share the clips and
     each returns every result."""
     names = label_names(labels, model.cfg.label_dim)
     mesh = make_mesh({"data": -1})
-    ids, out = predict_inputs(scores_fn(model, mode, loss), inputs, mesh, batch_size, split)
+    scores = scores_fn(model, mode, loss)
+    length = model.cfg.audio_length
+    ids, out = predict_inputs(scores, inputs, mesh, batch_size, split, length, norm)
     results = []
     for path, scores, logits in zip(ids, out["scores"], out["logits"], strict=True):
         order = scores.argsort()[::-1][:top_k]

@@ -78,6 +78,11 @@ def _train(args, overrides):
     if expected and config.trainer not in expected:
         raise UserError(f"{args.config} trains {config.trainer!r}; use cavmae train")
     _join_processes(args)
+    if getattr(args, "folds", 0):
+        from cavmae_jax.train.folds import cross_validate
+
+        cross_validate(config, args.workdir, args.folds, run)
+        return
     result = run(config, args.workdir)
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, int | float)}))
     if "mAP" in result:
@@ -103,7 +108,16 @@ def _evaluate(args, overrides):
     graphdef, state = replicated_state(loaded.model, mesh)
     classes = loaded.model.cfg.label_dim
     evaluator = Classification(
-        graphdef, mesh, args.data, args.split, args.batch_size, classes, mode, loss, frames
+        graphdef,
+        mesh,
+        args.data,
+        args.split,
+        args.batch_size,
+        classes,
+        mode,
+        loss,
+        frames,
+        norm=loaded.fbank_norm,
     )
     result = evaluator.run(state)
     if args.output and jax.process_index() == 0:
@@ -196,7 +210,14 @@ def _prepare(args, overrides):
         args.input, args.labels = _demo_videos(args)
     if not (args.input and args.output):
         raise UserError("prepare needs --input and --output (or --verify DIR, or --demo N)")
-    options = Options(fbank_dtype=args.fbank_dtype, keep_waveform=args.keep_waveform)
+    if args.fold_column and args.folds:
+        raise UserError("give --fold-column (folds from the CSV) or --folds K (dealt), not both")
+    options = Options(
+        fbank_dtype=args.fbank_dtype,
+        keep_waveform=args.keep_waveform,
+        audio_length=args.audio_length,
+        no_audio=args.no_audio,
+    )
     prepared, failed = prepare(
         args.input,
         args.output,
@@ -209,6 +230,9 @@ def _prepare(args, overrides):
         coverage_threshold=args.coverage_threshold,
         runner=args.runner,
         beam_args=tuple(overrides),
+        label_column=args.label_column,
+        fold_column=args.fold_column,
+        folds=args.folds,
     )
     print(f"prepared {prepared} clips, {failed} failed (report: {args.output}/failures.jsonl)")
     if args.videos:
@@ -296,7 +320,15 @@ def _classify(args, overrides):
     loss = {"sigmoid": "bce", "softmax": "ce"}.get(args.activation)
     mode, loss = loaded.classifier_settings(args.mode, loss, "--activation sigmoid|softmax")
     results = classify(
-        loaded.model, args.inputs, mode, loss, args.top_k, args.labels, args.batch_size, args.split
+        loaded.model,
+        args.inputs,
+        mode,
+        loss,
+        args.top_k,
+        args.labels,
+        args.batch_size,
+        args.split,
+        loaded.fbank_norm,
     )
     for result in results if jax.process_index() == 0 else []:
         if args.json:
@@ -370,6 +402,13 @@ def parser() -> argparse.ArgumentParser:
             help="recipe[:variant] (demo, pretrain:as-base, finetune:as20k, pcav:as) or a file",
         )
         p.add_argument("--workdir", required=True, help="run folder, local or gs://")
+        if name == "finetune":
+            p.add_argument(
+                "--folds",
+                type=int,
+                default=0,
+                help="k-fold cross-validation over the dataset's fold<k> splits (W/fold<k>)",
+            )
         _add_process_arguments(p)
 
     p = command("evaluate", "classification statistics of a finetuned model", _evaluate)
@@ -443,8 +482,9 @@ def parser() -> argparse.ArgumentParser:
     p = command("prepare", "videos -> TFDS dataset of fbanks and frames", _prepare)
     p.add_argument(
         "--input",
-        help="folder of videos, CSV list, official JSON; with --videos an official list "
-        "(AudioSet segment CSV, VGGSound CSV, JSON datafile)",
+        help="folder of videos, folder of class folders (labelled by folder), CSV list, "
+        "official JSON; with --videos an official list (AudioSet segment CSV, VGGSound CSV, "
+        "JSON datafile)",
     )
     p.add_argument("--videos", help="folder or bucket of downloaded videos, found by clip id")
     p.add_argument(
@@ -462,7 +502,23 @@ def parser() -> argparse.ArgumentParser:
         help="generate N demo clips (a coloured shape with a sound per class) and prepare them",
     )
     p.add_argument("--demo-classes", type=int, default=8, help="classes of the --demo clips")
-    p.add_argument("--labels", help="official label CSV (index,mid,display_name)")
+    p.add_argument(
+        "--labels",
+        help="official label CSV (index,mid,display_name); else written from the label names",
+    )
+    p.add_argument("--label-column", help="CSV with a header: the column of the labels")
+    p.add_argument("--fold-column", help="CSV with a header: the fold column (splits fold<k>)")
+    p.add_argument("--folds", type=int, default=0, help="deal K folds per class (splits fold<k>)")
+    p.add_argument(
+        "--audio-length", type=int, default=1024, help="fbank frames kept (1024: 10.24 s)"
+    )
+    p.add_argument(
+        "--no-audio",
+        choices=["skip", "silent"],
+        default="skip",
+        help="a clip without an audio track: skipped and reported, or kept with silent audio "
+        "(reported, audio_frames 0)",
+    )
     p.add_argument("--workers", type=int, default=1, help="decoding processes (local runner)")
     p.add_argument(
         "--runner",

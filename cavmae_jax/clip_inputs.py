@@ -18,7 +18,7 @@ from cavmae_jax import paths
 from cavmae_jax.errors import UserError
 from input_pipeline.video import VIDEO_SUFFIXES
 
-AUDIO_SHAPE = (1024, 128)  # the official fbank: frames x mel bins
+MEL_BINS = 128
 FRAMES_SHAPE = (10, 224, 224, 3)  # the official 10 frames
 
 
@@ -43,14 +43,19 @@ def video_files(inputs: list[str]) -> list[str]:
     return files
 
 
-def read_video(path: str) -> dict[str, np.ndarray] | None:
-    """``{"audio": [1024, 128], "frames": [10, 224, 224, 3]}`` of one video (loader view), or
-    None after reporting why it cannot be read."""
+def read_video(
+    path: str, audio_length: int = 1024, norm: tuple[float, float] | None = None
+) -> dict[str, np.ndarray] | None:
+    """``{"audio": [audio_length, 128], "frames": [10, 224, 224, 3]}`` of one video (loader
+    view; fbank normalised by ``norm``, AudioSet's by default), or None after reporting why it
+    cannot be read."""
     from input_pipeline import audio, video
     from input_pipeline.prepare import Clip, ClipError, Options, process_clip
 
+    mean, std = norm or audio.AUDIOSET_NORM
     try:
-        example, warning = process_clip(Clip(id=path, path=path), Options())
+        options = Options(audio_length=audio_length)
+        example, warning = process_clip(Clip(id=path, path=path), options)
     except ClipError as err:
         print(f"{path}: skipped ({err.stage}: {err.reason})", file=sys.stderr)
         return None
@@ -58,17 +63,19 @@ def read_video(path: str) -> dict[str, np.ndarray] | None:
         print(f"{path}: {warning}", file=sys.stderr)
     frames = [video.preprocess_frame(video.decode_jpeg(j)) for j in example["frames"]]
     return {
-        "audio": audio.normalize_fbank(example["fbank"]).astype(np.float32),
+        "audio": audio.normalize_fbank(example["fbank"], mean, std).astype(np.float32),
         "frames": np.stack(frames),
     }
 
 
-def video_batches(files: list[str], batch_size: int, first: int) -> Iterator[dict]:
+def video_batches(
+    files: list[str], batch_size: int, first: int, audio_length: int = 1024, norm=None
+) -> Iterator[dict]:
     """Host batches ``{"audio", "image" [b, 10, 224, 224, 3], "position"}`` of the readable
     ones of ``files``, whose positions among all inputs start at ``first``."""
     rows = []
     for position, path in enumerate(files, first):
-        example = read_video(path)
+        example = read_video(path, audio_length, norm)
         if example is None:
             continue
         rows.append({"audio": example["audio"], "image": example["frames"], "position": position})

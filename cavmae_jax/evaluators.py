@@ -86,8 +86,9 @@ class Classification:
         loss: str = "bce",
         frames=(EVAL_FRAME,),
         drop_last: bool = False,
+        norm: tuple[float, float] | None = None,
     ):
-        self.mesh, self.data_dir, self.split = mesh, data_dir, split
+        self.mesh, self.data_dir, self.split, self.norm = mesh, data_dir, split, norm
         self.batch_size, self.num_classes, self.loss = batch_size, num_classes, loss
         self.frames, self.drop_last = tuple(frames), drop_last
         several = self.frames if len(self.frames) > 1 else None
@@ -106,6 +107,7 @@ class Classification:
             self.drop_last,
             self.num_classes,
             all_frames=len(self.frames) > 1,
+            norm=self.norm,
         )
 
     def run(self, state: dict) -> dict:
@@ -148,9 +150,11 @@ class Retrieval:
     """Audio <-> visual recall@1/5/10 and median rank on a split (the official protocol:
     frame 5, mean-pooled unmasked features, cosine), ranked in blocks on the mesh."""
 
-    def __init__(self, graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str, batch_size: int):
+    def __init__(
+        self, graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str, batch_size: int, norm=None
+    ):
         self.mesh, self.data_dir, self.split, self.batch_size = mesh, data_dir, split, batch_size
-        self.features = pooled_features(graphdef)
+        self.features, self.norm = pooled_features(graphdef), norm
 
     def embeddings(self, state: dict) -> dict[str, np.ndarray]:
         return predict_split(
@@ -160,6 +164,7 @@ class Retrieval:
             self.split,
             self.batch_size,
             keys=("audio", "image"),
+            norm=self.norm,
         )
 
     def run(self, state: dict) -> dict:
@@ -167,6 +172,11 @@ class Retrieval:
         result = retrieval.recall(emb["audio"], emb["visual"], self.mesh)
         clips = len(emb["audio"])
         return {**result, "clips": clips, "chance_r1": 1.0 / clips}
+
+
+def fbank_norm(config: ml_collections.ConfigDict) -> tuple[float, float]:
+    """The run's fbank (mean, std), as resolved at start-up (``train/data_settings.py``)."""
+    return config.data.fbank_mean, config.data.fbank_std
 
 
 def from_config(
@@ -212,8 +222,10 @@ def build(spec, config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, mesh:
             config.loss,
             frames,
             drop_last=spec.get("drop_last", True),
+            norm=fbank_norm(config),
         )
     if spec.kind == "retrieval":
         eval_dir = config.data.get("eval_dir") or data_dir
-        return Retrieval(graphdef, mesh, eval_dir, spec.get("split", "train"), batch)
+        split = spec.get("split", "train")
+        return Retrieval(graphdef, mesh, eval_dir, split, batch, fbank_norm(config))
     raise UserError(f"unknown evaluator kind {spec.kind!r}")

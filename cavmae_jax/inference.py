@@ -107,12 +107,14 @@ def predict_split(
     num_classes: int = 1,
     keys=("audio", "image", "label"),
     all_frames: bool = False,
+    norm: tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """``apply`` over every clip of a prepared split (evaluation view: no augmentation, frame
     ``frame``, or all 10 frames [B, 10, ...] with ``all_frames``), global batch ``batch_size``
     split over the hosts and the mesh; with ``drop_last`` only the clips of the split's full
     global batches, as the official per-epoch validation (the same clips for any host count).
-    Outputs come in the split's order. The one inference path of classification, retrieval,
+    Outputs come in the split's order; ``norm``: the fbank's (mean, std), AudioSet's by
+    default. The one inference path of classification, retrieval,
     the PCAV-MAE memory bank, explanations, ``embed`` and ``classify``."""
     from input_pipeline.dataset import Loader, LoaderConfig
 
@@ -128,6 +130,7 @@ def predict_split(
         all_frames=all_frames,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        **({"mean": norm[0], "std": norm[1]} if norm else {}),
     )
     loader = Loader(data_dir, split, config)
     total = loader.split_examples
@@ -166,7 +169,14 @@ def _embedder(graphdef: nnx.GraphDef) -> Callable:
 
 
 def split_embeddings(
-    graphdef: nnx.GraphDef, mesh: Mesh, data_dir, split: str, batch_size: int, params, rest
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    data_dir,
+    split: str,
+    batch_size: int,
+    params,
+    rest,
+    norm: tuple[float, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """PCAV-MAE embeddings ``audio``, ``visual`` [N, D] of every clip of a split."""
     embed = _embedder(graphdef)
@@ -177,6 +187,7 @@ def split_embeddings(
         split,
         batch_size,
         keys=("audio", "image"),
+        norm=norm,
     )
 
 
@@ -186,17 +197,20 @@ def predict_inputs(
     mesh: Mesh,
     batch_size: int,
     split: str = "eval",
+    audio_length: int = 1024,
+    norm: tuple[float, float] | None = None,
 ) -> tuple[list[str], dict[str, np.ndarray]]:
     """``apply`` over every readable clip of ``inputs``: one prepared dataset (its ``split``)
     or video files and folders, as batches ``{"audio", "image" [b, 10, ...]}`` (all frames), the
     global batch ``batch_size`` split over the hosts (each reads its share) and the mesh.
-    Returns the clips' ids (a video's path) and the outputs, in input order."""
+    Videos are read at ``audio_length`` fbank frames, normalised by ``norm`` (AudioSet's by
+    default). Returns the clips' ids (a video's path) and the outputs, in input order."""
     if batch_size % mesh.size:
         raise UserError(f"--batch-size {batch_size} is not a multiple of the {mesh.size} devices")
     if len(inputs) == 1 and clip_inputs.is_dataset(inputs[0]):
         from input_pipeline.dataset import Loader, LoaderConfig
 
-        out = predict_split(apply, mesh, inputs[0], split, batch_size, all_frames=True)
+        out = predict_split(apply, mesh, inputs[0], split, batch_size, all_frames=True, norm=norm)
         ids = Loader(inputs[0], split, LoaderConfig(batch_size, num_classes=1, train=False)).ids()
         out.pop("label")
         return ids, out
@@ -205,9 +219,9 @@ def predict_inputs(
     share = math.ceil(len(files) / jax.process_count())
     first = jax.process_index() * share
     mine = files[first : first + share]
-    batches = clip_inputs.video_batches(mine, local_batch, first)
+    batches = clip_inputs.video_batches(mine, local_batch, first, audio_length, norm)
     empty = {  # what a host pads with when none of its clips can be read
-        "audio": np.zeros((0, *clip_inputs.AUDIO_SHAPE), np.float32),
+        "audio": np.zeros((0, audio_length, clip_inputs.MEL_BINS), np.float32),
         "image": np.zeros((0, *clip_inputs.FRAMES_SHAPE), np.float32),
         "position": np.zeros((0,), np.int64),
     }

@@ -251,6 +251,12 @@ class Loaded:
     finetuning: dict | None
     source: str
 
+    @property
+    def fbank_norm(self) -> tuple[float, float] | None:
+        """The fbank (mean, std) the classifier was finetuned with, if not AudioSet's."""
+        norm = (self.finetuning or {}).get("fbank_norm")
+        return tuple(norm) if norm else None
+
     def classifier_settings(
         self, mode: str | None = None, loss: str | None = None, flag: str = "--metric"
     ):

@@ -23,10 +23,15 @@ LOW_FREQ = 20.0
 LOG_FLOOR = float(np.finfo(np.float32).eps)
 DATASET_MEAN = -5.081  # AudioSet / VGGSound statistics used by every official recipe
 DATASET_STD = 4.4849
+AUDIOSET_NORM = (DATASET_MEAN, DATASET_STD)
 
 
 class AudioError(ValueError):
     """A file whose audio cannot be used; the message names the file and the reason."""
+
+
+class NoAudioTrack(AudioError):
+    """A file without an audio stream (a silent video)."""
 
 
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -41,7 +46,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(f"{path}: cannot open: {err}") from err
     with container:
         if not container.streams.audio:
-            raise AudioError(f"{path}: no audio stream")
+            raise NoAudioTrack(f"{path}: no audio stream")
         stream = container.streams.audio[0]
         resampler = None
         chunks = []

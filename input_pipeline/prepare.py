@@ -1,13 +1,18 @@
-"""Prepare: videos (a folder, a CSV list, or the official JSON datafile) -> a TFDS dataset.
+"""Prepare: videos (a folder, a folder per class, a CSV list, or the official JSON datafile) ->
+a TFDS dataset.
 
-One example per clip: ``id``, ``fbank`` [1024, 128] (log-Mel, not normalised; float32 by default,
-float16 optionally), ``frames`` (10 JPEGs, the official extraction), ``label`` (class indices),
-``audio_frames`` (real fbank frames before padding) and optionally ``waveform`` (int16 at 16 kHz,
-for exact waveform-domain mixup). Clips are processed in parallel by worker processes (pure
-NumPy / PyAV); the parent writes fixed-size shards atomically, so an interrupted run resumes
-where it stopped and produces the same dataset. Unusable clips go to ``failures.jsonl`` with the
-split, stage and reason; nothing is ever replaced by a dummy example. One directory holds several
-splits (``train``, ``eval``, ...), prepared one at a time with the same options.
+One example per clip: ``id``, ``fbank`` [audio_length, 128] (log-Mel, not normalised; 1024
+frames by default, float32 by default, float16 optionally), ``frames`` (10 JPEGs, the official
+extraction), ``label`` (class indices), ``audio_frames`` (real fbank frames before padding; 0 for
+a clip given silent audio) and optionally ``waveform`` (int16 at 16 kHz, for exact
+waveform-domain mixup). Labels named by class folders or a CSV column get their label CSV
+written (``labels.csv``); folds (a CSV column, or assigned per class) become splits ``fold<k>``.
+``dataset.json`` records the clip length, the classes and each split's fbank statistics.
+Clips are processed in parallel by worker processes (pure NumPy / PyAV); the parent writes
+fixed-size shards atomically, so an interrupted run resumes where it stopped and produces the
+same dataset. Unusable clips go to ``failures.jsonl`` with the split, stage and reason; nothing
+is ever replaced by a dummy example. One directory holds several splits (``train``, ``eval``,
+...), prepared one at a time with the same options.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import numpy as np
 from cavmae_jax import paths
 from cavmae_jax.errors import UserError
 from cavmae_jax.paths import Path
-from input_pipeline import audio, official_lists, video
+from input_pipeline import audio, metadata, official_lists, video
 from input_pipeline.files import DATASET_NAME, invocation_path, report_path, shard_path
 
 SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
@@ -41,6 +46,7 @@ class Clip:
     path: str  # the video, or the wav for official datafiles
     labels: tuple[str, ...] = ()
     frames_dir: str | None = None  # official ``video_path``: frames in frame_<k>/<id>.jpg
+    fold: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,8 @@ class Options:
     fbank_dtype: str = "float32"
     keep_waveform: bool = False
     label_index: dict[str, int] | None = None
+    audio_length: int = TARGET_LENGTH  # fbank frames kept (padded or cut)
+    no_audio: str = "skip"  # a clip without an audio track: skip (reported) | silent (flagged)
 
 
 class ClipError(Exception):
@@ -67,13 +75,34 @@ def _from_list(listing: Path, entry: str) -> str:
     return str(listing.parent / entry)
 
 
-def read_manifest(source: paths.PathLike) -> list[Clip]:
-    """Clips from a folder (every non-hidden file), a CSV (path[, comma-separated labels]) or an
-    official JSON datafile (video_id, wav, video_path, labels)."""
+def _visible(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _stem(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def read_manifest(
+    source: paths.PathLike, label_column: str | None = None, fold_column: str | None = None
+) -> list[Clip]:
+    """Clips from a folder (every non-hidden file), a folder of class folders
+    (``root/<class>/<clip>``, labelled by folder), a CSV (path[, comma-separated labels]; with
+    ``label_column``, a CSV with a header whose first column is the path) or an official JSON
+    datafile (video_id, wav, video_path, labels)."""
     source = paths.path(source)
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
-        return [Clip(p.name.rsplit(".", 1)[0], str(p)) for p in files]
+        entries = _visible(source)
+        if entries and all(p.is_dir() for p in entries):
+            return [
+                Clip(f"{folder.name}/{_stem(p.name)}", str(p), (folder.name,))
+                for folder in entries
+                for p in _visible(folder)
+                if p.is_file()
+            ]
+        return [Clip(_stem(p.name), str(p)) for p in entries if p.is_file()]
+    if label_column or fold_column:
+        return _from_table(source, label_column, fold_column)
     if source.suffix == ".json":
         records = json.loads(source.read_text())["data"]
         return [
@@ -94,6 +123,38 @@ def read_manifest(source: paths.PathLike) -> list[Clip]:
         )
         for row in rows
     ]
+
+
+def _from_table(source: Path, label_column: str | None, fold_column: str | None) -> list[Clip]:
+    """A CSV with a header (ESC-50's ``filename,fold,target,category,...``): the path in the
+    first column, labels (comma-separated) and the fold in the named columns."""
+    rows = list(csv.DictReader(source.read_text().splitlines()))
+    columns = list(rows[0]) if rows else []
+    for column in (label_column, fold_column):
+        if column and column not in columns:
+            raise UserError(f"{source}: no column {column!r} (it has {columns})")
+    return [
+        Clip(
+            _stem(row[columns[0]].rsplit("/", 1)[-1]),
+            _from_list(source, row[columns[0]]),
+            tuple(_split_labels(row[label_column])) if label_column else (),
+            fold=str(row[fold_column]).strip() if fold_column else None,
+        )
+        for row in rows
+        if row[columns[0]].strip()
+    ]
+
+
+def assign_folds(clips: list[Clip], folds: int) -> list[Clip]:
+    """Folds 1..``folds`` dealt in turn within each label set (in manifest order), so that every
+    fold holds each class about equally."""
+    seen: dict[tuple, int] = {}
+    out = []
+    for clip in clips:
+        k = seen.get(clip.labels, 0)
+        seen[clip.labels] = k + 1
+        out.append(dataclasses.replace(clip, fold=str(k % folds + 1)))
+    return out
 
 
 def _split_labels(text: str) -> list[str]:
@@ -144,8 +205,14 @@ def process_clip(clip: Clip, options: Options) -> tuple[dict, str | None]:
 
 
 def _decode(clip: Clip, local: str, options: Options) -> tuple[dict, str | None]:
+    silent = False
     try:
         waveform = audio.load_audio(local)
+    except audio.NoAudioTrack as err:
+        if options.no_audio != "silent":
+            raise ClipError("audio", "no audio stream (--no-audio silent keeps it)") from err
+        seconds = options.audio_length * audio.FRAME_SHIFT / audio.SAMPLE_RATE
+        waveform, silent = np.zeros(int(seconds * audio.SAMPLE_RATE), np.float32), True
     except audio.AudioError as err:
         raise ClipError("audio", str(err).removeprefix(f"{local}: ")) from err
     if len(waveform) < audio.FRAME_LENGTH:
@@ -162,18 +229,21 @@ def _decode(clip: Clip, local: str, options: Options) -> tuple[dict, str | None]
         if options.label_index is None or label not in options.label_index:
             raise ClipError("labels", f"unknown label {label!r}")
         labels.append(options.label_index[label])
-    fbank = audio.compute_fbank(waveform, target_length=TARGET_LENGTH)
+    fbank = audio.compute_fbank(waveform, target_length=options.audio_length)
     example = {
         "id": clip.id,
         "fbank": fbank.astype(options.fbank_dtype),
         "frames": jpegs,
         "label": np.array(labels, np.int64),
-        "audio_frames": np.int32(audio.num_frames(len(waveform))),
+        "audio_frames": np.int32(0 if silent else audio.num_frames(len(waveform))),
     }
     if options.keep_waveform:
         example["waveform"] = np.round(waveform * 32768).clip(-32768, 32767).astype(np.int16)
+    if silent:
+        return example, "no audio track: given silent audio (audio_frames 0)"
     seconds = len(waveform) / audio.SAMPLE_RATE
-    warning = f"audio is {seconds:.2f} s: padded" if seconds < SHORT_SECONDS else None
+    short = SHORT_SECONDS * options.audio_length / TARGET_LENGTH
+    warning = f"audio is {seconds:.2f} s: padded" if seconds < short else None
     return example, warning
 
 
@@ -200,7 +270,7 @@ def features(options: Options):
     spec = {
         "id": tfds.features.Text(),
         "fbank": tfds.features.Tensor(
-            shape=(TARGET_LENGTH, 128), dtype=np.dtype(options.fbank_dtype)
+            shape=(options.audio_length, 128), dtype=np.dtype(options.fbank_dtype)
         ),
         "frames": tfds.features.Sequence(
             tfds.features.Image(shape=(224, 224, 3), encoding_format="jpeg"), length=10
@@ -265,9 +335,14 @@ def _write_shard(output, split, index, count, examples, records, spec) -> None:
     whose report exists is complete, also in a bucket."""
     import tensorflow as tf
 
+    sums = metadata.add_sums([metadata.clip_sums(e["fbank"], e["audio_frames"]) for e in examples])
+    multi = sum(len(e["label"]) > 1 for e in examples)
+
     def write_report(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump({"examples": len(examples), "records": records}, f)
+            json.dump(
+                {"examples": len(examples), "records": records, "multi_label": multi, **sums}, f
+            )
 
     def write_examples(tmp: str) -> None:
         with tf.io.TFRecordWriter(tmp) as writer:
@@ -280,14 +355,16 @@ def _write_shard(output, split, index, count, examples, records, spec) -> None:
     paths.publish(report_path(output, split, index), write_report)
 
 
-def _reports(output: Path, split: str, count: int) -> tuple[list[int], list[dict]]:
-    """Example count per shard, and the failure records (with their split), of a split."""
-    sizes, records = [], []
+def _reports(output: Path, split: str, count: int) -> tuple[list[int], list[dict], list[dict]]:
+    """Example count per shard, the failure records (with their split), and the shards' own
+    summaries (statistics sums, multi-label clips) of a split."""
+    sizes, records, summaries = [], [], []
     for i in range(count):
         report = json.loads(report_path(output, split, i).read_text())
         sizes.append(report["examples"])
         records.extend({**r, "split": split} for r in report["records"])
-    return sizes, records
+        summaries.append(report)
+    return sizes, records, summaries
 
 
 def _other_splits(output: Path, split: str, spec) -> list:
@@ -300,18 +377,20 @@ def _other_splits(output: Path, split: str, spec) -> list:
     if repr(info.features) != repr(spec):
         raise UserError(
             f"{output} holds splits {list(info.splits)} prepared with other options "
-            "(--fbank-dtype, --keep-waveform): prepare every split of a directory alike"
+            "(--fbank-dtype, --keep-waveform, --audio-length): prepare every split of a "
+            "directory alike"
         )
     return [info.splits[name] for name in info.splits if name != split]
 
 
-def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]]:
-    """Merge the per-shard reports and write the TFDS metadata of every split, and
-    ``failures.jsonl`` of every split. Returns this split's (examples, records)."""
+def _finish(output: Path, split: str, count: int, spec, options: Options) -> tuple[int, list]:
+    """Merge the per-shard reports and write the TFDS metadata of every split, ``dataset.json``
+    and ``failures.jsonl`` of every split. Returns this split's (examples, records)."""
     import tensorflow_datasets as tfds
 
     others = _other_splits(output, split, spec)
-    sizes, records = _reports(output, split, count)
+    sizes, records, summaries = _reports(output, split, count)
+    _record_split(output, split, sizes, summaries, options)
     everything = [r for s in others for r in _reports(output, s.name, s.num_shards)[1]]
     everything += records
     (output / "failures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in everything))
@@ -339,6 +418,25 @@ def _finish(output: Path, split: str, count: int, spec) -> tuple[int, list[dict]
     return sum(sizes), records
 
 
+def _record_split(output: Path, split: str, sizes: list, summaries: list, options) -> None:
+    """``dataset.json``: this split's clips and statistics sums, the clip length and classes."""
+    entry = {"clips": sum(sizes)}
+    if all("fbank_sum" in s for s in summaries):
+        sums = metadata.add_sums(summaries)
+        entry.update(sums)
+        if sums["fbank_frames"]:
+            entry["fbank_mean"], entry["fbank_std"] = metadata.mean_std(sums)
+    entry["multi_label_clips"] = sum(s.get("multi_label", 0) for s in summaries)
+    index = options.label_index or {}
+    metadata.write_split(
+        output,
+        split,
+        entry,
+        audio_length=options.audio_length,
+        classes=len(set(index.values())),
+    )
+
+
 def _pending(clips: list[Clip], output: Path, split: str, shard_size: int) -> Iterator[int]:
     count = max(1, -(-len(clips) // shard_size))
     for i in range(count):
@@ -359,19 +457,24 @@ def prepare(
     coverage_threshold: float = 0.2,
     runner: str = "local",
     beam_args: tuple[str, ...] = (),
+    label_column: str | None = None,
+    fold_column: str | None = None,
+    folds: int = 0,
 ) -> tuple[int, int]:
     """Build the dataset; resumes from finished shards. Returns (prepared, failed) clip counts.
     With ``videos``, ``source`` is an official list whose clips are looked up there by id, and
     ``coverage.json`` reports what the folder lacks. ``runner``: ``local`` (a process pool of
     ``workers``), ``beam`` (Beam's DirectRunner) or a Beam runner's name, with ``beam_args``
-    (Beam pipeline options); every runner writes the same shards."""
+    (Beam pipeline options); every runner writes the same shards. Without ``labels``, label
+    names get indices in sorted order, written to ``OUTPUT/labels.csv``. With ``fold_column``
+    or ``folds`` each fold becomes a split ``fold<k>`` instead of ``split``."""
     output = paths.path(output)
     output.mkdir(parents=True, exist_ok=True)
     options = options or Options()
-    if labels is not None:
-        options = dataclasses.replace(options, label_index=read_label_csv(labels))
+    if options.audio_length <= 0 or options.audio_length % 16:
+        raise UserError(f"--audio-length {options.audio_length}: a positive multiple of 16")
     if videos is None:
-        clips = read_manifest(source)
+        clips = read_manifest(source, label_column, fold_column)
     else:
         listed = official_lists.read_list(source, split)
         found, missing = official_lists.match(listed, videos)
@@ -380,10 +483,12 @@ def prepare(
             raise UserError(f"none of the {len(listed)} clips of {source} is in {videos}")
     if not clips:
         raise UserError(f"{source}: no clips listed")
-    if options.label_index is None and any(clip.labels for clip in clips):
-        raise UserError(f"{source} lists labels: give the label CSV (--labels) to index them")
-    count = max(1, -(-len(clips) // shard_size))
-    spec = features(options)
+    if labels is None and any(clip.labels for clip in clips):
+        labels = _written_labels(output, clips)
+    if labels is not None:
+        options = dataclasses.replace(options, label_index=read_label_csv(labels))
+    if folds:
+        clips = assign_folds(clips, folds)
     made = {
         "input": str(paths.path(source)),
         "labels": None if labels is None else str(paths.path(labels)),
@@ -391,8 +496,54 @@ def prepare(
         "shard_size": shard_size,
         "fbank_dtype": options.fbank_dtype,
         "keep_waveform": options.keep_waveform,
+        "audio_length": options.audio_length,
+        "no_audio": options.no_audio,
     }
-    invocation_path(output, split).write_text(json.dumps(made))
+    if fold_column or folds:
+        groups = {}
+        for clip in clips:
+            groups.setdefault(f"fold{clip.fold}", []).append(clip)
+    else:
+        groups = {split: clips}
+    prepared, records = 0, []
+    for name, members in sorted(groups.items()):
+        invocation_path(output, name).write_text(json.dumps(made))
+        count, found = _prepare_split(
+            members, output, name, shard_size, options, workers, progress, runner, beam_args
+        )
+        prepared, records = prepared + count, records + found
+    if videos is not None:
+        names = {row["mid"]: row["display_name"] for row in _label_rows(labels)} if labels else {}
+        report = official_lists.coverage(listed, missing, records, names, coverage_threshold)
+        _write_coverage(output, split, report)
+    return prepared, sum(1 for r in records if not r.get("kept"))
+
+
+def _written_labels(output: Path, clips: list[Clip]) -> Path:
+    """``OUTPUT/labels.csv`` (official ``index,mid,display_name``) of the clips' label names in
+    sorted order; kept when an earlier split wrote it, which must then name every label."""
+    target = output / "labels.csv"
+    names = sorted({label for clip in clips for label in clip.labels})
+    if target.exists():
+        known = set(read_label_csv(target))
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise UserError(
+                f"{output}: labels {unknown[:3]} are not in its labels.csv, written when "
+                "another split was prepared: prepare every split in one directory from one "
+                "label set (or give --labels)"
+            )
+        return target
+    rows = [["index", "mid", "display_name"], *([i, n, n] for i, n in enumerate(names))]
+    with target.open("w") as f:
+        csv.writer(f).writerows(rows)
+    return target
+
+
+def _prepare_split(clips, output, split, shard_size, options, workers, progress, runner, beam_args):
+    """One split's shards, reports and metadata; its prepared clips and failure records."""
+    count = max(1, -(-len(clips) // shard_size))
+    spec = features(options)
     jobs = [
         (pos, clips[pos], options)
         for shard in _pending(clips, output, split, shard_size)
@@ -406,13 +557,7 @@ def prepare(
 
         writer = functools.partial(shard_writer, layout, options)
         beam_prepare.run(jobs, decode_job, writer, shard_size, runner, beam_args)
-    prepared, records = _finish(output, split, count, spec)
-    failed = sum(1 for r in records if not r.get("kept"))
-    if videos is not None:
-        names = {row["mid"]: row["display_name"] for row in _label_rows(labels)} if labels else {}
-        report = official_lists.coverage(listed, missing, records, names, coverage_threshold)
-        _write_coverage(output, split, report)
-    return prepared, failed
+    return _finish(output, split, count, spec, options)
 
 
 def _write_coverage(output: Path, split: str, report: dict) -> None:

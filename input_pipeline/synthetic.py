@@ -149,3 +149,17 @@ def generate(output: str | Path, clips: int = 200, classes: int = 4, seed: int =
     with open(output / "clips.csv", "w", newline="") as f:
         csv.writer(f).writerows(rows)
     return output / "clips.csv"
+
+
+def class_folders(
+    output: str | Path, classes: int = 10, per_class: int = 8, seconds: float = 5.0, seed: int = 0
+) -> Path:
+    """A labelled corpus of your-own-data shape: ``output/<class name>/<clip>.mp4``,
+    ``per_class`` clips of ``seconds`` each per class (an ESC-50-like set by default)."""
+    output = Path(output)
+    for cls, name in enumerate(class_names(classes)):
+        folder = output / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            write_clip(folder / f"{name}_{i:03d}.mp4", cls, seed * 100003 + cls * 1009 + i, seconds)
+    return output

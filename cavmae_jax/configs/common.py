@@ -11,6 +11,7 @@ import dataclasses
 import ml_collections
 
 from cavmae_jax.models.config import ModelConfig
+from input_pipeline.audio import DATASET_MEAN, DATASET_STD
 
 # A narrow 4-layer CAV-MAE on full-size inputs: trains in seconds per hundred steps on a 2-core CPU
 TINY_MODEL = dict(
@@ -39,6 +40,10 @@ def run_config(trainer: str) -> ml_collections.ConfigDict:
             classes=527,
             noise=True,  # the official noise + time roll augmentation
             shuffle_buffer=10_000,
+            # fbank normalisation: audioset (the official constants) | dataset (its statistics)
+            norm="audioset",
+            fbank_mean=DATASET_MEAN,  # resolved from ``norm`` at start-up
+            fbank_std=DATASET_STD,
         )
     )
     # One slice's mesh (slices add an outer data-parallel axis by themselves); FSDP over all
@@ -46,6 +51,8 @@ def run_config(trainer: str) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     config.sharding = "fsdp"  # dp | fsdp | tensor: logical-axis rules (cavmae_jax/sharding.py)
     config.init = ""  # official .pth, released name or model dir to start from ("": random)
+    # position tables of init for another clip length: trim (first time patches) | interpolate
+    config.init_positions = "trim"
     config.seed = 0
     config.batch_size = 48  # global batch per update
     config.epochs = 25  # updates per epoch: training clips // batch_size

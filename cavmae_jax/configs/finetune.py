@@ -15,8 +15,16 @@ and 10-frame; hardware of the official run, 4 GPUs each):
   as2m             48 / 1e-5 /  50 / 10 / 2  AS-2M audio-visual, balanced: mAP 51.1 (~10 days)
   as2m-audioonly   48 / 1e-5 /  50 / 10 / 2  AS-2M audio, balanced: mAP 46.6
   vgg              48 / 1e-4 /  10 / 10 / 2  VGGSound audio-visual, balanced, CE: acc 65.8 (~5.5 h)
+  custom           24 / 5e-5 / 100 / 15 / 5  your own labelled clips (docs/own_data.md)
 Append ``,tiny`` for a CPU-sized model on the generated demo data (``cavmae prepare --demo 48
 --output DIR``, 8 classes; evaluated on its own training split, since that dataset has only one).
+
+``custom`` takes from the prepared dataset (``cavmae prepare``'s ``dataset.json``) the class
+count, the loss (BCE and mAP when some clip has several labels, else cross-entropy and
+accuracy), the clip length and the fbank statistics (``data.norm = "dataset"``). Its other
+settings are AS-20K's, the official recipe for the smallest dataset, with the batch halved for
+datasets of a few thousand clips and the time mask scaled to a 5-second clip (96 of 512
+frames); ``--config.freeze_base=True`` trains the head only.
 
 All use SpecAugment (freqm 48, timem 192), mixup 0.5, label smoothing 0.1, noise, the official
 Adam with the head at ``head_lr`` x lr, the per-epoch MultiStep halving every epoch, weight
@@ -69,6 +77,19 @@ RECIPES = {
         balanced=True,
         eval_split="test",
     ),
+    "custom": dict(
+        mode="multimodal",
+        batch=24,
+        lr=5e-5,
+        head_lr=100,
+        epochs=15,
+        start=5,
+        wa=(3, 15),
+        classes=0,  # the dataset's
+        loss="auto",  # the dataset's: bce if multi-label, else ce
+        balanced=False,
+        eval_split="eval",
+    ),
 }
 MODES = {"audioonly": "audioonly", "videoonly": "videoonly"}
 
@@ -76,7 +97,7 @@ MODES = {"audioonly": "audioonly", "videoonly": "videoonly"}
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     name, modifiers = variant(arg, "as20k")
     base, _, mode = name.partition("-")
-    if base not in RECIPES or (mode and mode not in MODES) or name == "vgg-audioonly":
+    if base not in RECIPES or (mode and mode not in MODES) or base in ("vgg", "custom") and mode:
         known = [*RECIPES, "as20k-audioonly", "as20k-videoonly", "as2m-audioonly"]
         raise UserError(f"unknown recipe {name!r}; expected one of {known}")
     recipe = RECIPES[base]
@@ -117,14 +138,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.wa = True
     config.wa_start, config.wa_end = recipe["wa"]
     config.checkpoint_every = 1000
+    if base == "custom":
+        config.model.audio_length = 0  # the dataset's
+        config.data.update(dict(norm="dataset", timem=96))
     # the official per-epoch validation: frame 5, full batches (cavmae_jax/evaluators.py)
     config.evals = ml_collections.ConfigDict(
         {"validation": dict(kind="classification", every_epochs=1, every_steps=0)}
     )
     if "tiny" in modifiers:
         config.model.update(TINY_MODEL)
-        config.model.update(dict(decoder_depth=0, label_dim=8))
-        config.data.update(dict(classes=8, eval_split="train", shuffle_buffer=100))
+        config.model.update(dict(decoder_depth=0))
+        config.data.update(dict(shuffle_buffer=100))
+        if base != "custom":
+            config.model.label_dim = 8
+            config.data.update(dict(classes=8, eval_split="train"))
         config.data.mixup_approx = True  # the generated demo clips keep no waveform
         config.batch_size = 8
         config.epochs = 3

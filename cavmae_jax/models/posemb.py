@@ -24,3 +24,27 @@ def sincos_2d(dim: int, rows: int, cols: int) -> np.ndarray:
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
 
     return np.concatenate([encode(col), encode(row)], axis=1).astype(np.float32)
+
+
+def fit_table(table, grid: tuple[int, int], new_grid: tuple[int, int], how: str):
+    """A position table [1, rows*cols, D] of ``grid`` for another grid: ``trim`` keeps the first
+    rows and columns (the tokens a shorter input has: the first time patches of a shorter
+    clip); ``interpolate`` resamples the grid linearly (half-pixel centres, no antialiasing:
+    PyTorch's bilinear ``align_corners=False``)."""
+    import jax
+    import jax.numpy as jnp
+
+    (rows, cols), (new_rows, new_cols) = grid, new_grid
+    dim = table.shape[-1]
+    image = jnp.reshape(table, (rows, cols, dim))
+    if how == "trim":
+        if new_rows > rows or new_cols > cols:
+            raise ValueError(f"cannot trim a {rows}x{cols} grid to {new_rows}x{new_cols}")
+        image = image[:new_rows, :new_cols]
+    elif how == "interpolate":
+        image = jax.image.resize(
+            image.astype(jnp.float32), (new_rows, new_cols, dim), "linear", antialias=False
+        ).astype(table.dtype)
+    else:
+        raise ValueError(f"unknown position-table fit {how!r}; expected trim or interpolate")
+    return jnp.reshape(image, (1, new_rows * new_cols, dim))

@@ -21,7 +21,7 @@ from flax import nnx
 
 from cavmae_jax import convert, flops
 from cavmae_jax.errors import UserError
-from cavmae_jax.evaluators import Classification
+from cavmae_jax.evaluators import Classification, fbank_norm
 from cavmae_jax.inference import EVAL_FRAME
 from cavmae_jax.losses import CLASSIFICATION_LOSSES
 from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
@@ -87,6 +87,8 @@ class Finetuning(Trainer):
             label_smooth=data.label_smooth,
             noise=data.noise,
             shuffle_buffer=data.shuffle_buffer,
+            mean=data.fbank_mean,
+            std=data.fbank_std,
             **hosts,
         )
         if data.balanced:
@@ -161,12 +163,13 @@ class Finetuning(Trainer):
             config.mode,
             config.loss,
             frames,
+            norm=fbank_norm(config),
         )
-        result = final.run({"params": params, "rest": state["rest"]})
+        result = {**final.run({"params": params, "rest": state["rest"]}), "loss": config.loss}
         convert.save_model(
             setup.model(params, state["rest"]),
             workdir / "model",
-            {"mode": config.mode, "loss": config.loss},
+            {"mode": config.mode, "loss": config.loss, "fbank_norm": list(fbank_norm(config))},
         )
         if jax.process_index() == 0:
             (workdir / "evaluation.json").write_text(json.dumps(result, indent=1))

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cavmae_jax import convert, flops, prototypes
-from cavmae_jax.evaluators import period_of
+from cavmae_jax.evaluators import fbank_norm, period_of
 from cavmae_jax.inference import split_embeddings
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config
@@ -69,7 +69,7 @@ def empty_prototypes(pcav: ml_collections.ConfigDict, dim: int) -> dict:
     }
 
 
-def memory_bank_refresh(graphdef, mesh, data_dir, batch_size: int, pcav, seed: int):
+def memory_bank_refresh(graphdef, mesh, data_dir, batch_size: int, pcav, seed: int, norm=None):
     """``state -> (state, scalars)``: the momentum encoder (``state["ema"]``) embeds every
     training clip, and the prototypes of every granularity found on that bank replace
     ``state["protos"]``; the scalars are the prototype counts."""
@@ -77,7 +77,7 @@ def memory_bank_refresh(graphdef, mesh, data_dir, batch_size: int, pcav, seed: i
 
     def refresh(state: dict) -> tuple[dict, dict]:
         bank = split_embeddings(
-            graphdef, mesh, data_dir, "train", batch_size, state["ema"], state["rest"]
+            graphdef, mesh, data_dir, "train", batch_size, state["ema"], state["rest"], norm
         )
         arrays, levels = prototypes.from_settings(bank, pcav, seed, mesh)
         counts = {f"prototypes_{g}": len(level["sizes"]) for g, level in enumerate(levels)}
@@ -88,6 +88,21 @@ def memory_bank_refresh(graphdef, mesh, data_dir, batch_size: int, pcav, seed: i
 
 class PCAVPretraining(Trainer):
     shown = ("loss", "p_acc")
+    # a MAE / CAV-MAE init has no prototype projections and another decoder size
+    own_layers = (
+        "proto_proj_a",
+        "proto_proj_v",
+        "mask_token",
+        "decoder_modality_a",
+        "decoder_modality_v",
+        "decoder_pos_embed_a",
+        "decoder_pos_embed_v",
+        "decoder_embed",
+        "decoder_blocks",
+        "decoder_norm",
+        "decoder_pred_a",
+        "decoder_pred_v",
+    )
 
     def model_config(self, config: ml_collections.ConfigDict) -> ModelConfig:
         return pcav_config(**config.model.to_dict())
@@ -120,7 +135,9 @@ class PCAVPretraining(Trainer):
     def refreshes(self, config, graphdef, mesh, data_dir, steps_per_epoch: int):
         spec = config.pcav.refresh
         batch = spec.get("batch_size", config.batch_size)
-        refresh = memory_bank_refresh(graphdef, mesh, data_dir, batch, config.pcav, config.seed)
+        refresh = memory_bank_refresh(
+            graphdef, mesh, data_dir, batch, config.pcav, config.seed, fbank_norm(config)
+        )
         return [("memory_bank", period_of(spec, steps_per_epoch), refresh)]
 
     def after_update(self, config: ml_collections.ConfigDict, durations: Durations):

@@ -21,9 +21,11 @@ from cavmae_jax.errors import UserError
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.attention import resolve as resolve_attention
 from cavmae_jax.models.layers import resolve_remat
+from cavmae_jax.train import data_settings
 from cavmae_jax.train import durations as durations_lib
 from cavmae_jax.train.durations import Durations
 from cavmae_jax.train.finetune import Finetuning
+from cavmae_jax.train.init_weights import copy_weights
 from cavmae_jax.train.optim import make_optimizer
 from cavmae_jax.train.pcav import PCAVPretraining
 from cavmae_jax.train.pretrain import CAVMAEPretraining
@@ -83,32 +85,6 @@ def prepared_dataset(config: ml_collections.ConfigDict) -> paths.Path:
     return paths.path(config.data.dir)
 
 
-def copy_weights(source: nnx.Module, target: nnx.Module, name: str) -> None:
-    """Overwrite ``target``'s values with ``source``'s, keeping ``target``'s variable kinds
-    (trainable or fixed) and sharded layout; sizes must agree."""
-    values = nnx.to_pure_dict(nnx.state(source))
-    state = nnx.state(target)
-    expected = nnx.to_pure_dict(state)
-    if jax.tree.structure(values) != jax.tree.structure(expected):
-        raise UserError(
-            f"{name}: holds a {type(source).__name__} that does not match the configured "
-            f"{type(target).__name__} (other depths or parts)"
-        )
-    for (path, value), (_, want) in zip(
-        jax.tree_util.tree_leaves_with_path(values),
-        jax.tree_util.tree_leaves_with_path(expected),
-        strict=True,
-    ):
-        if value.shape != want.shape:
-            raise UserError(
-                f"{name}: {jax.tree_util.keystr(path)} has shape {value.shape}, the configured "
-                f"model expects {want.shape} (set --config.model.* to the checkpoint's sizes)"
-            )
-    shardings = jax.tree.map(lambda x: x.sharding, expected)
-    nnx.replace_by_pure_dict(state, jax.device_put(values, shardings))
-    nnx.update(target, state)
-
-
 def model_config(trainer: Trainer, config: ml_collections.ConfigDict, mesh: Mesh) -> ModelConfig:
     """The trainer's model config with the attention implementation and the remat policy
     resolved for the platform of the mesh's devices (not the host's default backend)."""
@@ -158,7 +134,11 @@ def initial_state(
     else:
         model = sharding.create_sharded(make, mesh, rules)
         if config.init:
-            copy_weights(trainer.load_init(config.init, cfg, config.seed), model, config.init)
+            loaded = trainer.load_init(config.init, cfg, config.seed)
+            fit, own = config.init_positions, trainer.own_layers
+            for note in copy_weights(loaded, model, config.init, fit, own):
+                if jax.process_index() == 0:
+                    print(f"init: {note}")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = optimizer_for(params)
     param_shardings = sharding.state_shardings(params, mesh, rules)
@@ -224,6 +204,7 @@ def build(
                 "only an abstract build (abstract_clips=N) goes without"
             )
         data_dir = prepared_dataset(config)
+        config = data_settings.settle(config, data_dir)
         loader = trainer.loader(config, data_dir, workdir)
         steps_per_epoch = loader.batches_per_epoch
         clips = loader.split_examples

@@ -31,6 +31,8 @@ class Trainer:
 
     batch_keys: tuple[str, ...] = ("audio", "image")
     shown: tuple[str, ...] = ("loss",)  # metrics on the progress bar
+    # layers that keep their initialisation where ``config.init`` lacks them (train/init_weights)
+    own_layers: tuple[str, ...] = ()
 
     def model_config(self, config: ml_collections.ConfigDict) -> ModelConfig:
         return ModelConfig(**config.model.to_dict())
@@ -56,6 +58,8 @@ class Trainer:
             process_count=jax.process_count(),
             noise=config.data.noise,
             shuffle_buffer=config.data.shuffle_buffer,
+            mean=config.data.fbank_mean,
+            std=config.data.fbank_std,
         )
         return Loader(data_dir, config.data.train_split, loader_config)
 
