@@ -217,6 +217,7 @@ def _prepare(args, overrides):
         keep_waveform=args.keep_waveform,
         audio_length=args.audio_length,
         no_audio=args.no_audio,
+        no_video=args.no_video,
     )
     prepared, failed = prepare(
         args.input,
@@ -233,6 +234,7 @@ def _prepare(args, overrides):
         label_column=args.label_column,
         fold_column=args.fold_column,
         folds=args.folds,
+        media_dir=args.media_dir,
     )
     print(f"prepared {prepared} clips, {failed} failed (report: {args.output}/failures.jsonl)")
     if args.videos:
@@ -299,14 +301,53 @@ def _embed(args, overrides):
 
     _no_overrides(args, overrides)
     _join_processes(args)
+    loaded = _load(args.model)
     shapes = embed(
-        _load(args.model).model, args.inputs, args.output, args.batch_size, args.tokens, args.split
+        loaded.model,
+        args.inputs,
+        args.output,
+        args.batch_size,
+        args.tokens,
+        args.split,
+        loaded.fbank_norm,
     )
     if jax.process_index():
         return
     clips = next(iter(shapes.values()))[0]
     listed = ", ".join(f"{name}.npy {list(shape)}" for name, shape in shapes.items())
     print(f"{clips} clips -> {args.output}: ids.txt, {listed}")
+
+
+def _probe(args, overrides):
+    from cavmae_jax import paths
+    from cavmae_jax.probe import NEIGHBOURS, probe, probe_folds
+    from cavmae_jax.train.folds import fold_splits
+    from input_pipeline import metadata
+
+    _no_overrides(args, overrides)
+    model = _load(args.model).model
+    folds = fold_splits(args.data, args.folds) if args.folds else None
+    norm = None
+    if args.norm == "dataset":
+        norm = metadata.fbank_statistics(args.data, "+".join(folds or [args.train_split]))
+    if folds:
+        result = probe_folds(model, args.data, folds, args.batch_size, norm)
+    else:
+        result = probe(model, args.data, args.train_split, args.eval_split, args.batch_size, norm)
+    if args.output:
+        paths.path(args.output).write_text(json.dumps(result, indent=1))
+    metric = result["metric"]
+    for note in result["fitted"]:
+        print(f"model: {note}")
+    print(f"{'embedding':10s} {'linear ' + metric:>18s} {f'{NEIGHBOURS}-NN ' + metric:>18s}")
+    for name in ("audio", "visual", "joint"):
+        if name in result:
+            row = result[name]
+            cells = [
+                f"{row[k]['mean']:.4f} ± {row[k]['sd']:.4f}" if folds else f"{row[k]:.4f}"
+                for k in ("linear", "knn")
+            ]
+            print(f"{name:10s} {cells[0]:>18s} {cells[1]:>18s}")
 
 
 def _classify(args, overrides):
@@ -411,6 +452,18 @@ def parser() -> argparse.ArgumentParser:
             )
         _add_process_arguments(p)
 
+    p = command("probe", "linear probe and k-NN of a frozen model's embeddings", _probe)
+    p.add_argument("model", help="model directory, official .pth, or released name")
+    p.add_argument("--data", required=True, help="prepared dataset")
+    p.add_argument("--train-split", default="train", help="split(s) the probes learn from")
+    p.add_argument("--eval-split", default="eval", help="split they are scored on")
+    p.add_argument("--folds", type=int, default=0, help="over the dataset's K fold<k> splits")
+    p.add_argument(
+        "--norm", choices=["audioset", "dataset"], default="audioset", help="fbank statistics"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="clips per inference batch")
+    p.add_argument("--output", help="write the figures as JSON here")
+
     p = command("evaluate", "classification statistics of a finetuned model", _evaluate)
     p.add_argument("--model", required=True, help="model directory, official .pth, or name")
     p.add_argument("--data", required=True, help="prepared dataset")
@@ -507,6 +560,7 @@ def parser() -> argparse.ArgumentParser:
         help="official label CSV (index,mid,display_name); else written from the label names",
     )
     p.add_argument("--label-column", help="CSV with a header: the column of the labels")
+    p.add_argument("--media-dir", help="where a CSV's relative paths are (default: its folder)")
     p.add_argument("--fold-column", help="CSV with a header: the fold column (splits fold<k>)")
     p.add_argument("--folds", type=int, default=0, help="deal K folds per class (splits fold<k>)")
     p.add_argument(
@@ -518,6 +572,13 @@ def parser() -> argparse.ArgumentParser:
         default="skip",
         help="a clip without an audio track: skipped and reported, or kept with silent audio "
         "(reported, audio_frames 0)",
+    )
+    p.add_argument(
+        "--no-video",
+        choices=["skip", "blank"],
+        default="skip",
+        help="a clip without a video track (an audio file): skipped and reported, or kept with "
+        "black frames (reported; for audio-only finetuning)",
     )
     p.add_argument("--workers", type=int, default=1, help="decoding processes (local runner)")
     p.add_argument(

@@ -47,11 +47,14 @@ def embed(
     batch_size: int = 8,
     per_token: bool = False,
     split: str = "eval",
+    norm: tuple[float, float] | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Write ``<name>.npy`` (row i is clip i of ``ids.txt``) under ``output`` (process 0 of a
-    multi-process run, which shares the clips between its processes); returns shapes."""
+    multi-process run, which shares the clips between its processes); returns shapes. Videos
+    are read at the model's clip length, normalised by ``norm`` (AudioSet's by default)."""
     mesh = make_mesh({"data": -1})
-    ids, outputs = predict_inputs(embedding_fn(model, per_token), inputs, mesh, batch_size, split)
+    apply, length = embedding_fn(model, per_token), model.cfg.audio_length
+    ids, outputs = predict_inputs(apply, inputs, mesh, batch_size, split, length, norm)
     shapes = {name: array.shape for name, array in outputs.items()}
     if jax.process_index():
         return shapes

@@ -113,6 +113,12 @@ class Classification:
     def run(self, state: dict) -> dict:
         out = self.outputs(state)
         labels, logits = out["label"], out["logits"]
+        if not len(labels):
+            raise UserError(
+                f"{self.data_dir}: split {self.split} has no clip to evaluate in full batches "
+                f"of {self.batch_size} (the official per-epoch validation drops the last, "
+                "incomplete one): set the evaluator's drop_last=False or a smaller batch_size"
+            )
         if len(self.frames) == 1:
             by_frame, scores = logits[:, None], logits
         else:

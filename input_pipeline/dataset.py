@@ -119,9 +119,10 @@ class Loader:
     def __init__(self, data_dir: str, split: str, config: LoaderConfig):
         self.config, self.data_dir, self.split_name = config, data_dir, split
         self.builder = open_dataset(data_dir)
-        if split not in self.builder.info.splits:
+        missing = [s for s in split.split("+") if s.strip() not in self.builder.info.splits]
+        if missing:
             known = ", ".join(self.builder.info.splits)
-            raise DatasetError(f"{data_dir}: no split {split!r} (it has {known})")
+            raise DatasetError(f"{data_dir}: no split {missing[0]!r} (it has {known})")
         self.split = host_split(split, config)
         self.first_position = host_offset(self.builder, split, config)  # of this host's clips
         self.num_examples = self.builder.info.splits[self.split].num_examples  # this host's

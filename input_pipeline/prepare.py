@@ -56,6 +56,7 @@ class Options:
     label_index: dict[str, int] | None = None
     audio_length: int = TARGET_LENGTH  # fbank frames kept (padded or cut)
     no_audio: str = "skip"  # a clip without an audio track: skip (reported) | silent (flagged)
+    no_video: str = "skip"  # a clip without a video track: skip (reported) | blank (flagged)
 
 
 class ClipError(Exception):
@@ -67,12 +68,12 @@ class ClipError(Exception):
 # Manifests -------------------------------------------------------------------------------------
 
 
-def _from_list(listing: Path, entry: str) -> str:
-    """A path written in a list: as it is when absolute or in a bucket, else from the list's
-    own folder (so a list works wherever ``cavmae prepare`` runs)."""
+def _from_list(listing: Path, entry: str, media_dir: str | None = None) -> str:
+    """A path written in a list: as it is when absolute or in a bucket, else from
+    ``media_dir`` or the list's own folder (so a list works wherever ``cavmae prepare`` runs)."""
     if paths.is_remote(entry) or os.path.isabs(entry):
         return entry
-    return str(listing.parent / entry)
+    return str((paths.path(media_dir) if media_dir else listing.parent) / entry)
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -84,12 +85,16 @@ def _stem(name: str) -> str:
 
 
 def read_manifest(
-    source: paths.PathLike, label_column: str | None = None, fold_column: str | None = None
+    source: paths.PathLike,
+    label_column: str | None = None,
+    fold_column: str | None = None,
+    media_dir: str | None = None,
 ) -> list[Clip]:
     """Clips from a folder (every non-hidden file), a folder of class folders
     (``root/<class>/<clip>``, labelled by folder), a CSV (path[, comma-separated labels]; with
-    ``label_column``, a CSV with a header whose first column is the path) or an official JSON
-    datafile (video_id, wav, video_path, labels)."""
+    ``label_column``, a CSV with a header whose first column is the path; relative paths from
+    ``media_dir``, else from the CSV's folder) or an official JSON datafile (video_id, wav,
+    video_path, labels)."""
     source = paths.path(source)
     if source.is_dir():
         entries = _visible(source)
@@ -102,7 +107,7 @@ def read_manifest(
             ]
         return [Clip(_stem(p.name), str(p)) for p in entries if p.is_file()]
     if label_column or fold_column:
-        return _from_table(source, label_column, fold_column)
+        return _from_table(source, label_column, fold_column, media_dir)
     if source.suffix == ".json":
         records = json.loads(source.read_text())["data"]
         return [
@@ -118,14 +123,14 @@ def read_manifest(
     return [
         Clip(
             row[0].rsplit("/", 1)[-1].rsplit(".", 1)[0],
-            _from_list(source, row[0]),
+            _from_list(source, row[0], media_dir),
             tuple(_split_labels(",".join(row[1:]))),
         )
         for row in rows
     ]
 
 
-def _from_table(source: Path, label_column: str | None, fold_column: str | None) -> list[Clip]:
+def _from_table(source: Path, label_column, fold_column, media_dir) -> list[Clip]:
     """A CSV with a header (ESC-50's ``filename,fold,target,category,...``): the path in the
     first column, labels (comma-separated) and the fold in the named columns."""
     rows = list(csv.DictReader(source.read_text().splitlines()))
@@ -136,7 +141,7 @@ def _from_table(source: Path, label_column: str | None, fold_column: str | None)
     return [
         Clip(
             _stem(row[columns[0]].rsplit("/", 1)[-1]),
-            _from_list(source, row[columns[0]]),
+            _from_list(source, row[columns[0]], media_dir),
             tuple(_split_labels(row[label_column])) if label_column else (),
             fold=str(row[fold_column]).strip() if fold_column else None,
         )
@@ -205,7 +210,7 @@ def process_clip(clip: Clip, options: Options) -> tuple[dict, str | None]:
 
 
 def _decode(clip: Clip, local: str, options: Options) -> tuple[dict, str | None]:
-    silent = False
+    silent, notes = False, []
     try:
         waveform = audio.load_audio(local)
     except audio.NoAudioTrack as err:
@@ -222,6 +227,11 @@ def _decode(clip: Clip, local: str, options: Options) -> tuple[dict, str | None]
     else:
         try:
             jpegs = [video.encode_jpeg(f) for f in video.extract_frames(local)]
+        except video.NoVideoTrack as err:
+            if options.no_video != "blank":
+                raise ClipError("video", "no video stream (--no-video blank keeps it)") from err
+            black = video.encode_jpeg(np.zeros((video.IMAGE_SIZE, video.IMAGE_SIZE, 3), np.uint8))
+            jpegs, notes = [black] * video.NUM_FRAMES, ["no video track: given black frames"]
         except video.VideoError as err:
             raise ClipError("video", str(err).removeprefix(f"{local}: ")) from err
     labels = []
@@ -239,12 +249,12 @@ def _decode(clip: Clip, local: str, options: Options) -> tuple[dict, str | None]
     }
     if options.keep_waveform:
         example["waveform"] = np.round(waveform * 32768).clip(-32768, 32767).astype(np.int16)
-    if silent:
-        return example, "no audio track: given silent audio (audio_frames 0)"
     seconds = len(waveform) / audio.SAMPLE_RATE
-    short = SHORT_SECONDS * options.audio_length / TARGET_LENGTH
-    warning = f"audio is {seconds:.2f} s: padded" if seconds < short else None
-    return example, warning
+    if silent:
+        notes.append("no audio track: given silent audio (audio_frames 0)")
+    elif seconds < SHORT_SECONDS * options.audio_length / TARGET_LENGTH:
+        notes.append(f"audio is {seconds:.2f} s: padded")
+    return example, "; ".join(notes) or None
 
 
 def decode_job(args: tuple[int, Clip, Options]) -> tuple[int, dict | None, dict | None]:
@@ -460,13 +470,15 @@ def prepare(
     label_column: str | None = None,
     fold_column: str | None = None,
     folds: int = 0,
+    media_dir: str | None = None,
 ) -> tuple[int, int]:
     """Build the dataset; resumes from finished shards. Returns (prepared, failed) clip counts.
     With ``videos``, ``source`` is an official list whose clips are looked up there by id, and
     ``coverage.json`` reports what the folder lacks. ``runner``: ``local`` (a process pool of
     ``workers``), ``beam`` (Beam's DirectRunner) or a Beam runner's name, with ``beam_args``
-    (Beam pipeline options); every runner writes the same shards. Without ``labels``, label
-    names get indices in sorted order, written to ``OUTPUT/labels.csv``. With ``fold_column``
+    (Beam pipeline options); every runner writes the same shards. Without ``labels``, the
+    names of class folders or of ``label_column`` get indices in sorted order, written to
+    ``OUTPUT/labels.csv`` (other lists name official labels and need their label CSV). With ``fold_column``
     or ``folds`` each fold becomes a split ``fold<k>`` instead of ``split``."""
     output = paths.path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -474,7 +486,7 @@ def prepare(
     if options.audio_length <= 0 or options.audio_length % 16:
         raise UserError(f"--audio-length {options.audio_length}: a positive multiple of 16")
     if videos is None:
-        clips = read_manifest(source, label_column, fold_column)
+        clips = read_manifest(source, label_column, fold_column, media_dir)
     else:
         listed = official_lists.read_list(source, split)
         found, missing = official_lists.match(listed, videos)
@@ -484,6 +496,9 @@ def prepare(
     if not clips:
         raise UserError(f"{source}: no clips listed")
     if labels is None and any(clip.labels for clip in clips):
+        if not (label_column or paths.path(source).is_dir()):
+            # official lists name AudioSet / VGGSound labels: their indices are the label CSV's
+            raise UserError(f"{source} lists labels: give the label CSV (--labels) to index them")
         labels = _written_labels(output, clips)
     if labels is not None:
         options = dataclasses.replace(options, label_index=read_label_csv(labels))
@@ -498,6 +513,7 @@ def prepare(
         "keep_waveform": options.keep_waveform,
         "audio_length": options.audio_length,
         "no_audio": options.no_audio,
+        "no_video": options.no_video,
     }
     if fold_column or folds:
         groups = {}

@@ -28,6 +28,10 @@ class VideoError(ValueError):
     """A file whose video cannot be used; the message names the file and the reason."""
 
 
+class NoVideoTrack(VideoError):
+    """A file without a video stream (an audio file)."""
+
+
 def frame_indices(total: int, count: int = NUM_FRAMES) -> list[int]:
     """Decoded-frame indices the official extraction reads for a clip of ``total`` frames."""
     return [max(int(i * total / count) - 1, 0) for i in range(count)]
@@ -81,7 +85,7 @@ def extract_frames(path: str | Path, size: int = IMAGE_SIZE) -> np.ndarray:
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise VideoError(f"{path}: no video stream")
+                raise NoVideoTrack(f"{path}: no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             header_frames = stream.frames

@@ -53,7 +53,13 @@ LAYERS = [
     ("training", ("cavmae_jax.train",)),
     (
         "applications",
-        ("cavmae_jax.embed", "cavmae_jax.classify", "cavmae_jax.explain", "cavmae_jax.reconstruct"),
+        (
+            "cavmae_jax.embed",
+            "cavmae_jax.classify",
+            "cavmae_jax.explain",
+            "cavmae_jax.reconstruct",
+            "cavmae_jax.probe",
+        ),
     ),
     ("command", ("cavmae_jax.cli",)),
 ]

@@ -9,13 +9,16 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
+import pytest
 from conftest import DATA, NARROW_FULL_INPUTS
 from flax import nnx
 from nbclient import NotebookClient
 
 from cavmae_jax import cli, convert
-from cavmae_jax.models import CAVMAE, CAVMAEFT
+from cavmae_jax.configs.common import TINY_MODEL
+from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE
+from input_pipeline import metadata
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NARROW = NARROW_FULL_INPUTS
@@ -132,3 +135,42 @@ def test_prototypes_notebook_trains_pcav_mae_and_explains_it(tmp_path, monkeypat
     assert "granularity 5:" in text_outputs(notebook)
     cli.main(["export", str(work / "model"), str(tmp_path / "ft"), "--label-dim", "8"])
     assert type(convert.load_model(tmp_path / "ft")).__name__ == "CAVMAEFT"
+
+
+def test_own_data_notebook_prepares_probes_and_cross_validates_five_folds(tmp_path, monkeypatch):
+    """The 5-fold example on generated 5-second clips from a pretrained model in the released
+    file format (narrow layers): its 1024-frame audio table is trimmed to the clips' 512 frames
+    for the probe and for every fold's finetuning; the custom recipe takes classes, loss and
+    statistics from the dataset; the fold table, its JSON and a classified clip follow."""
+    released = tmp_path / "audio_model.pth"
+    convert.save_pth(CAVMAE(ModelConfig(**TINY_MODEL), nnx.Rngs(0)), released)
+    work = tmp_path / "work"
+    notebook = execute(
+        "own_data",
+        monkeypatch,
+        CAVMAE_NOTEBOOK_WORK=str(work),
+        CAVMAE_PRETRAINED=str(released),
+        CAVMAE_NOTEBOOK_VARIANT="custom,tiny",
+        CAVMAE_NOTEBOOK_CLASSES="4",
+        CAVMAE_NOTEBOOK_PER_CLASS="5",
+    )
+    out = text_outputs(notebook)
+    assert "model: pos_embed_a: trimmed from a 8x64 to a 8x32 grid" in out
+    assert out.count("init: pos_embed_a: trimmed from a 8x64 to a 8x32 grid") == 5
+    assert out.count("classes: 4 (the dataset's labels.csv)") == 5
+    assert out.count("loss: ce (single-label: softmax and accuracy)") == 5
+    data = work / "data"
+    mean, std = metadata.fbank_statistics(data, "fold2+fold3+fold4+fold5")
+    assert f"fbank normalisation: mean {mean:.4f}, std {std:.4f}" in out  # fold1's training folds
+    report = json.loads((work / "runs" / "folds.json").read_text())
+    assert report["metric"] == "acc"
+    assert [row["fold"] for row in report["folds"]] == [f"fold{k}" for k in range(1, 6)]
+    assert sum(row["clips"] for row in report["folds"]) == 20
+    accs = [row["acc"] for row in report["folds"]]
+    assert report["mean"] == pytest.approx(np.mean(accs))
+    assert report["sd"] == pytest.approx(np.std(accs, ddof=1))
+    assert f"acc {report['mean']:.4f} ± {report['sd']:.4f} over 5 folds" in out
+    saved = convert.model_info(work / "runs" / "fold1" / "model")
+    assert saved["finetuning"]["fbank_norm"] == pytest.approx([mean, std])
+    first_class = sorted(p.name for p in (work / "clips").iterdir())[0]
+    assert f"{first_class}_000.mp4 (multimodal)" in out  # the classified clip and its top-3

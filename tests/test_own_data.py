@@ -14,14 +14,14 @@ import torch
 from flax import nnx
 from test_prepare import read_dataset
 
-from cavmae_jax import cli, convert
+from cavmae_jax import cli, convert, probe
 from cavmae_jax.configs.common import TINY_MODEL
 from cavmae_jax.errors import UserError
 from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
 from cavmae_jax.models.posemb import fit_table, sincos_2d
 from cavmae_jax.train.init_weights import copy_weights
 from cavmae_jax.train.trainer import load_weights
-from input_pipeline import metadata, synthetic
+from input_pipeline import metadata, synthetic, video
 
 CLASSES, PER_CLASS, FOLDS = 3, 4, 2
 
@@ -30,6 +30,10 @@ CLASSES, PER_CLASS, FOLDS = 3, 4, 2
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("own") / "clips"
     synthetic.class_folders(root, classes=CLASSES, per_class=PER_CLASS, seconds=3.0, seed=4)
+    # an audio file among them: kept with black frames under --no-video blank
+    synthetic.write_clip(
+        root / synthetic.class_names(CLASSES)[1] / "voice.mp4", 1, 8, 3.0, video=False
+    )
     # a silent video among them: kept with silent audio under --no-audio silent
     synthetic.write_clip(
         root / synthetic.class_names(CLASSES)[0] / "mute.mp4", 0, 9, 3.0, audio=False
@@ -53,6 +57,8 @@ def prepared(folders, tmp_path_factory):
             "512",
             "--no-audio",
             "silent",
+            "--no-video",
+            "blank",
         ]
     )
     return output
@@ -72,13 +78,13 @@ def test_class_folders_give_labels_folds_and_the_clip_length(prepared):
             clip = example["id"].decode()
             seen[clip] = fold
             assert sorted(names)[int(example["label"][0])] == clip.split("/")[0]
-    assert len(seen) == CLASSES * PER_CLASS + 1
+    assert len(seen) == CLASSES * PER_CLASS + 2
     for name in names:  # each class dealt over both folds
         folds = [seen[f"{name}/{name}_{i:03d}"] for i in range(PER_CLASS)]
         assert folds.count("fold1") == folds.count("fold2") == PER_CLASS // 2
 
 
-def test_a_clip_without_audio_is_reported_and_kept_silent_with_its_flag(
+def test_clips_without_audio_or_video_are_reported_and_kept_per_the_policy(
     prepared, folders, tmp_path
 ):
     records = [json.loads(x) for x in (prepared / "failures.jsonl").read_text().splitlines()]
@@ -87,12 +93,19 @@ def test_a_clip_without_audio_is_reported_and_kept_silent_with_its_flag(
     examples = [e for f in ("fold1", "fold2") for e in read_dataset(prepared, f, jpeg_bytes=True)]
     silent = next(e for e in examples if e["id"].decode().endswith("/mute"))
     assert silent["audio_frames"] == 0
-    # the default policy skips it, with the reason
+    voice = next(r for r in records if r["path"].endswith("voice.mp4"))
+    assert voice["kept"] and "no video track: given black frames" in voice["reason"]
+    blank = next(e for e in examples if e["id"].decode().endswith("/voice"))
+    assert blank["audio_frames"] > 0
+    assert all(video.decode_jpeg(jpeg).max() < 8 for jpeg in blank["frames"])
+    # the default policies skip both, with the reason
     out = tmp_path / "skip"
     cli.main(["prepare", "--input", str(folders), "--output", str(out), "--audio-length", "512"])
     records = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     mute = next(r for r in records if r["path"].endswith("mute.mp4"))
     assert not mute.get("kept") and mute["reason"].startswith("no audio stream")
+    voice = next(r for r in records if r["path"].endswith("voice.mp4"))
+    assert not voice.get("kept") and voice["reason"].startswith("no video stream")
 
 
 def test_fbank_statistics_equal_numpy_over_the_real_frames(prepared):
@@ -112,16 +125,19 @@ def test_fbank_statistics_equal_numpy_over_the_real_frames(prepared):
 def test_a_csv_with_label_and_fold_columns(folders, tmp_path):
     listing = tmp_path / "meta.csv"
     clips = sorted(folders.glob("*/*_00[01].mp4"))
-    with listing.open("w") as f:
+    with listing.open("w") as f:  # ESC-50's layout: file names relative to the media folder
         writer = csv.writer(f)
         writer.writerow(["filename", "fold", "category"])
-        writer.writerows((str(p), 1 + i % 2, p.parent.name) for i, p in enumerate(clips))
+        rows = ((p.relative_to(folders), 1 + i % 2, p.parent.name) for i, p in enumerate(clips))
+        writer.writerows(rows)
     out = tmp_path / "ds"
     cli.main(
         [
             "prepare",
             "--input",
             str(listing),
+            "--media-dir",
+            str(folders),
             "--output",
             str(out),
             "--label-column",
@@ -190,36 +206,78 @@ def test_a_1024_frame_checkpoint_loads_into_a_512_frame_classifier_trimmed(relea
     assert notes == ["pos_embed_a: interpolated from a 8x64 to a 8x128 grid"]
 
 
-def test_custom_recipe_cross_validates_from_a_released_structure_checkpoint(
-    prepared, released_structure_pth, tmp_path, capsys
-):
-    workdir = tmp_path / "cv"
+def test_knn_scores_vote_like_scikit_learn_and_the_linear_probe_separates_separable_data():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((4, 16)) * 3
+    y_train, y_test = rng.integers(0, 4, 80), rng.integers(0, 4, 40)
+    x_train = centres[y_train] + rng.standard_normal((80, 16))
+    x_test = centres[y_test] + rng.standard_normal((40, 16))
+    found = probe.scores(x_train, np.eye(4)[y_train], x_test, multi_label=False)
+    knn = KNeighborsClassifier(probe.NEIGHBOURS, metric="cosine").fit(x_train, y_train)
+    np.testing.assert_array_equal(found["knn"].argmax(axis=1), knn.predict(x_test))
+    assert (found["linear"].argmax(axis=1) == y_test).mean() > 0.9
+
+
+def test_probe_command_over_the_folds_of_a_512_frame_dataset(prepared, tmp_path, capsys):
+    model_dir = tmp_path / "pretrained"
+    convert.save_model(CAVMAE(ModelConfig(**TINY_MODEL), nnx.Rngs(0)), model_dir)
+    cli.main(
+        [
+            "probe",
+            str(model_dir),
+            "--data",
+            str(prepared),
+            "--folds",
+            str(FOLDS),
+            "--output",
+            str(tmp_path / "probe.json"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"joint\s+\d\.\d{4} ± \d\.\d{4}\s+\d\.\d{4} ± \d\.\d{4}", out)
+    result = json.loads((tmp_path / "probe.json").read_text())
+    assert result["metric"] == "acc" and result["folds"] == ["fold1", "fold2"]
+    for name in ("audio", "visual", "joint"):
+        for kind in ("linear", "knn"):
+            assert len(result[name][kind]["folds"]) == FOLDS
+            assert 0 <= result[name][kind]["mean"] <= 1
+
+
+def test_audio_only_recipe_finetunes_on_audio_files_kept_with_black_frames(prepared, tmp_path):
+    workdir = tmp_path / "audio"
     cli.main(
         [
             "finetune",
             "--config",
-            "configs/finetune.py:custom,tiny",
-            "--folds",
-            str(FOLDS),
+            "finetune:custom-audioonly,tiny",
             "--workdir",
             str(workdir),
             f"--config.data.dir={prepared}",
-            f"--config.init={released_structure_pth}",
-            "--config.batch_size=4",
-            "--config.eval_frames=1",
+            "--config.data.train_split=fold1",
+            "--config.data.eval_split=fold2",
+            "--config.batch_size=2",
+            "--config.epochs=1",
+            "--config.wa=False",
         ]
     )
-    out = capsys.readouterr().out
-    assert out.count("init: pos_embed_a: trimmed from a 8x64 to a 8x32 grid") == FOLDS
-    assert f"classes: {CLASSES}" in out and "loss: ce (single-label" in out
-    mean, std = metadata.fbank_statistics(prepared, "fold2")
-    assert f"fbank normalisation: mean {mean:.4f}, std {std:.4f}" in out  # fold1's training set
-    report = json.loads((workdir / "folds.json").read_text())
-    assert report["metric"] == "acc" and [r["fold"] for r in report["folds"]] == ["fold1", "fold2"]
-    accs = [r["acc"] for r in report["folds"]]
-    assert report["mean"] == pytest.approx(np.mean(accs))
-    assert report["sd"] == pytest.approx(np.std(accs, ddof=1))
-    assert sum(r["clips"] for r in report["folds"]) == CLASSES * PER_CLASS + 1
-    assert re.search(r"acc \d\.\d{4} ± \d\.\d{4} over 2 folds", out)
-    saved = json.loads((workdir / "fold1" / "model" / "model.json").read_text())
-    assert saved["finetuning"]["fbank_norm"] == pytest.approx([mean, std])
+    result = json.loads((workdir / "evaluation.json").read_text())
+    assert (
+        result["loss"] == "ce"
+        and result["clips"] == metadata.read(prepared)["splits"]["fold2"]["clips"]
+    )
+    assert [row["frame"] for row in result["per_frame"]] == [5]  # audio-only: one pass
+    assert convert.model_info(workdir / "model")["finetuning"]["mode"] == "audioonly"
+
+
+def test_visual_tables_of_another_image_size_are_interpolated():
+    source = CAVMAE(ModelConfig(**TINY_MODEL), nnx.Rngs(0))
+    target = CAVMAE(ModelConfig(**{**TINY_MODEL, "img_size": 160}), nnx.Rngs(1))
+    notes = copy_weights(source, target, "pretrained")
+    assert notes == [
+        "decoder_pos_embed_v: interpolated from a 14x14 to a 10x10 grid",
+        "pos_embed_v: interpolated from a 14x14 to a 10x10 grid",
+    ]
+    expected = fit_table(source.pos_embed_v[...], (14, 14), (10, 10), "interpolate")
+    np.testing.assert_array_equal(np.asarray(target.pos_embed_v[...]), np.asarray(expected))

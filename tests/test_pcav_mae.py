@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from flax import nnx
 from cavmae_jax import convert, losses
 from cavmae_jax.losses import l2_normalize as unit
 from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config
+from cavmae_jax.train.pcav import PCAVPretraining
 
 
 def small(**changes):
@@ -241,3 +244,101 @@ def test_sigkilled_pcav_run_resumes_to_the_same_parameters_momentum_and_prototyp
     assert any("protos" in name for name in expected) and any("ema" in name for name in expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(final[name], value, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def small_dataset(tmp_path_factory):
+    from input_pipeline import prepare, synthetic
+
+    root = tmp_path_factory.mktemp("pcav-init")
+    clips = synthetic.generate(root / "videos", clips=8, classes=4, seed=7)
+    prepare.prepare(clips, root / "ds", labels=root / "videos" / "labels.csv", progress=False)
+    return root / "ds"
+
+
+def _encoder_leaves(model) -> dict:
+    """Every parameter that is not the decoder's or the prototype projections'."""
+    own = PCAVPretraining.own_layers
+    return {
+        path: np.asarray(v[...])
+        for path, v in nnx.to_flat_state(nnx.state(model))
+        if path[0] not in own
+    }
+
+
+def test_pcav_starts_from_an_official_cavmae_file_and_names_the_layers_it_keeps(
+    small_dataset, tmp_path, capsys
+):
+    """A CAV-MAE with its own (wider, deeper) decoder, as an official .pth: the encoder is
+    copied; the decoder and the prototype projections keep their initialisation, each named."""
+    from cavmae_jax import cli
+    from cavmae_jax.configs.common import TINY_MODEL
+    from cavmae_jax.models import CAVMAE, ModelConfig
+
+    source = CAVMAE(
+        ModelConfig(**{**TINY_MODEL, "decoder_embed_dim": 48, "decoder_depth": 3}), nnx.Rngs(5)
+    )
+    convert.save_pth(source, tmp_path / "cav_mae.pth")
+    workdir = tmp_path / "run"
+    cli.main(
+        [
+            "pretrain",
+            "--config",
+            "configs/pcav.py:demo",
+            "--workdir",
+            str(workdir),
+            f"--config.data.dir={small_dataset}",
+            f"--config.init={tmp_path / 'cav_mae.pth'}",
+            "--config.num_steps=1",
+            "--config.batch_size=4",
+        ]
+    )
+    out = capsys.readouterr().out
+    kept = re.findall(r"init: (\w+): not in \S+, keeps its initialisation", out)
+    assert set(kept) == {
+        "proto_proj_a",
+        "proto_proj_v",
+        "mask_token",
+        "decoder_embed",
+        "decoder_blocks",
+        "decoder_norm",
+        "decoder_pred_a",
+        "decoder_pred_v",
+        "decoder_modality_a",
+        "decoder_modality_v",
+        "decoder_pos_embed_a",
+        "decoder_pos_embed_v",
+    }
+    assert (workdir / "model").exists()
+
+
+def test_pcav_init_from_a_model_directory_copies_every_shared_parameter(
+    small_dataset, tmp_path, capsys
+):
+    from cavmae_jax.config_loading import load_config
+    from cavmae_jax.models import CAVMAE, ModelConfig
+    from cavmae_jax.train.setup import build
+
+    config = load_config("configs/pcav.py:demo")
+    config.data.dir, config.batch_size = str(small_dataset), 4
+    cfg = PCAVPretraining().model_config(config)
+    source = CAVMAE(
+        ModelConfig(**{**config.model.to_dict(), "contrast_loss_weight": 1.0}), nnx.Rngs(9)
+    )
+    convert.save_model(source, tmp_path / "cavmae")
+    config.init = str(tmp_path / "cavmae")
+    setup, state = build(config, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert re.findall(r"init: (\w+): not in", out) == ["proto_proj_a", "proto_proj_v"]
+    model = setup.model(state["params"], state["rest"])
+    copied = _encoder_leaves(model)
+    expected = _encoder_leaves(source)
+    assert (
+        copied.keys() == expected.keys() and cfg.decoder_embed_dim == source.cfg.decoder_embed_dim
+    )
+    for path, value in expected.items():
+        np.testing.assert_array_equal(copied[path], value, str(path))
+    decoder = nnx.to_flat_state(nnx.state(model.decoder_blocks))
+    reference = dict(nnx.to_flat_state(nnx.state(source.decoder_blocks)))
+    for path, value in decoder:  # the same decoder sizes: copied too
+        np.testing.assert_array_equal(value[...], reference[path][...])

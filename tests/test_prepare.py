@@ -55,7 +55,7 @@ def test_prepare_reports_every_bad_clip_and_keeps_every_good_one(corpus, tmp_pat
     by_name = {r["path"].rsplit("/", 1)[-1]: r for r in records}
     assert by_name["empty.mp4"]["stage"] == "read"
     assert by_name["no_audio.mp4"]["reason"].startswith("no audio stream")
-    assert by_name["no_video.mp4"]["reason"] == "no video stream"
+    assert by_name["no_video.mp4"]["reason"].startswith("no video stream")
     assert by_name["readme.txt"]["stage"] == "audio"
     assert by_name["truncated.mp4"]["stage"] in ("audio", "video")
     assert by_name["short.mp4"]["kept"] and "padded" in by_name["short.mp4"]["reason"]

@@ -16,6 +16,7 @@ and 10-frame; hardware of the official run, 4 GPUs each):
   as2m-audioonly   48 / 1e-5 /  50 / 10 / 2  AS-2M audio, balanced: mAP 46.6
   vgg              48 / 1e-4 /  10 / 10 / 2  VGGSound audio-visual, balanced, CE: acc 65.8 (~5.5 h)
   custom           24 / 5e-5 / 100 / 15 / 5  your own labelled clips (docs/own_data.md)
+  custom-audioonly 24 / 5e-5 / 100 / 15 / 5  your own audio files (prepared with --no-video blank)
 Append ``,tiny`` for a CPU-sized model on the generated demo data (``cavmae prepare --demo 48
 --output DIR``, 8 classes; evaluated on its own training split, since that dataset has only one).
 
@@ -97,8 +98,9 @@ MODES = {"audioonly": "audioonly", "videoonly": "videoonly"}
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     name, modifiers = variant(arg, "as20k")
     base, _, mode = name.partition("-")
-    if base not in RECIPES or (mode and mode not in MODES) or base in ("vgg", "custom") and mode:
+    if base not in RECIPES or (mode and mode not in MODES) or name == "vgg-audioonly":
         known = [*RECIPES, "as20k-audioonly", "as20k-videoonly", "as2m-audioonly"]
+        known.append("custom-audioonly")
         raise UserError(f"unknown recipe {name!r}; expected one of {known}")
     recipe = RECIPES[base]
     config = run_config("finetune")
@@ -138,13 +140,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.wa = True
     config.wa_start, config.wa_end = recipe["wa"]
     config.checkpoint_every = 1000
-    if base == "custom":
-        config.model.audio_length = 0  # the dataset's
-        config.data.update(dict(norm="dataset", timem=96))
     # the official per-epoch validation: frame 5, full batches (cavmae_jax/evaluators.py)
     config.evals = ml_collections.ConfigDict(
         {"validation": dict(kind="classification", every_epochs=1, every_steps=0)}
     )
+    if base == "custom":
+        config.model.audio_length = 0  # the dataset's
+        config.data.update(dict(norm="dataset", timem=96))
+        config.evals.validation.drop_last = False  # a small held-out fold: every clip counts
     if "tiny" in modifiers:
         config.model.update(TINY_MODEL)
         config.model.update(dict(decoder_depth=0))

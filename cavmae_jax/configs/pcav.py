@@ -1,7 +1,9 @@
 """PCAV-MAE pretraining (the prototypical CAV-MAE draft, section 3.2; readings in docs/pcavmae.md).
 
 Launch (one host; dataset from ``cavmae prepare``; init from the released IN-initial
-``ori_mae_11.pth`` as CAV-MAE, an assumption: the draft names no initialisation):
+``ori_mae_11.pth`` as CAV-MAE, an assumption: the draft names no initialisation; the encoder is
+copied, the decoder of another size and the prototype projections keep their initialisation,
+each named in the log):
 
     cavmae pretrain --config configs/pcav.py:as --workdir runs/pcav \\
         --config.data.dir=/data/audioset_2m --config.init=/ckpt/ori_mae_11.pth
