@@ -478,8 +478,8 @@ def prepare(
     ``workers``), ``beam`` (Beam's DirectRunner) or a Beam runner's name, with ``beam_args``
     (Beam pipeline options); every runner writes the same shards. Without ``labels``, the
     names of class folders or of ``label_column`` get indices in sorted order, written to
-    ``OUTPUT/labels.csv`` (other lists name official labels and need their label CSV). With ``fold_column``
-    or ``folds`` each fold becomes a split ``fold<k>`` instead of ``split``."""
+    ``OUTPUT/labels.csv`` (other lists name official labels and need their label CSV). With
+    ``fold_column`` or ``folds`` each fold becomes a split ``fold<k>`` instead of ``split``."""
     output = paths.path(output)
     output.mkdir(parents=True, exist_ok=True)
     options = options or Options()
