@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cavmae_jax.errors import UserError
 from cavmae_jax.losses import l2_normalize
 
 CHUNK = 4096
@@ -261,6 +262,18 @@ def discover(
     return {name: np.stack(values) for name, values in out.items()}, levels
 
 
+SCALES = ("paper", "pcl")
+
+
+def gamma_mean(pcav) -> float:
+    """The mean the concentrations are rescaled to: tau under PCL's scaling (``pcav.scale =
+    "pcl"``: the gammas are the temperature), none under the paper's (eq. (2) as it is, and the
+    loss divided by tau instead)."""
+    if pcav.scale not in SCALES:
+        raise UserError(f"pcav.scale {pcav.scale!r}: expected one of {list(SCALES)}")
+    return pcav.tau if pcav.scale == "pcl" else 0.0
+
+
 def from_settings(bank: dict, pcav, seed: int, mesh=None):
     """The prototype arrays and levels of a memory bank ``{"audio", "visual"}`` under a run's
     ``config.pcav`` settings."""
@@ -271,7 +284,7 @@ def from_settings(bank: dict, pcav, seed: int, mesh=None):
         tuple(pcav.granularities),
         pcav.max_prototypes,
         pcav.beta,
-        pcav.gamma_mean,
+        gamma_mean(pcav),
         seed,
         mesh=mesh,
     )

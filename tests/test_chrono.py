@@ -54,7 +54,8 @@ def test_tflops_follow_the_phase_of_each_update():
 
 
 def test_the_pcav_phases_count_the_decoder_only_while_it_trains():
-    """Without the decoder a PCAV-MAE update costs the decoder's forward and backward less."""
+    """Without the decoder a PCAV-MAE update costs the decoder's forward and backward less;
+    the warm-up (no prototypes) costs no momentum encoder."""
     from cavmae_jax import flops
     from cavmae_jax.config_loading import load_config
     from cavmae_jax.models.pcav_mae import pcav_config
@@ -62,8 +63,12 @@ def test_the_pcav_phases_count_the_decoder_only_while_it_trains():
 
     config = load_config("configs/pcav.py:as")
     cfg = pcav_config(**config.model.to_dict())
-    with_decoder, encoders = PCAVPretraining().clip_flops(config, cfg)
+    warmup, with_decoder, encoders = PCAVPretraining().clip_flops(config, cfg)
     ratios = (config.mask_ratio_a, config.mask_ratio_v)
     decoder = flops.pretrain_step(cfg, *ratios)
     decoder -= flops.pretrain_step(cfg.replace(decoder_depth=0), *ratios)
     assert decoder > 0 and with_decoder - encoders == decoder
+    # the warm-up runs no momentum encoder; the phases' order follows the option
+    assert with_decoder - warmup == flops.features_forward(cfg)
+    config.pcav.decoder_first = False
+    assert PCAVPretraining().clip_flops(config, cfg) == (warmup, encoders, with_decoder)

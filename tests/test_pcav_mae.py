@@ -14,7 +14,8 @@ from flax import nnx
 from cavmae_jax import convert, losses
 from cavmae_jax.losses import l2_normalize as unit
 from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config
-from cavmae_jax.train.pcav import PCAVPretraining
+from cavmae_jax.train.durations import Durations
+from cavmae_jax.train.pcav import PHASES, PCAVPretraining
 
 
 def small(**changes):
@@ -112,22 +113,103 @@ def test_ablation_weights_remove_their_equation_from_the_total(setup):
         assert float(out["loss"]) == pytest.approx(expected, rel=1e-5)
 
 
-def test_gradients_reach_encoder_decoder_and_projections(setup):
+PCAV_DEFAULTS = dict(
+    tau=0.1,
+    scale="paper",
+    pje_weight=1.0,
+    pcpe_weight=1.0,
+    symmetric_pje=False,
+    infonce="off",
+    infonce_weight=0.1,
+)
+CONFIGURATIONS = [
+    *(
+        (phase, dict(symmetric_pje=symmetric, infonce=infonce))
+        for phase in PHASES
+        for symmetric in (False, True)
+        for infonce in ("off", "always")
+    ),
+    ("warmup", dict(infonce="warmup")),
+    ("decoder", dict(infonce="warmup")),
+    ("decoder", dict(pje_weight=0.0)),
+    ("decoder", dict(pcpe_weight=0.0)),
+    ("decoder", dict(scale="pcl")),
+]
+
+
+@pytest.mark.parametrize(("phase", "changes"), CONFIGURATIONS)
+def test_exactly_the_parameters_a_configuration_leaves_untrained_get_no_gradient(
+    setup, phase, changes
+):
+    """Every trainable parameter of every phase and option gets a gradient, except those
+    ``untrained`` names (and documents) for that configuration."""
+    import fnmatch
+
+    import ml_collections
+
+    from cavmae_jax.train.pcav import phase_settings, untrained
+
     model, _, _, audio, image, protos, targets = setup
+    pcav = ml_collections.ConfigDict({**PCAV_DEFAULTS, **changes})
+    settings = phase_settings(pcav, phase)
+    use_decoder = settings.pop("use_decoder")
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    @jax.jit
-    def grads(params):
-        def loss(params):
-            return nnx.merge(graphdef, params, rest)(
-                audio, image, protos, targets, key=jax.random.key(0)
-            )["loss"]
+    def loss(params):
+        out = nnx.merge(graphdef, params, rest)(
+            audio,
+            image,
+            protos,
+            targets,
+            key=jax.random.key(0),
+            use_decoder=use_decoder,
+            **settings,
+        )
+        return out["loss"]
 
-        return jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
+    zero = {
+        ".".join(map(str, path))
+        for path, g in nnx.to_flat_state(grads)
+        if not np.any(np.asarray(g[...]))
+    }
+    names = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(params)}
+    expected = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in untrained(pcav, phase))}
+    assert zero == expected, (sorted(zero - expected), sorted(expected - zero))
+    trained_visual = any(n.startswith("blocks_u") and "norm1_v" in n for n in names - zero)
+    assert trained_visual == (
+        settings["infonce_weight"] > 0
+        or (settings["use_prototypes"] and settings["pje_weight"] > 0 and pcav.symmetric_pje)
+    )
 
-    g = grads(params)
-    for name in ("proto_proj_a", "proto_proj_v", "blocks_a", "decoder_blocks"):
-        assert float(jnp.abs(jax.tree.leaves(g[name])[0]).sum()) > 0, name
+
+def test_phases_follow_the_warmup_and_the_order_and_the_momentum_its_half_life(capsys):
+    import ml_collections
+
+    from cavmae_jax.train.pcav import momentum_summary, phase_ends, resolved_momentum
+
+    durations = Durations(clips=150, batch_size=10, steps_per_epoch=15, num_steps=300)
+    pcav = ml_collections.ConfigDict(
+        dict(
+            warmup_epochs=2,
+            decoder_epochs=10,
+            decoder_first=True,
+            ema_half_life_epochs=2.0,
+            ema_momentum=0.999,
+        )
+    )
+    assert phase_ends(pcav, durations) == [("warmup", 30), ("decoder", 180), ("encoders", 300)]
+    pcav.decoder_first = False
+    assert phase_ends(pcav, durations) == [("warmup", 30), ("encoders", 150), ("decoder", 300)]
+    momentum = resolved_momentum(pcav, durations)
+    assert momentum**30 == pytest.approx(0.5)  # half-life 2 epochs of 15 updates
+    line = momentum_summary(momentum, durations)
+    assert line.startswith(f"momentum encoder: momentum {momentum:.6g}, half-life 30 updates")
+    assert "fits this run" not in line
+    pcav.ema_half_life_epochs = 0.0
+    assert resolved_momentum(pcav, durations) == 0.999
+    slow = momentum_summary(0.999, durations)
+    assert "half-life 692.8 updates" in slow and "still 74% their initial values" in slow
 
 
 def test_momentum_update_and_saved_model_round_trip(tmp_path):
@@ -169,8 +251,8 @@ def test_training_step_moves_the_momentum_encoder_once_per_update(setup):
         "ema": ema,
         "protos": protos,
     }
-    config = ml_collections.ConfigDict({"pcav": {"ema_momentum": 0.9}})
-    momentum = PCAVPretraining().after_update(config, None)
+    config = ml_collections.ConfigDict({"pcav": {"ema_momentum": 0.9, "ema_half_life_epochs": 0}})
+    momentum = PCAVPretraining().after_update(config, Durations(8, 4, 2, 10))
     step = make_train_step(
         pcav_loss(graphdef, {}, True),
         tx,

@@ -38,10 +38,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.update(PAPER_SIZES)
     config.pcav = ml_collections.ConfigDict(
         dict(
-            tau=0.1,  # eq. (1)/(3) temperature: the 1 / tau factor of the loss
+            tau=0.1,  # eqs. (1), (3): the temperature
             beta=10.0,  # eq. (2) smoothing
-            gamma_mean=0.1,  # rescale gammas to this mean (PCL); 0 = eq. (2) values as they are
-            ema_momentum=0.999,  # momentum encoder that produces the clustered features
+            # where tau acts: "paper" = eq. (2) gammas as they are and the loss divided by tau
+            # (eqs. 1, 3 as written); "pcl" = gammas rescaled to mean tau (PCL), no 1 / tau
+            scale="paper",
+            # the momentum encoder that produces the clustered features: momentum from this
+            # half-life in epochs when > 0 (printed at start-up), else ema_momentum
+            ema_half_life_epochs=0.0,
+            ema_momentum=0.999,
+            warmup_epochs=0.0,  # epochs of reconstruction alone before the prototype terms
+            # CAV-MAE's InfoNCE between the two streams: off | warmup (in the warm-up only) |
+            # always, at infonce_weight (CAV-MAE's 0.1 of the contrastive recipes)
+            infonce="off",
+            infonce_weight=0.1,
+            # eq. (1) both ways (visible visual tokens against audio prototypes too): without
+            # it the visual stream gets no gradient (docs/pcavmae.md)
+            symmetric_pje=False,
+            decoder_first=True,  # the decoder phase first (the paper's order), else last
             method="density",  # density (xDNN-style peaks, real clips) | kmeans (PCL)
             granularities=(100, 400, 1600),  # neighbourhood sizes (density) or k (kmeans)
             max_prototypes=20_000,

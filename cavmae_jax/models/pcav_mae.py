@@ -78,28 +78,41 @@ class PCAVMAE(CAVMAE):
         use_decoder: bool = True,
         pje_weight: float = 1.0,
         pcpe_weight: float = 1.0,
+        use_prototypes: bool = True,
+        symmetric_pje: bool = False,
+        infonce_weight: float = 0.0,
     ) -> dict[str, jax.Array]:
         """Losses of one batch. ``protos``: ``audio``/``visual`` [G, K, D] (unit rows),
         ``gamma`` [G, K], ``valid`` [G, K]; ``targets`` [G, B]: each clip's prototype per
-        granularity. ``use_decoder`` False drops eqs. (3) and (4) (encoder-only phase); the
-        weights scale eqs. (1) and (3) in the total (0: the ablations without them)."""
+        granularity. ``tau`` divides eqs. (1) and (3) (1: no such factor). ``use_decoder``
+        False drops eqs. (3) and (4) (encoder-only phase); ``use_prototypes`` False drops eqs.
+        (1) and (3) (warm-up); the weights scale eqs. (1) and (3) in the total (0: the
+        ablations without them). ``symmetric_pje`` averages eq. (1) with its mirror image
+        (visible visual tokens against the audio prototypes), so that the visual stream
+        learns; ``infonce_weight`` adds CAV-MAE's contrastive loss of the two streams."""
         cfg = self.cfg
         key_a, key_v = jax.random.split(key)
         batch = audio.shape[0]
         noise_a = jax.random.uniform(key_a, (batch, cfg.audio_grid[0] * cfg.audio_grid[1]))
         noise_v = jax.random.uniform(key_v, (batch, cfg.visual_grid[0] * cfg.visual_grid[1]))
         patches_a, patches_v = self.audio_patches(audio), self.visual_patches(image)
-        latent, stream_a, _, masked_a, masked_v = self.forward_encoder(
+        latent, stream_a, stream_v, masked_a, masked_v = self.forward_encoder(
             patches_a, patches_v, noise_a, noise_v, mask_ratio_a, mask_ratio_v
         )
-        visible_a = stream_a.mean(axis=1)
-        loss_pje = losses.pje_loss(
-            visible_a, protos["visual"], protos["gamma"], targets, protos["valid"], tau
-        )
-        sims = jnp.einsum("bd,gkd->gbk", visible_a, protos["visual"])
-        hits = jnp.argmax(jnp.where(protos["valid"][:, None], sims, -jnp.inf), -1) == targets
+        visible_a, visible_v = stream_a.mean(axis=1), stream_v.mean(axis=1)
         zero = jnp.zeros((), jnp.float32)
-        loss_pcpe = loss_mae_a = loss_mae_v = zero
+        loss_pje = loss_pcpe = loss_mae_a = loss_mae_v = loss_c = p_acc = zero
+        if use_prototypes:
+            gamma, valid = protos["gamma"], protos["valid"]
+            loss_pje = losses.pje_loss(visible_a, protos["visual"], gamma, targets, valid, tau)
+            if symmetric_pje:
+                mirror = losses.pje_loss(visible_v, protos["audio"], gamma, targets, valid, tau)
+                loss_pje = 0.5 * (loss_pje + mirror)
+            sims = jnp.einsum("bd,gkd->gbk", visible_a, protos["visual"])
+            hits = jnp.argmax(jnp.where(valid[:, None], sims, -jnp.inf), -1) == targets
+            p_acc = jnp.mean(hits.astype(jnp.float32))
+        if infonce_weight:
+            loss_c, _ = losses.contrastive_loss(visible_a, visible_v, cfg.bidirect_contrast)
         if use_decoder:
             tokens_a, tokens_v = self.decoder_tokens(latent, masked_a, masked_v)
             loss_mae_a = losses.mae_loss(
@@ -108,6 +121,7 @@ class PCAVMAE(CAVMAE):
             loss_mae_v = losses.mae_loss(
                 self.decoder_pred_v(tokens_v), patches_v, masked_v.mask, cfg.norm_pix_loss
             )
+        if use_decoder and use_prototypes:
             loss_pcpe = losses.pcpe_loss(
                 self.proto_proj_a(masked_mean(tokens_a, masked_a.mask)),
                 self.proto_proj_v(masked_mean(tokens_v, masked_v.mask)),
@@ -119,14 +133,16 @@ class PCAVMAE(CAVMAE):
                 tau,
             )
         loss_r = loss_mae_a + loss_mae_v
+        total = pje_weight * loss_pje + pcpe_weight * loss_pcpe + loss_r + infonce_weight * loss_c
         return {
-            "loss": pje_weight * loss_pje + pcpe_weight * loss_pcpe + loss_r,
+            "loss": total,
             "loss_pje": loss_pje,
             "loss_pcpe": loss_pcpe,
             "loss_r": loss_r,
+            "loss_c": loss_c,
             "loss_mae_a": loss_mae_a,
             "loss_mae_v": loss_mae_v,
-            "p_acc": jnp.mean(hits.astype(jnp.float32)),
+            "p_acc": p_acc,
             "mask_a": masked_a.mask,
             "mask_v": masked_v.mask,
         }
