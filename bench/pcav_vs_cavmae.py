@@ -71,6 +71,20 @@ VARIANTS = {
         ("--config.pcav.method=kmeans", "--config.pcav.granularities=(24, 4)"),
     ),
 }
+# The settings that are ours, not the paper's, one question each (docs/pcavmae.md), run with
+# ``--variants`` beside "PCAV-MAE" and "CAV-MAE": a 23-update epoch here, 800 updates = 35 epochs
+EXPERIMENTS = {
+    "E1 half-life 1 epoch": (PCAV, (*PCAV_SETTINGS, "--config.pcav.ema_half_life_epochs=1")),
+    "E1 half-life 5 epochs": (PCAV, (*PCAV_SETTINGS, "--config.pcav.ema_half_life_epochs=5")),
+    "E2 L_r only": (
+        PCAV,
+        (*PCAV_SETTINGS, "--config.pcav.pje_weight=0", "--config.pcav.pcpe_weight=0"),
+    ),
+    "E2 PCL scale": (PCAV, (*PCAV_SETTINGS, "--config.pcav.scale=pcl")),
+    "E3 warm-up 5 epochs": (PCAV, (*PCAV_SETTINGS, "--config.pcav.warmup_epochs=5")),
+    "E4 symmetric eq. (1)": (PCAV, (*PCAV_SETTINGS, "--config.pcav.symmetric_pje=True")),
+    "E4 + InfoNCE": (PCAV, (*PCAV_SETTINGS, "--config.pcav.infonce=always")),
+}
 EQUAL_TIME = "CAV-MAE, PCAV-MAE's time"
 CHECKPOINT_EVERY = 100  # pretraining updates between checkpoints: an interrupted run resumes
 PURITY = (  # name, method, granularity, level scored against
@@ -212,21 +226,42 @@ def finetune(workdir: Path, dataset: Path, model: Path, epochs: int, seed: int) 
 
 
 def embeddings(model_dir: Path, dataset: Path, split: str):
-    """Unit audio, visual and joint embeddings of a split, and its class labels."""
-    from cavmae_jax import convert
-    from cavmae_jax.evaluators import Retrieval
-    from cavmae_jax.inference import replicated_state
+    """Unit audio, visual, their sum and the joint stream's embeddings of a split (``embed``'s
+    path: mean-pooled, frame 5), and its class labels."""
+    from cavmae_jax import convert, probe
     from cavmae_jax.losses import l2_normalize
-    from cavmae_jax.sharding import make_mesh
-    from input_pipeline.dataset import Loader, LoaderConfig
 
-    mesh = make_mesh({"data": -1})
-    graphdef, state = replicated_state(convert.load_model(model_dir), mesh)
-    emb = Retrieval(graphdef, mesh, dataset, split, 32).embeddings(state)
+    out = probe.split_embeddings(convert.load_model(model_dir), dataset, split, 32, 24, None)
     unit = lambda x: np.asarray(l2_normalize(x))  # noqa: E731
-    audio, visual = unit(emb["audio"]), unit(emb["visual"])
-    labels = Loader(dataset, split, LoaderConfig(32, num_classes=24, train=False)).labels()
-    return audio, visual, unit(audio + visual), np.array([clip[0] for clip in labels])
+    audio, visual = unit(out["audio"]), unit(out["visual"])
+    labels = out["label"].argmax(axis=1)
+    return audio, visual, unit(audio + visual), unit(out["joint"]), labels
+
+
+def run_curves(workdir: Path) -> dict:
+    """E0's diagnostics from a run's log: the losses and the prototype accuracy at a quarter, a
+    half and the end of the run, and the prototype counts found last."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss" in r]
+    out = {}
+    for name in ("loss_pje", "loss_pcpe", "loss_r", "loss_c", "p_acc"):
+        if trained and name in trained[-1]:
+            picks = [trained[max(0, round(len(trained) * f) - 1)] for f in (0.25, 0.5, 1.0)]
+            out[f"curve_{name}"] = [round(float(r[name]), 4) for r in picks]
+    banks = [r for r in rows if any(k.startswith("memory_bank/") for k in r)]
+    if banks:
+        counts = {k: v for k, v in banks[-1].items() if k.startswith("memory_bank/prototypes")}
+        out.update({f"bank_{k.rsplit('_', 1)[-1]}": int(v) for k, v in counts.items()})
+    return out
+
+
+def momentum_cosine(workdir: Path, dataset: Path) -> float:
+    """Mean cosine between the online and the momentum encoder's clip embeddings (audio and
+    visual streams) on the held-out split: how far the momentum encoder lags."""
+    online = embeddings(workdir / "model", dataset, "eval")
+    momentum = embeddings(workdir / "momentum_model", dataset, "eval")
+    cosines = [np.sum(online[i] * momentum[i], axis=1).mean() for i in (0, 1)]
+    return float(np.mean(cosines))
 
 
 def measure(model_dir: Path, dataset: Path) -> dict[str, float]:
@@ -238,25 +273,26 @@ def measure(model_dir: Path, dataset: Path) -> dict[str, float]:
     from cavmae_jax import prototypes, retrieval
     from input_pipeline.synthetic_hierarchy import PER_SUPER
 
-    a_train, v_train, train, fine_train = embeddings(model_dir, dataset, "train")
-    a_eval, v_eval, held, fine_eval = embeddings(model_dir, dataset, "eval")
+    a_train, v_train, train, joint_train, fine_train = embeddings(model_dir, dataset, "train")
+    a_eval, v_eval, held, joint_eval, fine_eval = embeddings(model_dir, dataset, "eval")
     result = {}
     for level, divisor in (("class", 1), ("super", PER_SUPER)):
         y_train, y_eval = fine_train // divisor, fine_eval // divisor
-        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
-        probe.fit(train, y_train)
-        result[f"probe_{level}"] = float(probe.score(held, y_eval))
-        knn = KNeighborsClassifier(5, metric="cosine").fit(train, y_train)
-        result[f"knn_{level}"] = float(knn.score(held, y_eval))
+        for prefix, x_train, x_eval in (("", train, held), ("joint_", joint_train, joint_eval)):
+            probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+            probe.fit(x_train, y_train)
+            result[f"{prefix}probe_{level}"] = float(probe.score(x_eval, y_eval))
+            knn = KNeighborsClassifier(5, metric="cosine").fit(x_train, y_train)
+            result[f"{prefix}knn_{level}"] = float(knn.score(x_eval, y_eval))
     for name, method, granularity, level in PURITY:
         y = fine_train // (PER_SUPER if level == "super" else 1)
         _, (found,) = prototypes.discover(a_train, v_train, method, (granularity,), 512)
-        shares = [
-            np.bincount(y[found["labels"] == k]).max() / np.sum(found["labels"] == k)
-            for k in range(len(found["sizes"]))
-        ]
-        result[f"purity_{name}"] = float(np.mean(shares))
-        result[f"prototypes_{name}"] = len(shares)
+        majority = np.array(
+            [np.bincount(y[found["labels"] == k]).max() for k in range(len(found["sizes"]))]
+        )
+        result[f"purity_{name}"] = float(np.mean(majority / found["sizes"]))
+        result[f"wpurity_{name}"] = float(majority.sum() / found["sizes"].sum())  # by size
+        result[f"prototypes_{name}"] = len(majority)
     recall = retrieval.recall(a_eval, v_eval)
     result.update({k: v for k, v in recall.items() if not k.endswith("_mr")})
     result["chance_r1"] = 1 / len(held)
@@ -268,6 +304,9 @@ def run_variant(runs, dataset, name, config, extra, steps, seed, finetune_epochs
     seconds = pretrain(workdir, dataset, config, extra, steps, seed)
     result = {"model": name, "seed": seed, "steps": steps, **seconds}
     result.update(measure(workdir / "model", dataset))
+    result.update(run_curves(workdir))
+    if (workdir / "momentum_model").exists():
+        result["momentum_cosine"] = momentum_cosine(workdir, dataset)
     result["finetune_acc"] = finetune(
         workdir / "finetune", dataset, workdir / "model", finetune_epochs, seed
     )
@@ -304,10 +343,16 @@ COLUMNS = (  # heading, key, scale
     ("probe super", "probe_super", 100),
     ("5-NN class", "knn_class", 100),
     ("5-NN super", "knn_super", 100),
+    ("joint probe class", "joint_probe_class", 100),
+    ("joint 5-NN class", "joint_knn_class", 100),
     ("purity density 8", "purity_density8", 100),
     ("purity k-means 24", "purity_kmeans24", 100),
     ("purity density 48", "purity_density48", 100),
     ("purity k-means 4", "purity_kmeans4", 100),
+    ("size-weighted purity density 8", "wpurity_density8", 100),
+    ("size-weighted purity density 48", "wpurity_density48", 100),
+    ("prototypes density 8", "prototypes_density8", 1),
+    ("prototypes density 48", "prototypes_density48", 1),
     ("R@1 a->v", "a2v_r1", 100),
     ("R@5 a->v", "a2v_r5", 100),
     ("R@10 a->v", "a2v_r10", 100),
@@ -315,6 +360,7 @@ COLUMNS = (  # heading, key, scale
     ("R@5 v->a", "v2a_r5", 100),
     ("R@10 v->a", "v2a_r10", 100),
     ("finetuned acc", "finetune_acc", 100),
+    ("online-momentum cosine", "momentum_cosine", 1),
 )
 
 
@@ -328,8 +374,12 @@ def table(results: list[dict]) -> str:
         rows = [r for r in results if r["model"] == name]
         cells = []
         for _, key, scale in COLUMNS:
-            values = np.array([r[key] for r in rows], float) * scale
-            digits = 0 if key in ("steps", "cpu_s") else 1
+            values = np.array([r[key] for r in rows if key in r], float) * scale
+            if not len(values):  # measured since, or not of this model
+                cells.append("-")
+                continue
+            digits = 0 if key in ("steps", "cpu_s") or key.startswith("prototypes") else 1
+            digits = 3 if key == "momentum_cosine" else digits
             cell = f"{values.mean():.{digits}f}"
             if len(values) > 1 and key != "steps":
                 cell += f" ± {values.std(ddof=1):.{digits}f}"
@@ -346,7 +396,21 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=480, help="generated clips (20%% held out)")
     parser.add_argument("--labelled", type=int, default=4, help="finetuning clips per class")
     parser.add_argument("--workdir", default="workdir/pcav_vs_cavmae")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        help="run only these (of the comparison and of the E-series) "
+        f"{list({**VARIANTS, **EXPERIMENTS})}",
+    )
     args = parser.parse_args()
+    chosen = {**VARIANTS, **EXPERIMENTS}
+    if args.variants:
+        unknown = [name for name in args.variants if name not in chosen]
+        if unknown:
+            parser.error(f"unknown variants {unknown}")
+        chosen = {name: chosen[name] for name in args.variants}
+    else:
+        chosen = VARIANTS
     root = Path(args.workdir)
     dataset = make_data(root / "data", args.clips, args.labelled)
     runs = root / f"runs-{args.steps}"  # one folder and one results file per pretraining length
@@ -362,13 +426,15 @@ def main() -> None:
         print(json.dumps(result), flush=True)
 
     for seed in args.seeds:
-        for name, (config, extra) in VARIANTS.items():
+        for name, (config, extra) in chosen.items():
             if (name, seed, args.steps) not in done:
                 record(
                     run_variant(
                         runs, dataset, name, config, extra, args.steps, seed, args.finetune_epochs
                     )
                 )
+        if args.variants:
+            continue
         if not any(r["model"] == EQUAL_TIME and r["seed"] == seed for r in results):
             steps, stretched = equal_time(args.steps, cpu_ratio(results))
             record(
