@@ -162,7 +162,7 @@ def _convert(args, overrides):
             "norm_pix_loss": True if args.norm_pix_loss else None,
         }
         loaded = _load(args.input, **{k: v for k, v in sizes.items() if v is not None})
-        convert.save_model(loaded.model, args.output, loaded.finetuning)
+        convert.save_model(loaded.model, args.output, loaded.finetuning, loaded.fbank_norm)
     print(f"wrote {args.output}")
 
 
@@ -268,8 +268,9 @@ def _export(args, overrides):
     from cavmae_jax import convert
 
     _no_overrides(args, overrides)
-    model = _load(args.model).model
-    convert.save_model(convert.export_encoder(model, args.label_dim, args.seed), args.output)
+    loaded = _load(args.model)
+    encoder = convert.export_encoder(loaded.model, args.label_dim, args.seed)
+    convert.save_model(encoder, args.output, fbank_norm=loaded.fbank_norm)
     print(f"wrote {args.output} (CAVMAEFT, {args.label_dim} classes)")
 
 
@@ -325,9 +326,10 @@ def _probe(args, overrides):
     from input_pipeline import metadata
 
     _no_overrides(args, overrides)
-    model = _load(args.model).model
+    loaded = _load(args.model)
+    model = loaded.model
     folds = fold_splits(args.data, args.folds) if args.folds else None
-    norm = None
+    norm = loaded.fbank_norm if args.norm == "model" else None
     if args.norm == "dataset":
         norm = metadata.fbank_statistics(args.data, "+".join(folds or [args.train_split]))
     if folds:
@@ -459,7 +461,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-split", default="eval", help="split they are scored on")
     p.add_argument("--folds", type=int, default=0, help="over the dataset's K fold<k> splits")
     p.add_argument(
-        "--norm", choices=["audioset", "dataset"], default="audioset", help="fbank statistics"
+        "--norm",
+        choices=["model", "audioset", "dataset"],
+        default="model",
+        help="fbank statistics: the model's own (else AudioSet's), AudioSet's or the dataset's",
     )
     p.add_argument("--batch-size", type=int, default=8, help="clips per inference batch")
     p.add_argument("--output", help="write the figures as JSON here")

@@ -344,10 +344,17 @@ def mae_imagenet_init(mae_state_dict: dict[str, Any], seed: int = 0, **config_ov
 # Our model directories -------------------------------------------------------------------------
 
 
-def save_model(model: Model, directory: paths.PathLike, finetuning: dict | None = None) -> None:
+def save_model(
+    model: Model,
+    directory: paths.PathLike,
+    finetuning: dict | None = None,
+    fbank_norm: tuple[float, float] | None = None,
+) -> None:
     """A model directory: the parameters saved by Orbax (``state``) and ``model.json``;
     ``finetuning`` (``{"mode", "loss"}``) records how a classifier was trained, so that
-    evaluation and classification use that mode and that output function by default.
+    evaluation and classification use that mode and that output function by default, and
+    ``fbank_norm`` the fbank (mean, std) it was trained with, so that every command normalises
+    its inputs the same way.
     In a multi-process run every process calls it (Orbax writes the arrays together)."""
     import orbax.checkpoint as ocp
 
@@ -364,6 +371,8 @@ def save_model(model: Model, directory: paths.PathLike, finetuning: dict | None 
     meta = {"kind": type(model).__name__, "config": config}
     if finetuning:
         meta["finetuning"] = dict(finetuning)
+    if fbank_norm:
+        meta["fbank_norm"] = [float(x) for x in fbank_norm]
     if first:  # written last and whole: a directory without it is not a model
         paths.publish(directory / "model.json", lambda name: _write_json(name, meta))
 
@@ -374,8 +383,8 @@ def _write_json(name: str, value: dict) -> None:
 
 
 def model_info(directory: paths.PathLike) -> dict:
-    """``model.json`` of a saved model: ``kind``, ``config`` and, for classifiers trained here,
-    ``finetuning``."""
+    """``model.json`` of a saved model: ``kind``, ``config``, for models trained here
+    ``fbank_norm`` and for classifiers trained here ``finetuning``."""
     directory = paths.path(directory)
     meta_file = directory / "model.json"
     if not meta_file.exists():

@@ -250,12 +250,7 @@ class Loaded:
     model: object
     finetuning: dict | None
     source: str
-
-    @property
-    def fbank_norm(self) -> tuple[float, float] | None:
-        """The fbank (mean, std) the classifier was finetuned with, if not AudioSet's."""
-        norm = (self.finetuning or {}).get("fbank_norm")
-        return tuple(norm) if norm else None
+    fbank_norm: tuple[float, float] | None = None  # as trained here; None: AudioSet's
 
     def classifier_settings(
         self, mode: str | None = None, loss: str | None = None, flag: str = "--metric"
@@ -341,7 +336,9 @@ def load(spec: str, **overrides) -> Loaded:
         return load_pth(download(RELEASES[spec]), **overrides)
     path = paths.path(spec)
     if path.is_dir():
-        return Loaded(convert.load_model(path), convert.model_info(path).get("finetuning"), spec)
+        info = convert.model_info(path)
+        norm = tuple(info["fbank_norm"]) if "fbank_norm" in info else None
+        return Loaded(convert.load_model(path), info.get("finetuning"), spec, norm)
     if path.is_file():
         return load_pth(path, **overrides)
     raise UserError(

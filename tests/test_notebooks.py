@@ -171,6 +171,6 @@ def test_own_data_notebook_prepares_probes_and_cross_validates_five_folds(tmp_pa
     assert report["sd"] == pytest.approx(np.std(accs, ddof=1))
     assert f"acc {report['mean']:.4f} ± {report['sd']:.4f} over 5 folds" in out
     saved = convert.model_info(work / "runs" / "fold1" / "model")
-    assert saved["finetuning"]["fbank_norm"] == pytest.approx([mean, std])
+    assert saved["fbank_norm"] == pytest.approx([mean, std])
     first_class = sorted(p.name for p in (work / "clips").iterdir())[0]
     assert f"{first_class}_000.mp4 (multimodal)" in out  # the classified clip and its top-3

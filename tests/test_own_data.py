@@ -281,3 +281,30 @@ def test_visual_tables_of_another_image_size_are_interpolated():
     ]
     expected = fit_table(source.pos_embed_v[...], (14, 14), (10, 10), "interpolate")
     np.testing.assert_array_equal(np.asarray(target.pos_embed_v[...]), np.asarray(expected))
+
+
+def test_a_model_records_its_fbank_statistics_and_embed_normalises_with_them(prepared, tmp_path):
+    from cavmae_jax import pretrained
+    from input_pipeline.dataset import Loader, LoaderConfig
+
+    mean, std = metadata.fbank_statistics(prepared, "fold1")
+    model = CAVMAE(ModelConfig(**{**TINY_MODEL, "audio_length": 512}), nnx.Rngs(2))
+    convert.save_model(model, tmp_path / "model", fbank_norm=(mean, std))
+    assert pretrained.load(str(tmp_path / "model")).fbank_norm == pytest.approx((mean, std))
+    cli.main(
+        [
+            "embed",
+            str(tmp_path / "model"),
+            str(prepared),
+            "--split",
+            "fold1",
+            "--output",
+            str(tmp_path / "emb"),
+        ]
+    )
+    config = LoaderConfig(batch_size=64, num_classes=CLASSES, train=False, mean=mean, std=std)
+    batch = next(iter(Loader(prepared, "fold1", config)))
+    expected = model.features(jnp.asarray(batch["audio"]), jnp.asarray(batch["image"]))
+    np.testing.assert_allclose(
+        np.load(tmp_path / "emb" / "audio.npy"), expected["audio"].mean(axis=1), atol=2e-5
+    )

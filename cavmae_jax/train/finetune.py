@@ -169,7 +169,8 @@ class Finetuning(Trainer):
         convert.save_model(
             setup.model(params, state["rest"]),
             workdir / "model",
-            {"mode": config.mode, "loss": config.loss, "fbank_norm": list(fbank_norm(config))},
+            {"mode": config.mode, "loss": config.loss},
+            fbank_norm(config),
         )
         if jax.process_index() == 0:
             (workdir / "evaluation.json").write_text(json.dumps(result, indent=1))

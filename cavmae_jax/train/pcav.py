@@ -265,8 +265,10 @@ class PCAVPretraining(Trainer):
         return tuple(by_phase[phase] for phase in ("warmup", *order))
 
     def finish(self, setup, state: dict, workdir) -> dict:
-        convert.save_model(setup.model(state["params"], state["rest"]), workdir / "model")
-        convert.save_model(setup.model(state["ema"], state["rest"]), workdir / "momentum_model")
+        norm = fbank_norm(setup.config)
+        model, momentum = (setup.model(state[k], state["rest"]) for k in ("params", "ema"))
+        convert.save_model(model, workdir / "model", fbank_norm=norm)
+        convert.save_model(momentum, workdir / "momentum_model", fbank_norm=norm)
         if jax.process_index() == 0:
             write_run_files(setup.config, workdir)
         return {}

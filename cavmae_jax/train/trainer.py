@@ -15,7 +15,7 @@ import ml_collections
 from flax import nnx
 
 from cavmae_jax import convert
-from cavmae_jax.evaluators import Period
+from cavmae_jax.evaluators import Period, fbank_norm
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.paths import Path
 from cavmae_jax.train.durations import Durations
@@ -101,7 +101,8 @@ class Trainer:
         """After the last update, on every process: save the model (process 0)."""
         import jax
 
-        convert.save_model(setup.model(state["params"], state["rest"]), workdir / "model")
+        model = setup.model(state["params"], state["rest"])
+        convert.save_model(model, workdir / "model", fbank_norm=fbank_norm(setup.config))
         if jax.process_index() == 0:
             write_run_files(setup.config, workdir)
         return {}
