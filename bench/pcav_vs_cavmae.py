@@ -155,6 +155,7 @@ def pretrain(workdir: Path, dataset: Path, config: str, extra, steps: int, seed:
     once per part (``parts``)."""
     if (workdir / "seconds.json").exists():
         return json.loads((workdir / "seconds.json").read_text())
+    workdir.mkdir(parents=True, exist_ok=True)  # the notes may come before the run makes it
     notes_file = workdir / "seconds-at-checkpoint.json"
     notes = json.loads(notes_file.read_text()) if notes_file.exists() else {}
     resumed = max(checkpoint_steps(workdir), default=0)
