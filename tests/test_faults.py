@@ -151,7 +151,7 @@ def test_a_full_disk_while_training_resumes_from_the_last_whole_checkpoint(
     assert "no space left" in line and "checkpoints/4" in line
     monkeypatch.setattr(Checkpointer, "save", save)
 
-    def no_room(model, directory, finetuning=None):
+    def no_room(model, directory, finetuning=None, fbank_norm=None):
         raise no_space(directory)
 
     monkeypatch.setattr("cavmae_jax.convert.save_model", no_room)
