@@ -3,7 +3,9 @@ the same command run again with the fault gone resumes from what was complete.""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import itertools
 import json
 import os
 
@@ -172,3 +174,38 @@ def test_a_profile_of_chosen_updates_is_written_to_the_workdir(dataset, tmp_path
     traces = list((workdir / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert (workdir / "model").is_dir()
+
+
+def test_logged_metrics_are_fetched_after_the_next_update_is_dispatched(
+    dataset, tmp_path, monkeypatch
+):
+    """Reading an update's metrics waits for it; the loop reads them once the next update is
+    queued, so the device never idles on a log. Every update is still logged, in order."""
+    from cavmae_jax.train import loop
+
+    events, build, write = [], loop.build, loop.MetricsWriter.write
+    updates = itertools.count(1)
+
+    def recorded(phase_step):
+        def step(state, batch):
+            events.append(("update", next(updates)))
+            return phase_step(state, batch)
+
+        return step
+
+    def recording_build(config, workdir):
+        setup, state = build(config, workdir)
+        steps = [(last, recorded(step)) for last, step in setup.steps]
+        return dataclasses.replace(setup, steps=steps), state
+
+    def recording_write(self, step, values):
+        events.append(("log", step))
+        write(self, step, values)
+
+    monkeypatch.setattr(loop, "build", recording_build)
+    monkeypatch.setattr(loop.MetricsWriter, "write", recording_write)
+    workdir = tmp_path / "run"
+    cli.main([*pretrain(workdir, dataset), "--config.checkpoint_every=100"])
+    assert [step for kind, step in events if kind == "log"] == list(range(1, STEPS + 1))
+    for step in range(1, STEPS):
+        assert events.index(("update", step + 1)) < events.index(("log", step))

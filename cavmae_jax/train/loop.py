@@ -144,23 +144,33 @@ def train(setup: Setup, state: dict, workdir: Path) -> tuple[dict, dict[str, flo
     profile = config.profile
     profiler = StepProfiler(workdir / "profile", profile.start_step, profile.steps)
     first_bad, bad_metrics = jnp.zeros((), jnp.int32), None
+    pending = None  # (step, metrics, evaluated) of a logged update not yet fetched
+
+    def raise_if_diverged(bad: int, values: dict) -> None:
+        if bad:
+            raise Diverged(bad, {k: float(v) for k, v in values.items() if not math.isfinite(v)})
 
     def check_finite() -> None:
-        """Stop at the first non-finite update, read when metrics are logged and before any
-        checkpoint is saved, so that no checkpoint holds what a diverged update made."""
-        if int(first_bad):
-            values = {name: float(value) for name, value in bad_metrics.items()}
-            raise Diverged(
-                int(first_bad), {k: v for k, v in values.items() if not math.isfinite(v)}
-            )
+        """Before a checkpoint is saved: stop at the first non-finite update, so that no
+        checkpoint holds what a diverged update made."""
+        raise_if_diverged(*jax.device_get((first_bad, bad_metrics)))
 
-    def log_metrics(step: int, metrics: dict, evaluated: dict) -> dict[str, float]:
-        """Write the step's metrics (fetched in one transfer) with the rates since the last
-        log."""
-        values = {name: float(value) for name, value in jax.device_get(metrics).items()}
-        values.update(step=step, **chrono.rates(step, setup.mesh.size), **evaluated)
-        writer.write(step, values)
-        return values
+    def log_pending(bar) -> None:
+        """Write the pending log: its metrics, the watch of every update so far and the rates
+        since the last log, fetched in one transfer. Called once the next update has been
+        dispatched, so the fetch never stalls the device."""
+        nonlocal pending, logged
+        if pending is None:
+            return
+        step, metrics, evaluated = pending
+        pending = None
+        values, bad, bad_values = jax.device_get((metrics, first_bad, bad_metrics))
+        raise_if_diverged(bad, bad_values)
+        logged = {name: float(value) for name, value in values.items()}
+        logged.update(step=step, **chrono.rates(step, setup.mesh.size), **evaluated)
+        writer.write(step, logged)
+        shown = [name for name in setup.trainer.shown if name in logged]
+        bar.set_postfix({name: f"{logged[name]:.4f}" for name in shown})
 
     try:
         with tqdm(initial=start, total=total, disable=jax.process_index()) as bar:
@@ -178,24 +188,24 @@ def train(setup: Setup, state: dict, workdir: Path) -> tuple[dict, dict[str, flo
                 if step == start + 1 or setup.step_at(step) is not setup.step_at(step - 1):
                     jax.block_until_ready(metrics)  # the update that compiled its step
                     chrono.first_update_done(step)
+                log_pending(bar)
                 bar.update()
                 with chrono.paused():
                     state, evaluated = refresh_and_evaluate(setup, state, step, workdir)
                 stop = preemption.due(step)  # the same step on every process
                 saving = step % config.checkpoint_every == 0 or step == total or stop
-                if step % config.log_every == 0 or step == total or evaluated or saving:
-                    check_finite()
                 if step % config.log_every == 0 or step == total or evaluated:
-                    logged = log_metrics(step, metrics, evaluated)
-                    shown = [name for name in setup.trainer.shown if name in logged]
-                    bar.set_postfix({name: f"{logged[name]:.4f}" for name in shown})
+                    pending = (step, metrics, evaluated)
                 if saving:
+                    log_pending(bar)
+                    check_finite()
                     meta = {"step": step, "config": config.to_dict()}
                     with chrono.paused():
                         checkpointer.save(step, state, meta, force=stop)
                 if stop:
                     print(f"SIGTERM: saved step {step}, exiting")
                     break
+            log_pending(bar)
     except Diverged as diverged:
         checkpointer.manager.wait_until_finished()
         raise RunStopped(diverged.explain(checkpointer.latest_step(), workdir)) from None
