@@ -78,9 +78,17 @@ def finetune_forward(cfg: ModelConfig, mode: str = "multimodal") -> int:
         ),
     }
     encoders, shared_block = shared[mode]
-    return encoders + cfg.shared_depth * shared_block + linear(1, d, cfg.label_dim)
+    return encoders + cfg.shared_depth * shared_block + head_forward(cfg)
 
 
-def finetune_step(cfg: ModelConfig, mode: str = "multimodal") -> int:
-    """Forward + backward of one clip in finetuning ``mode``."""
+def head_forward(cfg: ModelConfig) -> int:
+    """The classifier head's linear layer on one clip's pooled feature."""
+    return linear(1, cfg.embed_dim, cfg.label_dim)
+
+
+def finetune_step(cfg: ModelConfig, mode: str = "multimodal", freeze_base: bool = False) -> int:
+    """Forward + backward of one clip in finetuning ``mode``; with a frozen base the backward
+    pass runs through the head alone."""
+    if freeze_base:
+        return finetune_forward(cfg, mode) + 2 * head_forward(cfg)
     return 3 * finetune_forward(cfg, mode)

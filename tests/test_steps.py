@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +107,38 @@ def test_indivisible_micro_batches_are_rejected():
     config = ml_collections.ConfigDict({"batch_size": 12, "grad_accum": 5})
     with pytest.raises(ValueError, match="does not split into 5 micro-batches"):
         check_batch(config, make_mesh({"data": 1}, jax.devices()[:1]))
+
+
+def compiled_flops(fn, *args) -> float:
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+
+def test_a_frozen_base_costs_its_forward_pass_and_the_heads_backward(classifier):
+    """With ``freeze_base`` the head's gradient is the full model's and the base gets none; the
+    compiled gradient costs the forward pass and hardly more (XLA runs no backward through the
+    base), about a third of full finetuning, as ``flops.finetune_step`` counts."""
+    from cavmae_jax import flops
+
+    graphdef, params, rest, batch = classifier
+    args = (params, {"rest": rest}, batch, jax.random.key(0))
+    full, frozen = (finetune_loss(graphdef, "multimodal", "bce", f) for f in (False, True))
+    grads_full, _ = jax.grad(full, has_aux=True)(*args)
+    grads_frozen, _ = jax.grad(frozen, has_aux=True)(*args)
+    for name, value in grads_frozen.items():
+        if name == "mlp_head":
+            jax.tree.map(
+                partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7), value, grads_full[name]
+            )
+        else:
+            assert all(not np.any(leaf) for leaf in jax.tree.leaves(value)), name
+    forward = compiled_flops(full, *args)
+    costs = {
+        f: compiled_flops(jax.grad(loss, has_aux=True), *args)
+        for f, loss in ((0, full), (1, frozen))
+    }
+    assert costs[1] == pytest.approx(forward, rel=0.01)
+    cfg = tiny(label_dim=3)
+    counted = flops.finetune_step(cfg, freeze_base=True) / flops.finetune_step(cfg)
+    assert costs[1] / costs[0] == pytest.approx(counted, abs=0.03)
+

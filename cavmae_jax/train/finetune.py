@@ -27,16 +27,26 @@ from cavmae_jax.losses import CLASSIFICATION_LOSSES
 from cavmae_jax.models import CAVMAE, CAVMAEFT, ModelConfig
 from cavmae_jax.paths import Path
 from cavmae_jax.train.durations import Durations
+from cavmae_jax.train.optim import head_labels
 from cavmae_jax.train.steps import LossFn
 from cavmae_jax.train.trainer import Trainer, load_weights, write_run_files
 
 
-def finetune_loss(graphdef: nnx.GraphDef, mode: str, loss: str) -> LossFn:
+def finetune_loss(
+    graphdef: nnx.GraphDef, mode: str, loss: str, freeze_base: bool = False
+) -> LossFn:
     """Classification: ``loss`` ("bce" or "ce") of the logits in finetuning ``mode`` against
-    the batch's soft labels (no masks: ``key`` is unused)."""
+    the batch's soft labels (no masks: ``key`` is unused). A frozen base is a constant of the
+    loss, so no gradient is computed through it: the backward pass is the head's alone."""
     loss_of = CLASSIFICATION_LOSSES[loss]
 
     def loss_fn(params, state, batch, key):
+        if freeze_base:
+            params = jax.tree.map(
+                lambda part, p: p if part == "head" else jax.lax.stop_gradient(p),
+                head_labels(params),
+                params,
+            )
         model = nnx.merge(graphdef, params, state["rest"])
         value = loss_of(model(batch["audio"], batch["image"], mode=mode), batch["label"])
         return value, {"loss": value}
@@ -111,7 +121,8 @@ class Finetuning(Trainer):
     def loss_phases(
         self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
     ):
-        return [(durations.num_steps, finetune_loss(graphdef, config.mode, config.loss))]
+        loss = finetune_loss(graphdef, config.mode, config.loss, config.freeze_base)
+        return [(durations.num_steps, loss)]
 
     def extra_state(self, config: ml_collections.ConfigDict, cfg: ModelConfig, params) -> dict:
         return {
@@ -136,7 +147,7 @@ class Finetuning(Trainer):
         return {"head_lr": config.head_lr, "freeze_base": config.freeze_base}
 
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> float:
-        return (flops.finetune_step(cfg, config.mode),)
+        return (flops.finetune_step(cfg, config.mode, config.freeze_base),)
 
     def finish(self, setup, state: dict, workdir: Path) -> dict:
         """The averaged model (``W/model``) and its final evaluation (``evaluation.json``)."""
