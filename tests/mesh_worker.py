@@ -23,7 +23,7 @@ from worker_env import join_from_env
 
 from cavmae_jax import sharding
 from cavmae_jax.models import tiny
-from cavmae_jax.train.pretrain import CAVMAEPretraining, pretrain_loss
+from cavmae_jax.train.pretrain import CAVMAEPretraining, whole_batch_pretrain_loss
 from cavmae_jax.train.setup import initial_state
 from cavmae_jax.train.steps import make_train_step
 
@@ -36,7 +36,8 @@ def gathered(x: jax.Array) -> np.ndarray:
 
 def run(shape: dict, rules: str, groups: int = 1, steps: int = 1, accum: int = 1) -> dict:
     """``steps`` SGD steps on a fixed batch of 8 clips over a mesh of ``shape``, from the
-    state the trainers' own setup creates."""
+    state and with the loss the trainer's own setup creates (the contrastive term over the
+    whole batch of ``accum`` micro-batches)."""
     size = int(np.prod(list(shape.values())))
     mesh = sharding.make_mesh(shape, jax.devices()[:size])
     cfg = tiny(embed_dim=32, num_heads=4, loss_groups=groups, norm_pix_loss=True)
@@ -46,8 +47,9 @@ def run(shape: dict, rules: str, groups: int = 1, steps: int = 1, accum: int = 1
     graphdef, state, shardings, _ = initial_state(
         CAVMAEPretraining(), config, cfg, mesh, lambda params: tx, abstract=False
     )
+    masks = dict(mask_ratio_a=0.75, mask_ratio_v=0.75, mask_mode="unstructured")
     step = make_train_step(
-        pretrain_loss(graphdef, {}),
+        whole_batch_pretrain_loss(graphdef, cfg, masks),
         tx,
         lambda count: 0.5,
         seed=0,

@@ -424,3 +424,19 @@ def test_pcav_init_from_a_model_directory_copies_every_shared_parameter(
     reference = dict(nnx.to_flat_state(nnx.state(source.decoder_blocks)))
     for path, value in decoder:  # the same decoder sizes: copied too
         np.testing.assert_array_equal(value[...], reference[path][...])
+
+
+def test_infonce_under_accumulation_asks_which_negatives(tmp_path):
+    """PCAV-MAE takes InfoNCE per micro-batch only: with grad_accum > 1 the run refuses unless
+    ``contrast_over=micro_batch`` says so; then it builds its phases."""
+    from cavmae_jax.config_loading import load_config
+    from cavmae_jax.errors import UserError
+    from cavmae_jax.train.pcav import PCAVPretraining
+
+    config = load_config("configs/pcav.py:demo")
+    config.pcav.infonce, config.grad_accum = "always", 2
+    durations = Durations(clips=150, batch_size=10, steps_per_epoch=15, num_steps=300)
+    with pytest.raises(UserError, match="contrast_over=micro_batch"):
+        PCAVPretraining().loss_phases(None, config, durations)
+    config.contrast_over = "micro_batch"
+    assert len(PCAVPretraining().loss_phases(None, config, durations)) == 3

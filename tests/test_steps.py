@@ -142,3 +142,75 @@ def test_a_frozen_base_costs_its_forward_pass_and_the_heads_backward(classifier)
     counted = flops.finetune_step(cfg, freeze_base=True) / flops.finetune_step(cfg)
     assert costs[1] / costs[0] == pytest.approx(counted, abs=0.03)
 
+
+def pretraining_runs(cfg, accums, updates: int = 3, contrast_over: str = "batch") -> dict:
+    """Parameters and metrics of ``updates`` SGD updates of CAV-MAE pretraining on one batch of
+    8 clips, for each micro-batch count."""
+    import optax
+
+    from cavmae_jax.models import CAVMAE
+    from cavmae_jax.train.pretrain import pretrain_loss, whole_batch_pretrain_loss
+
+    graphdef, params, rest = nnx.split(CAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)
+    audio, image = random_inputs(cfg, 8, seed=5)
+    masks = dict(mask_ratio_a=0.75, mask_ratio_v=0.75, mask_mode="unstructured")
+    if contrast_over == "batch":
+        loss = whole_batch_pretrain_loss(graphdef, cfg, masks)
+    else:
+        loss = pretrain_loss(graphdef, masks)
+    tx = optax.sgd(0.5, momentum=0.9)
+    results = {}
+    for accum in accums:
+        step = make_train_step(loss, tx, optax.constant_schedule(0.5), seed=1, grad_accum=accum)
+        state = initial_state(params, rest, tx)
+        for _ in range(updates):
+            state, metrics = step(state, {"audio": audio, "image": image})
+        results[accum] = state["params"], metrics
+    return results
+
+
+@pytest.mark.parametrize("groups, accum", [(1, 4), (2, 2)])
+def test_micro_batches_take_the_contrastive_loss_over_the_whole_batch(groups, accum):
+    """Gradient caching: micro-batches give the parameters and the loss_c / c_acc of one batch
+    of 8, with the contrastive loss over all 8 clips (or its 2 official groups of 4, which mix
+    rows of different micro-batches)."""
+    cfg = tiny(contrast_loss_weight=1.0, loss_groups=groups)
+    results = pretraining_runs(cfg, (1, accum), updates=2)
+    (one, metrics_one), (params, metrics) = results[1], results[accum]
+    assert float(metrics_one["loss_c"]) > 0.5
+    for name in ("loss", "loss_c", "c_acc", "loss_mae"):
+        assert float(metrics[name]) == pytest.approx(float(metrics_one[name]), rel=1e-5)
+    jax.tree.map(partial(np.testing.assert_allclose, rtol=2e-4, atol=2e-6), params, one)
+
+
+def test_per_micro_batch_negatives_remain_an_option():
+    """``contrast_over="micro_batch"``: each micro-batch's contrastive loss sees its own 4 clips,
+    as the official per-GPU loss; the training differs from the whole batch's."""
+    cfg = tiny(contrast_loss_weight=1.0)
+    whole = pretraining_runs(cfg, (2,), updates=1)[2]
+    own = pretraining_runs(cfg, (2,), updates=1, contrast_over="micro_batch")[2]
+    assert float(own[1]["loss_c"]) < float(whole[1]["loss_c"])  # fewer negatives, smaller loss
+
+
+def test_the_whole_batch_contrastive_loss_costs_one_more_encoder_forward():
+    """The embeddings' pass runs the encoder and its streams only (the decoder's outputs are
+    unused there), as ``CAVMAEPretraining.clip_flops`` counts; the compiled programs agree."""
+    import optax
+
+    from cavmae_jax import flops
+    from cavmae_jax.models import CAVMAE
+    from cavmae_jax.train.pretrain import pretrain_loss, whole_batch_pretrain_loss
+
+    cfg = tiny(contrast_loss_weight=1.0)
+    graphdef, params, rest = nnx.split(CAVMAE(cfg, nnx.Rngs(0)), nnx.Param, ...)
+    audio, image = random_inputs(cfg, 8)
+    masks = dict(mask_ratio_a=0.75, mask_ratio_v=0.75, mask_mode="unstructured")
+    tx = optax.sgd(0.1)
+    state = initial_state(params, rest, tx)
+    costs = {}
+    for loss in (pretrain_loss(graphdef, masks), whole_batch_pretrain_loss(graphdef, cfg, masks)):
+        step = make_train_step(loss, tx, optax.constant_schedule(0.1), seed=0, grad_accum=2)
+        cost = step.lower(state, {"audio": audio, "image": image}).compile().cost_analysis()
+        costs[type(loss).__name__] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    counted = flops.pretrain_forward(cfg.replace(decoder_depth=0)) / flops.pretrain_step(cfg)
+    assert costs["SplitLoss"] / costs["function"] - 1 == pytest.approx(counted, abs=0.06)

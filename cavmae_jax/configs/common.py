@@ -63,6 +63,8 @@ def run_config(trainer: str) -> ml_collections.ConfigDict:
     config.weight_decay = 5e-7
     config.clip_norm = 0.0  # 0: no clipping
     config.grad_accum = 1  # micro-batches the global batch is split into (same update)
+    # the clips a contrastive loss compares under grad_accum: batch | micro_batch
+    config.contrast_over = "batch"
     config.schedule = "multistep"  # official per-epoch MultiStep; "cosine": warmup + cosine
     config.warmup_epochs = 0.0
     config.lr_decay_start = 10

@@ -27,6 +27,34 @@ def restore_order(kept: jax.Array, ids_restore: jax.Array, mask_token: jax.Array
         return jnp.take_along_axis(shuffled, ids_restore[..., None], axis=1)
 
 
+def mask_noise(
+    cfg: ModelConfig, key: jax.Array, clips: int, mask_ratio_a: float, mask_mode: str
+) -> dict[str, jax.Array]:
+    """The random scores ``noise_a`` [clips, La], ``noise_v`` [clips, Lv] whose lowest entries
+    pick the visible patches (audio: of ``mask_mode``)."""
+    key_a, key_v = jax.random.split(key)
+    grid_a, grid_v = cfg.audio_grid, cfg.visual_grid
+    return {
+        "noise_a": masking.audio_noise(key_a, clips, grid_a, mask_ratio_a, mask_mode),
+        "noise_v": jax.random.uniform(key_v, (clips, grid_v[0] * grid_v[1])),
+    }
+
+
+def pooled_streams(out: dict) -> tuple[jax.Array, jax.Array]:
+    """The clip representations the contrastive loss compares: the modality streams' token
+    means [B, D]."""
+    return out["latent_c_a"].mean(axis=1), out["latent_c_v"].mean(axis=1)
+
+
+def contrastive_term(cfg: ModelConfig, pooled_a, pooled_v) -> tuple[jax.Array, jax.Array]:
+    """The weighted contrastive loss over the clips given (in ``cfg.loss_groups`` contiguous
+    groups) and its accuracy."""
+    loss_c, c_acc = losses.grouped_contrastive_loss(
+        pooled_a, pooled_v, cfg.loss_groups, cfg.bidirect_contrast
+    )
+    return cfg.contrast_loss_weight * loss_c, c_acc
+
+
 class CAVMAE(AudioVisualEncoder):
     """Contrastive audio-visual masked autoencoder (official ``CAVMAE``)."""
 
@@ -122,16 +150,12 @@ class CAVMAE(AudioVisualEncoder):
         their mean, as the official DataParallel run.
         """
         cfg = self.cfg
-        batch = audio.shape[0]
         if noise_a is None or noise_v is None:
             if key is None:
                 raise ValueError("CAVMAE needs either noise_a and noise_v, or a PRNG key")
-            key_a, key_v = jax.random.split(key)
-            grid_a, grid_v = cfg.audio_grid, cfg.visual_grid
-            if noise_a is None:
-                noise_a = masking.audio_noise(key_a, batch, grid_a, mask_ratio_a, mask_mode)
-            if noise_v is None:
-                noise_v = jax.random.uniform(key_v, (batch, grid_v[0] * grid_v[1]))
+            drawn = mask_noise(cfg, key, audio.shape[0], mask_ratio_a, mask_mode)
+            noise_a = drawn["noise_a"] if noise_a is None else noise_a
+            noise_v = drawn["noise_v"] if noise_v is None else noise_v
         patches_a = self.audio_patches(audio)
         patches_v = self.visual_patches(image)
         latent, latent_c_a, latent_c_v, masked_a, masked_v = self.forward_encoder(
@@ -163,13 +187,7 @@ class CAVMAE(AudioVisualEncoder):
             )
             loss_mae = cfg.mae_loss_weight * (loss_mae_a + loss_mae_v)
         if "latent_c_a" in out:
-            loss_c, c_acc = losses.grouped_contrastive_loss(
-                out["latent_c_a"].mean(axis=1),
-                out["latent_c_v"].mean(axis=1),
-                groups,
-                cfg.bidirect_contrast,
-            )
-            loss_c = cfg.contrast_loss_weight * loss_c
+            loss_c, c_acc = contrastive_term(cfg, *pooled_streams(out))
         out.update(
             loss=loss_mae + loss_c,
             loss_mae=loss_mae,

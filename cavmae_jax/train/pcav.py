@@ -31,6 +31,7 @@ from cavmae_jax.inference import split_embeddings
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config
 from cavmae_jax.train.durations import Durations
+from cavmae_jax.train.pretrain import contrast_over
 from cavmae_jax.train.steps import LossFn
 from cavmae_jax.train.trainer import Trainer, write_run_files
 
@@ -222,6 +223,13 @@ class PCAVPretraining(Trainer):
         self, graphdef: nnx.GraphDef, config: ml_collections.ConfigDict, durations: Durations
     ):
         masks = dict(mask_ratio_a=config.mask_ratio_a, mask_ratio_v=config.mask_ratio_v)
+        whole_batch_asked = config.grad_accum > 1 and contrast_over(config) == "batch"
+        if config.pcav.infonce != "off" and whole_batch_asked:
+            raise UserError(
+                "pcav.infonce with grad_accum > 1: PCAV-MAE takes InfoNCE per micro-batch "
+                "only; set --config.contrast_over=micro_batch (negatives from each "
+                "micro-batch), or --config.grad_accum=1"
+            )
         phases = []
         for phase, last in phase_ends(config.pcav, durations):
             settings = {**masks, **phase_settings(config.pcav, phase)}

@@ -10,6 +10,7 @@ rows i, i + k, i + 2k, ... of the batch: every device keeps its own rows (no res
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,29 @@ from cavmae_jax.sharding import BATCH_AXES
 LossFn = Callable[[Any, dict, dict, jax.Array], tuple[jax.Array, dict]]
 # (state before the update, new params, new step) -> the extra state entries it changes
 AfterUpdate = Callable[[dict, Any, jax.Array], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitLoss:
+    """A loss of per-clip terms and one term across the clips (a contrastive loss), split so
+    that micro-batches still see the whole batch's clips in the cross-clip term
+    (``cached_gradients``). Called as a ``LossFn`` it is the sum of both on one batch.
+
+    ``noise(key, clips)``: the per-clip random inputs (masks), drawn for the whole batch so
+    that a clip's draw does not depend on the micro-batch it falls in. ``local(params, state,
+    batch)`` (the batch with its noise): the per-clip loss (a mean over the batch), its
+    metrics and the embeddings the cross-clip term reads. ``whole(embeddings)``: that term
+    and its metrics."""
+
+    noise: Callable[[jax.Array, int], dict]
+    local: Callable[[Any, dict, dict], tuple[jax.Array, dict, Any]]
+    whole: Callable[[Any], tuple[jax.Array, dict]]
+
+    def __call__(self, params, state, batch, key):
+        clips = jax.tree.leaves(batch)[0].shape[0]
+        local, metrics, embeddings = self.local(params, state, {**batch, **self.noise(key, clips)})
+        cross, cross_metrics = self.whole(embeddings)
+        return local + cross, {**metrics, **cross_metrics, "loss": local + cross}
 
 
 def micro_batches(batch: dict, count: int, mesh: Mesh | None) -> dict:
@@ -77,6 +101,9 @@ def accumulated_gradients(
             return grads
         return jax.tree.map(jax.lax.with_sharding_constraint, grads, shardings)
 
+    if isinstance(loss_fn, SplitLoss):
+        return cached_gradients(loss_fn, params, state, batch, key, count, mesh, to_params_layout)
+
     def body(total, inputs):
         micro, index = inputs
         grads, metrics = grad_fn(params, state, micro, jax.random.fold_in(key, index))
@@ -85,6 +112,44 @@ def accumulated_gradients(
     inputs = (micro_batches(batch, count, mesh), jnp.arange(count))
     total, metrics = jax.lax.scan(body, zeros, inputs)
     return jax.tree.map(lambda g: g / count, total), jax.tree.map(jnp.mean, metrics)
+
+
+def whole_batch(tree, count: int):
+    """The inverse of ``micro_batches``: [count, B / count, ...] -> [B, ...] in batch order."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
+
+
+def cached_gradients(
+    loss_fn: SplitLoss, params, state, batch, key, count: int, mesh, to_params_layout
+):
+    """The gradient of ``loss_fn`` on the whole batch, in ``count`` micro-batches (gradient
+    caching): a forward pass per micro-batch gives every clip's embedding (no gradient kept);
+    the cross-clip term and its gradient with respect to the embeddings are taken over the
+    whole batch; then each micro-batch backpropagates its per-clip loss plus that gradient
+    through its own embeddings. Costs one more forward pass of what the embeddings need."""
+    clips = jax.tree.leaves(batch)[0].shape[0]
+    micro = micro_batches({**batch, **loss_fn.noise(key, clips)}, count, mesh)
+
+    def embed(_, one):
+        return None, loss_fn.local(params, state, one)[2]
+
+    embeddings = whole_batch(jax.lax.scan(embed, None, micro)[1], count)
+    (cross, cross_metrics), cotangents = jax.value_and_grad(loss_fn.whole, has_aux=True)(embeddings)
+
+    def pulled(params, one, cotangent):
+        local, metrics, own = loss_fn.local(params, state, one)
+        inner = sum(jax.tree.leaves(jax.tree.map(jnp.vdot, cotangent, own)))
+        return local + count * inner, {**metrics, "loss": local}
+
+    def body(total, inputs):
+        grads, metrics = jax.grad(pulled, has_aux=True)(params, *inputs)
+        return jax.tree.map(jnp.add, total, to_params_layout(grads)), metrics
+
+    inputs = (micro, micro_batches(cotangents, count, mesh))
+    total, metrics = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), inputs)
+    metrics = {**jax.tree.map(jnp.mean, metrics), **cross_metrics}
+    metrics["loss"] = metrics["loss"] + cross
+    return jax.tree.map(lambda g: g / count, total), metrics
 
 
 class TrainStep:
