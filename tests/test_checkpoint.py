@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from worker_env import fake_devices_env
 
 from cavmae_jax.errors import UserError
 from cavmae_jax.train.checkpoint import Checkpointer
 
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
 PARAMS = {"w": jnp.ones((3, 4)), "b": jnp.zeros((4,))}
 
 
@@ -55,7 +63,7 @@ def test_a_restore_that_fails_for_another_reason_than_its_files_sets_nothing_asi
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
 
-    checkpointer.manager.restore = out_of_memory
+    checkpointer.handlers["state"].restore = out_of_memory
     with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
         checkpointer.restore_newest_readable(state_of(optax.adamw(1e-3)))
     assert listing(tmp_path) == before
@@ -77,3 +85,36 @@ def test_a_checkpoint_whose_data_does_not_read_is_set_aside_and_the_one_before_r
     step, state = checkpointer.restore_newest_readable({"params": weights})
     assert step == 2 and (state["params"]["w"] == weights["w"]).all()
     assert (tmp_path / "unreadable-4").is_dir() and not (tmp_path / "4").exists()
+
+
+@pytest.mark.parametrize("fault, resumed", [("unreadable", 2), ("stale", 4)])
+def test_two_processes_resume_the_same_step_whatever_one_of_them_sees(tmp_path, fault, resumed):
+    """A pod's hosts resume one step. Process 1's read of the newest checkpoint fails (a data
+    error on its shards only): both resume step 2, and step 4 is set aside once. Process 1's
+    listing lacks the newest step (a bucket listing not yet consistent): process 0's list
+    decides, and both resume step 4."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp_path), fault],
+            env=fake_devices_env(
+                1,
+                CAVMAE_COORDINATOR=f"127.0.0.1:{port}",
+                CAVMAE_PROCESSES="2",
+                CAVMAE_PROCESS_ID=str(index),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in range(2)
+    ]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-2000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert [r["step"] for r in results] == [resumed, resumed]
+    assert all(r["values"] == [float(resumed)] for r in results)
+    assert (tmp_path / "unreadable-4").is_dir() == (fault == "unreadable")

@@ -193,8 +193,8 @@ def test_logged_metrics_are_fetched_after_the_next_update_is_dispatched(
 
         return step
 
-    def recording_build(config, workdir):
-        setup, state = build(config, workdir)
+    def recording_build(config, workdir, **options):
+        setup, state = build(config, workdir, **options)
         steps = [(last, recorded(step)) for last, step in setup.steps]
         return dataclasses.replace(setup, steps=steps), state
 
@@ -209,3 +209,28 @@ def test_logged_metrics_are_fetched_after_the_next_update_is_dispatched(
     assert [step for kind, step in events if kind == "log"] == list(range(1, STEPS + 1))
     for step in range(1, STEPS):
         assert events.index(("update", step + 1)) < events.index(("log", step))
+
+
+def test_a_resumed_run_restores_into_shapes_and_never_makes_the_initial_state(
+    dataset, tmp_path, monkeypatch
+):
+    """A fresh run makes its initial state once (created sharded, ``init`` loaded); a resumed
+    one restores into the state's shapes and shardings alone, so the initial state never sits
+    in memory beside the restored one."""
+    from cavmae_jax.train import setup as setup_lib
+
+    made, initial_state = [], setup_lib.initial_state
+
+    def recording(*args, abstract):
+        made.append(abstract)
+        return initial_state(*args, abstract=abstract)
+
+    monkeypatch.setattr(setup_lib, "initial_state", recording)
+    workdir = tmp_path / "run"
+    cli.main(pretrain(workdir, dataset))
+    assert made == [True, False]
+    made.clear()
+    cli.main([*pretrain(workdir, dataset), f"--config.num_steps={STEPS + 2}"])
+    assert made == [True]
+    logged = [json.loads(x)["step"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, STEPS + 3))

@@ -16,6 +16,7 @@ import signal
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -61,12 +62,12 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self.directory = paths.path(directory)
-        handlers = {
+        self.handlers = {
             "state": ocp.StandardCheckpointHandler(use_ocdbt=ocdbt),
             "meta": ocp.JsonCheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_handlers=handlers
+            self.directory, options=options, item_handlers=self.handlers
         )
 
     def latest_step(self) -> int | None:
@@ -78,12 +79,13 @@ class Checkpointer:
         """(step, state) of the newest checkpoint that restores, or of ``step`` when given;
         (0, ``abstract_state``) when there is none. A checkpoint whose files do not read is
         named with the reason, moved aside to ``unreadable-<step>`` (kept for inspection, and
-        its step can be saved again) and the one before it is tried; every process follows
-        the same steps (a read that fails on one fails on all). Checkpoints newer than a
-        chosen ``step`` are moved aside to ``unused-<step>``: the run will save those steps.
+        its step can be saved again) and the one before it is tried. Every process follows
+        process 0's list of steps and each step's outcome is agreed: a read that fails on one
+        process fails on all. Checkpoints newer than a chosen ``step`` are moved aside to
+        ``unused-<step>``: the run will save those steps.
         A checkpoint of another state layout is a ``UserError`` naming the differences (and
         the settings that differ from ``config``, the run's)."""
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = _agreed(sorted(self.manager.all_steps(), reverse=True))
         if step:
             if step not in steps:
                 raise CheckpointError(f"{self.directory}: no checkpoint of step {step} ({steps})")
@@ -167,16 +169,20 @@ class Checkpointer:
         self.manager.save(step, args=args, force=force)
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
-        """The state at ``step`` in the layout (shapes, shardings) of ``abstract_state``."""
+        """The state at ``step`` in the layout (shapes, shardings) of ``abstract_state``, read
+        by this process alone: the item handlers hold no barrier (the manager's restore ends
+        in one, where a process whose read failed would leave the others waiting), so the
+        processes agree on the outcome afterwards (``restore_newest_readable``)."""
         target = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             abstract_state,
         )
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        folder = self.directory / str(step)
+        state = self.handlers["state"].restore(
+            folder / "state", args=ocp.args.StandardRestore(target)
         )
-        restored = self.manager.restore(step, args=args)
-        return restored["state"], restored["meta"]
+        meta = self.handlers["meta"].restore(folder / "meta", args=ocp.args.JsonRestore())
+        return state, meta
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -213,6 +219,17 @@ def _key(path) -> str:
                 parts.append(str(getattr(entry, field)))
                 break
     return "/".join(parts)
+
+
+def _agreed(steps: list[int]) -> list[int]:
+    """Process 0's list of checkpoint steps, on every process (a bucket's listing can differ
+    between hosts for a moment)."""
+    if jax.process_count() == 1:
+        return steps
+    count = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    mine = np.zeros(count, np.int32)
+    mine[: min(count, len(steps))] = steps[:count]
+    return [int(step) for step in multihost_utils.broadcast_one_to_all(mine)]
 
 
 def _failed_anywhere(failed: bool) -> bool:

@@ -111,11 +111,12 @@ def refresh_and_evaluate(setup: Setup, state: dict, step: int, workdir: Path) ->
 
 
 def train(setup: Setup, state: dict, workdir: Path) -> tuple[dict, dict[str, float], bool]:
-    """Run updates from ``state`` up to ``setup.durations.num_steps``, resuming from
-    ``workdir/checkpoints``. Metrics (the step's and those of the refreshes and evaluators that
-    ran) are appended to ``workdir/metrics.jsonl`` every ``config.log_every`` updates and
-    whenever an evaluator ran. Returns the final state, the last logged metrics and whether
-    the run finished (False after SIGTERM)."""
+    """Run updates up to ``setup.durations.num_steps``, resuming from ``workdir/checkpoints``
+    into ``state`` (its shapes and shardings) or starting from ``setup.fresh_state()``.
+    Metrics (the step's and those of the refreshes and evaluators that ran) are appended to
+    ``workdir/metrics.jsonl`` every ``config.log_every`` updates and whenever an evaluator ran.
+    Returns the final state, the last logged metrics and whether the run finished (False after
+    SIGTERM)."""
     config, total = setup.config, setup.durations.num_steps
     checkpointer = Checkpointer(
         workdir / "checkpoints", config.keep_checkpoints, ocdbt=config.checkpoint_ocdbt
@@ -123,7 +124,9 @@ def train(setup: Setup, state: dict, workdir: Path) -> tuple[dict, dict[str, flo
     start, state = checkpointer.restore_newest_readable(
         state, config.restore_step, config.to_dict()
     )
-    if start and jax.process_index() == 0:
+    if not start:
+        state = setup.fresh_state()
+    elif jax.process_index() == 0:
         print(f"resuming from the checkpoint of step {start}")
     first = jax.process_index() == 0  # the one process that writes the run's files
     if first:
@@ -223,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: paths.PathLike) -> dict:
     the trainer's final result."""
     workdir = paths.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    setup, state = build(config, workdir)
+    setup, state = build(config, workdir, fresh=False)
     if jax.process_index() == 0:
         print(setup.durations.summary())
         print(durations_lib.schedule_summary(config, setup.durations))

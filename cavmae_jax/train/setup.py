@@ -60,6 +60,8 @@ class Setup:
     batches_from: Callable[[int], Iterator[dict]] | None = None  # start update -> host batches
     refreshes: list = dataclasses.field(default_factory=list)  # (name, Period, state -> state)
     evaluators: list = dataclasses.field(default_factory=list)  # (name, Period, evaluator)
+    # the concrete initial state (created sharded, config.init loaded), for a run not resumed
+    fresh_state: Callable[[], dict] | None = None
 
     def step_at(self, update: int) -> Callable:
         """The jitted step that makes update ``update`` (from 1)."""
@@ -184,11 +186,14 @@ def build(
     workdir: paths.Path | None = None,
     abstract_clips: int | None = None,
     devices=None,
+    fresh: bool = True,
 ) -> tuple[Setup, dict]:
     """The run of ``config`` in ``workdir`` and its initial state. With ``abstract_clips``
     nothing is read or allocated: durations assume that many training clips and the state is
     ``ShapeDtypeStruct``s (for ahead-of-time compilation on ``devices``, e.g. a TPU
-    topology's)."""
+    topology's). With ``fresh=False`` the data is read but the state is abstract too, the
+    target a checkpoint restores into, so that a resumed run never holds the initial state
+    beside the restored one; ``setup.fresh_state()`` makes the initial one when needed."""
     trainer = trainer_named(config.trainer)
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     check_batch(config, mesh)
@@ -223,7 +228,13 @@ def build(
             **trainer.optimizer_options(config),
         )
 
-    graphdef, state, shardings, tx = initial_state(trainer, config, cfg, mesh, optimizer, abstract)
+    graphdef, state, shardings, tx = initial_state(
+        trainer, config, cfg, mesh, optimizer, abstract=abstract or not fresh
+    )
+
+    def fresh_state() -> dict:
+        return initial_state(trainer, config, cfg, mesh, optimizer, abstract=False)[1]
+
     after_update = trainer.after_update(config, durations)
     steps = [
         (
@@ -261,6 +272,7 @@ def build(
         batches_from,
         refreshes,
         evaluators,
+        None if abstract else fresh_state,
     )
     return setup, state
 
