@@ -287,7 +287,8 @@ def measure(model_dir: Path, dataset: Path) -> dict[str, float]:
             result[f"{prefix}knn_{level}"] = float(knn.score(x_eval, y_eval))
     for name, method, granularity, level in PURITY:
         y = fine_train // (PER_SUPER if level == "super" else 1)
-        _, (found,) = prototypes.discover(a_train, v_train, method, (granularity,), 512)
+        bank = prototypes.whole_bank(a_train, v_train)
+        _, (found,) = prototypes.discover(bank, method, (granularity,), 512)
         majority = np.array(
             [np.bincount(y[found["labels"] == k]).max() for k in range(len(found["sizes"]))]
         )

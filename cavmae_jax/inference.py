@@ -21,9 +21,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from cavmae_jax import clip_inputs
+from cavmae_jax import clip_inputs, prototypes
 from cavmae_jax.errors import UserError
-from cavmae_jax.sharding import global_batch
+from cavmae_jax.sharding import BATCH_AXES, global_batch
 
 EVAL_FRAME = 5  # the official evaluation's frame of the 10 (``frame_use``)
 
@@ -116,11 +116,32 @@ def predict_split(
     Outputs come in the split's order; ``norm``: the fbank's (mean, std), AudioSet's by
     default. The one inference path of classification, retrieval,
     the PCAV-MAE memory bank, explanations, ``embed`` and ``classify``."""
+    batches, local_batch, count, total = _split_batches(
+        data_dir, split, batch_size, frame, num_classes, all_frames, norm
+    )
+    out = gather_outputs(apply, batches, mesh, local_batch, count, (*keys, "position"))
+    position = out.pop("position")
+    order = np.argsort(position, kind="stable")
+    if drop_last:
+        order = order[position[order] < total // batch_size * batch_size]
+    return {name: value[order] for name, value in out.items()}
+
+
+def _split_batches(
+    data_dir,
+    split: str,
+    batch_size: int,
+    frame: int = EVAL_FRAME,
+    num_classes: int = 1,
+    all_frames: bool = False,
+    norm: tuple[float, float] | None = None,
+) -> tuple[Iterator[dict], int, int, int]:
+    """This host's evaluation batches of a split, with their rows' ``position`` in it, the
+    host's batch size, the number of batches every host runs and the split's clip count."""
     from input_pipeline.dataset import Loader, LoaderConfig
 
     if batch_size % jax.process_count():
         raise UserError(f"batch {batch_size} does not split over {jax.process_count()} hosts")
-
     local_batch = batch_size // jax.process_count()
     config = LoaderConfig(
         batch_size=local_batch,
@@ -135,13 +156,7 @@ def predict_split(
     loader = Loader(data_dir, split, config)
     total = loader.split_examples
     count = batches_per_host(total, local_batch)
-    batches = _with_positions(loader, loader.first_position)
-    out = gather_outputs(apply, batches, mesh, local_batch, count, (*keys, "position"))
-    position = out.pop("position")
-    order = np.argsort(position, kind="stable")
-    if drop_last:
-        order = order[position[order] < total // batch_size * batch_size]
-    return {name: value[order] for name, value in out.items()}
+    return _with_positions(loader, loader.first_position), local_batch, count, total
 
 
 def _with_positions(batches: Iterable[Mapping], first: int) -> Iterator[dict]:
@@ -189,6 +204,39 @@ def split_embeddings(
         keys=("audio", "image"),
         norm=norm,
     )
+
+
+def split_bank(
+    graphdef: nnx.GraphDef,
+    mesh: Mesh,
+    data_dir,
+    split: str,
+    batch_size: int,
+    params,
+    rest,
+    norm: tuple[float, float] | None = None,
+) -> prototypes.Bank:
+    """The PCAV-MAE memory bank of a split: every clip embedded as ``split_embeddings`` does,
+    each host keeping the rows it embedded (nothing gathered), split over ``mesh``."""
+    embed, keys = _embedder(graphdef), ("audio", "image")
+    batches, local_batch, count, _ = _split_batches(data_dir, split, batch_size, norm=norm)
+    rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    by_rows = jax.jit(lambda out: out, out_shardings=rows)
+    collected: dict[str, list[np.ndarray]] = {"audio": [], "visual": [], "position": []}
+    for local in _padded(batches, [*keys, "position"], local_batch, count):
+        out = by_rows(embed(params, rest, global_batch({k: local[k] for k in keys}, mesh)))
+        valid = local["valid"]
+        for name in ("audio", "visual"):
+            collected[name].append(host_rows(out[name])[valid])
+        collected["position"].append(local["position"][valid])
+    parts = {name: np.concatenate(values) for name, values in collected.items()}
+    return prototypes.bank_from_rows(parts["audio"], parts["visual"], parts["position"], mesh)
+
+
+def host_rows(x: jax.Array) -> np.ndarray:
+    """This host's rows of a global array split by rows, in order."""
+    shards = {shard.index[0].start or 0: shard.data for shard in x.addressable_shards}
+    return np.concatenate([np.asarray(shards[start]) for start in sorted(shards)])
 
 
 def predict_inputs(

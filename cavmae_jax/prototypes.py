@@ -7,18 +7,26 @@ Two ways to find prototypes, both deterministic given a seed:
   * k-means (Prototypical Contrastive Learning): k-means++ seeding and Lloyd iterations, one
     clustering per granularity ``k``.
 Every clip is then assigned to its nearest prototype, and each prototype gets the concentration
-gamma of eq. (2). All distance work is chunked (``chunk`` rows of queries and of the bank at a
-time): memory grows with chunk x chunk, never N x N, so AS-2M-size banks fit; with a mesh the
-query rows of every pass are split over its devices (``over_mesh``; the bank is replicated).
+gamma of eq. (2).
+
+The bank (``Bank``) is split by rows over the mesh's devices and built from each host's own
+rows, so that no host and no device holds all of it (AS-2M: 1.77 M clips x 768 x 3 arrays).
+A pass that compares every clip with every other runs each device's rows against the row
+blocks of all devices, passed round a ring, ``chunk`` rows of queries and of the block at a
+time: memory per device grows with its share of the bank and chunk x chunk, never N x N.
+Only vectors of one number per clip (densities, labels) are ever whole on a device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cavmae_jax.errors import UserError
 from cavmae_jax.losses import l2_normalize
@@ -26,55 +34,113 @@ from cavmae_jax.losses import l2_normalize
 CHUNK = 4096
 
 
-def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
-    extra = (-x.shape[0]) % multiple
-    return jnp.pad(x, ((0, extra), (0, 0))) if extra else x
+@dataclasses.dataclass(frozen=True)
+class Bank:
+    """Memory-bank rows split over ``mesh`` (None: one device): ``audio``, ``visual`` [R, D]
+    and ``position`` [R], each row's clip in the split's order (-1: a padding row, all zeros).
+    Rows are laid out host after host, so a row's index is not its clip's position."""
+
+    audio: jax.Array
+    visual: jax.Array
+    position: jax.Array
+    clips: int  # real rows
+    mesh: Mesh | None = None
 
 
-def _over_bank_chunks(fn, init, bank: jax.Array, chunk: int):
-    """Fold ``fn(carry, bank_chunk, valid)`` over row chunks of ``bank`` (zero rows padded,
-    ``valid`` marks the real ones)."""
-    n = bank.shape[0]
-    chunk = min(chunk, n)
-    padded = _pad_rows(bank, chunk).reshape(-1, chunk, bank.shape[1])
-    valid = (jnp.arange(padded.shape[0] * chunk) < n).reshape(-1, chunk)
-    return jax.lax.scan(lambda c, xs: (fn(c, *xs), None), init, (padded, valid))[0]
+def bank_from_rows(audio, visual, position, mesh: Mesh | None = None) -> Bank:
+    """The bank of every host's own rows (NumPy [n_host, D], any count per host, with their
+    clips' ``position`` in the split): each host pads its rows to the same count, a multiple
+    of its devices, and the rows stay on the devices of the host that embedded them."""
+    audio, visual = np.asarray(audio, np.float32), np.asarray(visual, np.float32)
+    position = np.asarray(position, np.int32)
+    if mesh is None:
+        return Bank(jnp.asarray(audio), jnp.asarray(visual), jnp.asarray(position), len(position))
+    local_devices = mesh.size // jax.process_count()
+    counts = multihost_utils.process_allgather(np.int32(len(position)))
+    rows = -(-int(np.max(counts)) // local_devices) * local_devices
+    extra = rows - len(position)
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
 
+    def placed(local: np.ndarray, fill) -> jax.Array:
+        local = np.pad(local, ((0, extra),) + ((0, 0),) * (local.ndim - 1), constant_values=fill)
+        shape = (rows * jax.process_count(), *local.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, local, shape)
 
-def _per_query_chunk(fn, queries: jax.Array, chunk: int):
-    """``fn(query_chunk)`` over row chunks of ``queries``, results concatenated: with the
-    inner bank chunks, one pass holds a chunk x chunk block of distances at a time."""
-    n = queries.shape[0]
-    chunk = min(chunk, n)
-    blocks = _pad_rows(queries, chunk).reshape(-1, chunk, queries.shape[1])
-    out = jax.lax.map(fn, blocks)
-    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:n], out)
-
-
-def over_mesh(fn, queries: jax.Array, *args, mesh=None):
-    """``fn(queries, *args)`` with the query rows split over every device of ``mesh`` (the
-    other arguments replicated): each device runs its own chunked pass. No mesh: one device."""
-    if mesh is None or mesh.size == 1:
-        return fn(queries, *args)
-    from jax.sharding import PartitionSpec
-
-    rows = PartitionSpec(mesh.axis_names)
-    n = queries.shape[0]
-    padded = _pad_rows(jnp.asarray(queries), mesh.size)
-    # check_vma off: the chunk loops start from replicated constants and read the local rows
-    sharded = jax.shard_map(
-        fn,
-        mesh=mesh,
-        in_specs=(rows, *[PartitionSpec()] * len(args)),
-        out_specs=rows,
-        check_vma=False,
+    return Bank(
+        placed(audio, 0.0), placed(visual, 0.0), placed(position, -1), int(np.sum(counts)), mesh
     )
-    out = jax.jit(sharded)(padded, *args)
-    if jax.process_count() > 1:  # every host needs every row
-        from jax.experimental import multihost_utils
 
-        out = multihost_utils.process_allgather(out, tiled=True)
-    return jax.tree.map(lambda x: jnp.asarray(x)[:n], out)
+
+def _row_map(fn, mesh: Mesh | None, rows: tuple, whole: tuple = ()):
+    """``fn(*rows, *whole, ring=...)`` on every device: the ``rows`` arguments split by rows
+    over ``mesh`` (outputs too), the ``whole`` ones on every device. ``ring`` passes a block
+    on to the next device (``_over_blocks``)."""
+    if mesh is None or mesh.size == 1:
+        return jax.jit(functools.partial(fn, ring=None))(*rows, *whole)
+    split, axes = PartitionSpec(mesh.axis_names), mesh.axis_names
+    ring = Ring(axes, mesh.size)
+    mapped = jax.shard_map(
+        functools.partial(fn, ring=ring),
+        mesh=mesh,
+        in_specs=(*[split] * len(rows), *[PartitionSpec()] * len(whole)),
+        out_specs=split,
+        check_vma=False,  # the loops start from constants and read the local rows
+    )
+    return jax.jit(mapped)(*rows, *whole)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ring:
+    axes: tuple[str, ...]
+    size: int
+
+    def index(self) -> jax.Array:
+        return jax.lax.axis_index(self.axes)
+
+    def next(self, block):
+        pairs = [(i, (i + 1) % self.size) for i in range(self.size)]
+        return jax.lax.ppermute(block, self.axes, pairs)
+
+
+def _over_blocks(fold, init, block, ring: Ring | None):
+    """``fold(carry, block, first)`` over the row block of every device (``first``: the bank
+    index of the block's first row), starting with this device's own."""
+    if ring is None:
+        return fold(init, block, 0)
+    rows = jax.tree.leaves(block)[0].shape[0]
+
+    def visit(carry, step):
+        acc, current = carry
+        acc = fold(acc, current, ((ring.index() - step) % ring.size) * rows)
+        return (acc, ring.next(current)), None
+
+    return jax.lax.scan(visit, (init, block), jnp.arange(ring.size))[0][0]
+
+
+def _over_chunks(fn, carry, rows, valid, first, chunk: int):
+    """Fold ``fn(carry, rows_chunk, valid_chunk, index_chunk)`` over chunks of a block
+    (``index``: bank indices; zero rows padded, marked invalid)."""
+    n = rows.shape[0]
+    chunk = min(chunk, n)
+    extra = (-n) % chunk
+    rows = jnp.pad(rows, ((0, extra), (0, 0))).reshape(-1, chunk, rows.shape[1])
+    valid = jnp.pad(valid, (0, extra)).reshape(-1, chunk)
+    index = (first + jnp.arange(n + extra, dtype=jnp.int32)).reshape(-1, chunk)
+    return jax.lax.scan(lambda c, xs: (fn(c, *xs), None), carry, (rows, valid, index))[0]
+
+
+def _per_query_chunk(fn, queries, carry, chunk: int):
+    """``fn(query_chunk, carry_chunk)`` over row chunks of ``queries`` and of a per-query
+    ``carry``, results concatenated."""
+    n = queries.shape[0]
+    chunk = min(chunk, n)
+    extra = (-n) % chunk
+
+    def blocks(x):
+        return jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
+
+    out = jax.lax.map(lambda xs: fn(*xs), (blocks(queries), jax.tree.map(blocks, carry)))
+    return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:])[:n], out)
 
 
 def _sq_dists(queries: jax.Array, rows: jax.Array) -> jax.Array:
@@ -84,99 +150,167 @@ def _sq_dists(queries: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.maximum(q2 - 2 * queries @ rows.T + r2, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def kernel_density(queries: jax.Array, bank: jax.Array, bandwidth: float, chunk: int = CHUNK):
-    """Gaussian kernel density of each query [Q] over the bank [N, D]."""
+def _all_pairs(step, init, rows, valid, chunk: int, ring):
+    """Every row against every valid bank row: ``step(carry, queries, rows, valid, index)``
+    folded over the blocks and chunks, with a per-query carry from ``init``."""
 
-    def density(block):
-        def add(total, rows, valid):
-            weights = jnp.exp(-_sq_dists(block, rows) / (2 * bandwidth**2))
-            return total + jnp.sum(jnp.where(valid, weights, 0.0), axis=1)
+    def fold(carry, block, first):
+        def per_query(queries, acc):
+            def add(acc, chunk_rows, chunk_valid, index):
+                return step(acc, queries, chunk_rows, chunk_valid, index)
 
-        return _over_bank_chunks(add, jnp.zeros(block.shape[0]), bank, chunk)
+            return _over_chunks(add, acc, *block, first, chunk)
 
-    return _per_query_chunk(density, queries, chunk)
+        return _per_query_chunk(per_query, rows, carry, chunk)
+
+    return _over_blocks(fold, init, (rows, valid), ring)
 
 
-@functools.partial(jax.jit, static_argnames=("neighbours", "chunk"))
-def nearest_neighbours(queries: jax.Array, bank: jax.Array, neighbours: int, chunk: int = CHUNK):
-    """Indices [Q, neighbours] of each query's nearest bank rows (itself included)."""
+def kernel_density(joint, valid, bandwidth: float, chunk: int = CHUNK, mesh=None) -> jax.Array:
+    """Gaussian kernel density of each row [R] over the valid rows of the bank."""
 
-    def nearest(block):
-        q = block.shape[0]
-        init = (jnp.full((q, neighbours), jnp.inf), jnp.zeros((q, neighbours), jnp.int32), 0)
+    def density(rows, valid, bandwidth, ring):
+        def add(total, queries, bank_rows, bank_valid, index):
+            weights = jnp.exp(-_sq_dists(queries, bank_rows) / (2 * bandwidth**2))
+            return total + jnp.sum(jnp.where(bank_valid, weights, 0.0), axis=1)
 
-        def merge(carry, rows, valid):
-            best_d, best_i, offset = carry
-            d = jnp.where(valid, _sq_dists(block, rows), jnp.inf)
-            index = offset + jnp.arange(rows.shape[0], dtype=jnp.int32)
+        return _all_pairs(add, jnp.zeros(rows.shape[0]), rows, valid, chunk, ring)
+
+    return _row_map(density, mesh, (joint, valid), (jnp.float32(bandwidth),))
+
+
+def nearest_neighbours(joint, valid, neighbours: int, chunk: int = CHUNK, mesh=None):
+    """Bank indices [R, neighbours] of each row's nearest valid rows (itself included)."""
+
+    def nearest(rows, valid, ring):
+        def merge(carry, queries, bank_rows, bank_valid, index):
+            best_d, best_i = carry
+            d = jnp.where(bank_valid, _sq_dists(queries, bank_rows), jnp.inf)
             all_d = jnp.concatenate([best_d, d], axis=1)
             all_i = jnp.concatenate([best_i, jnp.broadcast_to(index, d.shape)], axis=1)
             top = jax.lax.top_k(-all_d, neighbours)[1]
-            return (
-                jnp.take_along_axis(all_d, top, 1),
-                jnp.take_along_axis(all_i, top, 1),
-                offset + rows.shape[0],
-            )
+            return jnp.take_along_axis(all_d, top, 1), jnp.take_along_axis(all_i, top, 1)
 
-        return _over_bank_chunks(merge, init, bank, chunk)[1]
+        q = rows.shape[0]
+        init = (jnp.full((q, neighbours), jnp.inf), jnp.zeros((q, neighbours), jnp.int32))
+        return _all_pairs(merge, init, rows, valid, chunk, ring)[1]
 
-    return _per_query_chunk(nearest, queries, chunk)
+    return _row_map(nearest, mesh, (joint, valid))
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def assign(queries: jax.Array, centres: jax.Array, chunk: int = CHUNK) -> jax.Array:
-    """Index [Q] of each query's nearest centre (Euclidean)."""
+def distance_to(joint, targets, mesh=None) -> jax.Array:
+    """Euclidean distance [R] from each row to the bank row ``targets`` [R] names."""
 
-    def nearest(block):
-        return jnp.argmin(_sq_dists(block, centres), axis=1).astype(jnp.int32)
+    def distance(rows, targets, ring):
+        def fold(found, block, first):
+            inside = (targets >= first) & (targets < first + block.shape[0])
+            other = block[jnp.clip(targets - first, 0, block.shape[0] - 1)]
+            return jnp.where(inside, jnp.sqrt(jnp.sum((rows - other) ** 2, axis=1)), found)
 
-    return _per_query_chunk(nearest, queries, chunk)
+        return _over_blocks(fold, jnp.zeros(rows.shape[0]), rows, ring)
+
+    return _row_map(distance, mesh, (joint, targets))
+
+
+def assign(joint, centres, chunk: int = CHUNK, mesh=None) -> jax.Array:
+    """Index [R] of each row's nearest centre (Euclidean)."""
+
+    def nearest(rows, centres, ring):
+        def per_query(queries, _):
+            return jnp.argmin(_sq_dists(queries, centres), axis=1).astype(jnp.int32)
+
+        return _per_query_chunk(per_query, rows, jnp.zeros(rows.shape[0]), chunk)
+
+    return _row_map(nearest, mesh, (joint,), (centres,))
+
+
+def nearest_rows(queries, joint, valid, mesh=None) -> np.ndarray:
+    """Bank index of the valid row nearest each of a few ``queries`` [K, D] (on the host)."""
+
+    def nearest(rows, valid, queries, ring):
+        d = jnp.where(valid[None], _sq_dists(queries, rows), jnp.inf)
+        first = 0 if ring is None else ring.index() * rows.shape[0]
+        best = jnp.argmin(d, axis=1)
+        return jnp.take_along_axis(d, best[:, None], 1)[:, 0][None], (first + best)[None]
+
+    distances, indices = _row_map(nearest, mesh, (joint, valid), (queries,))
+    distances, indices = (_host(x) for x in (distances, indices))
+    pick = np.argmin(distances, axis=0)  # ties: the lowest index, as one device would
+    return indices[pick, np.arange(len(queries))]
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A (small) array, whole, on every host."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+@jax.jit
+def _peak_flags(density, near, valid):
+    """Whether each row is a density peak (the densest of its neighbourhood; ties: the lower
+    index wins, so exactly one of two equal neighbours is a peak) and its density rank."""
+    density = jnp.where(valid, density, -jnp.inf)
+    order = jnp.argsort(-density, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+    return valid & jnp.all(rank[:, None] <= rank[near], axis=1), rank
 
 
 def density_peaks(
-    bank, neighbours: int, bandwidth: float | None = None, chunk: int = CHUNK, mesh=None
-):
+    joint, valid, neighbours: int, bandwidth: float | None = None, chunk: int = CHUNK, mesh=None
+) -> np.ndarray:
     """Bank indices of the density peaks (sorted by decreasing density).
 
     ``bandwidth`` defaults to the median distance to the ``neighbours``-th neighbour: the kernel
     then sees about one neighbourhood, whatever the scale of the embeddings."""
-    bank = jnp.asarray(bank, jnp.float32)
-    near = over_mesh(
-        lambda q, b: nearest_neighbours(q, b, neighbours, chunk), bank, bank, mesh=mesh
-    )
+    near = nearest_neighbours(joint, valid, neighbours, chunk, mesh)
     if bandwidth is None:
-        far = jnp.sqrt(jnp.sum((bank - bank[near[:, -1]]) ** 2, axis=1))
-        bandwidth = float(jnp.maximum(jnp.median(far), 1e-6))
-    density = over_mesh(lambda q, b: kernel_density(q, b, bandwidth, chunk), bank, bank, mesh=mesh)
-    # ties: the lower index wins, so exactly one of two equal neighbours is a peak
-    order = jnp.argsort(-density, stable=True)
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
-    is_peak = jnp.all(rank[:, None] <= rank[near], axis=1)
-    peaks = np.nonzero(np.asarray(is_peak))[0]
-    return peaks[np.argsort(np.asarray(rank)[peaks])]
+        far = distance_to(joint, near[:, -1], mesh)
+        median = jax.jit(lambda far, valid: jnp.nanmedian(jnp.where(valid, far, jnp.nan)))
+        bandwidth = max(float(_host(median(far, valid))), 1e-6)
+    density = kernel_density(joint, valid, bandwidth, chunk, mesh)
+    is_peak, rank = (_host(x) for x in _peak_flags(density, near, valid))
+    peaks = np.nonzero(is_peak)[0]
+    return peaks[np.argsort(rank[peaks])]
 
 
-def kmeans(bank, k: int, iterations: int = 20, seed: int = 0, chunk: int = CHUNK, mesh=None):
-    """Centres [k, D] by k-means++ seeding and Lloyd iterations (deterministic given ``seed``)."""
-    bank = jnp.asarray(bank, jnp.float32)
+def kmeans(bank: Bank, joint, k: int, iterations: int = 20, seed: int = 0, chunk=CHUNK):
+    """Centres [k, D] of the valid rows of ``joint`` by k-means++ seeding and Lloyd iterations
+    (deterministic given ``seed``; the draws are made over the clips in the split's order, so
+    they do not depend on how the rows are laid out)."""
+    valid = bank.position >= 0
     key = jax.random.key(seed)
-    first = jax.random.randint(jax.random.fold_in(key, 0), (), 0, bank.shape[0])
-    centres = [bank[first]]
-    closest = _sq_dists(bank, centres[0][None])[:, 0]
+
+    @jax.jit
+    def row_of(position, clip):
+        return jnp.argmax(position == clip)
+
+    @jax.jit
+    def draw(key, closest, position):
+        """k-means++: a clip drawn with probability ~ its squared distance to the centres."""
+        weights = jnp.log(closest + 1e-12)
+        by_clip = jnp.zeros(bank.clips).at[jnp.where(position >= 0, position, bank.clips)]
+        return jax.random.categorical(key, by_clip.set(weights, mode="drop"))
+
+    def row(index):
+        return _host(joint[row_of(bank.position, index)][None])[0]
+
+    first = jax.random.randint(jax.random.fold_in(key, 0), (), 0, bank.clips)
+    centres = [row(first)]
+    closest = _sq_dists(joint, centres[0][None])[:, 0]
     for i in range(1, k):
-        pick = jax.random.categorical(jax.random.fold_in(key, i), jnp.log(closest + 1e-12))
-        centres.append(bank[pick])
-        closest = jnp.minimum(closest, _sq_dists(bank, bank[pick][None])[:, 0])
+        centres.append(row(draw(jax.random.fold_in(key, i), closest, bank.position)))
+        closest = jnp.minimum(closest, _sq_dists(joint, centres[-1][None])[:, 0])
     centres = jnp.stack(centres)
     for _ in range(iterations):
-        labels = over_mesh(lambda q, c: assign(q, c, chunk), bank, centres, mesh=mesh)
-        sums = jax.ops.segment_sum(bank, labels, num_segments=k)
-        counts = jax.ops.segment_sum(jnp.ones(bank.shape[0]), labels, num_segments=k)
-        centres = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centres)
+        labels = jnp.where(valid, assign(joint, centres, chunk, bank.mesh), k)
+        sums = _host(jax.ops.segment_sum(joint, labels, num_segments=k))
+        counts = _host(jax.ops.segment_sum(valid.astype(jnp.float32), labels, num_segments=k))
+        centres = jnp.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], centres)
     return centres
 
 
+@jax.jit
 def concentration(
     audio: jax.Array,
     visual: jax.Array,
@@ -187,8 +321,9 @@ def concentration(
 ) -> jax.Array:
     """Eq. (2): gamma_k = (mean_i ||p_k - z_v,i|| + mean_j ||p_k - z_a,j||) / log(I + J + beta)
     over the I = J = n_k clips of prototype k (each modality against the prototype clip's own
-    embedding of that modality). A prototype with at most one member gets the largest gamma
-    of the others (PCL's rule: no sharper than any real cluster). [K]"""
+    embedding of that modality; a row labelled K or more counts for none). A prototype with at
+    most one member gets the largest gamma of the others (PCL's rule: no sharper than any real
+    cluster). [K]"""
     k = proto_audio.shape[0]
     dist_a = jnp.linalg.norm(audio - proto_audio[labels], axis=1)
     dist_v = jnp.linalg.norm(visual - proto_visual[labels], axis=1)
@@ -200,9 +335,13 @@ def concentration(
     return jnp.where(n > 1, gamma, largest)
 
 
+def whole_bank(audio, visual) -> Bank:
+    """A bank held whole on one device, in the given order (analysis and tests)."""
+    return bank_from_rows(audio, visual, np.arange(len(audio)))
+
+
 def discover(
-    audio,
-    visual,
+    bank: Bank,
     method: str,
     granularities,
     max_prototypes: int,
@@ -210,55 +349,56 @@ def discover(
     gamma_mean: float = 0.1,
     seed: int = 0,
     chunk: int = CHUNK,
-    mesh=None,
 ) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Prototypes of a memory bank at every granularity, padded to ``max_prototypes``.
 
-    audio, visual: [N, D] unit momentum embeddings; clips are clustered on their joint
-    embedding unit(a + v). ``method`` "density": granularity = neighbourhood size, prototypes are
-    the density-peak clips (their audio and visual embeddings; the densest ``max_prototypes``
-    kept); "kmeans": granularity = k, prototypes are the members' mean embeddings. Each clip goes
-    to its nearest prototype; gamma follows eq. (2), then (``gamma_mean`` > 0) is rescaled to that
-    mean, as PCL does. With ``mesh`` every pass over the bank is split over its devices.
-    Returns the arrays {audio, visual [G, K, D], gamma, valid [G, K]} and per
-    granularity ``{"clips", "labels", "sizes"}``: the bank index of each prototype's clip (the
-    clip nearest the centre for k-means), each clip's prototype and the prototype sizes.
+    The bank's audio and visual rows are unit momentum embeddings; clips are clustered on their
+    joint embedding unit(a + v). ``method`` "density": granularity = neighbourhood size,
+    prototypes are the density-peak clips (their audio and visual embeddings; the densest
+    ``max_prototypes`` kept); "kmeans": granularity = k, prototypes are the members' mean
+    embeddings. Each clip goes to its nearest prototype; gamma follows eq. (2), then
+    (``gamma_mean`` > 0) is rescaled to that mean, as PCL does.
+    Returns the arrays {audio, visual [G, K, D], gamma, valid [G, K]} (on every host) and per
+    granularity ``{"clips", "labels", "sizes"}``: the position in the split of each prototype's
+    clip (the clip nearest the centre for k-means), each clip's prototype in the split's order
+    and the prototype sizes.
     """
-    audio = jnp.asarray(audio, jnp.float32)
-    visual = jnp.asarray(visual, jnp.float32)
-    joint = l2_normalize(audio + visual)
+    mesh, audio, visual = bank.mesh, bank.audio, bank.visual
+    valid = bank.position >= 0
+    joint = jax.jit(lambda a, v: l2_normalize(a + v))(audio, visual)  # padding rows stay 0
+    positions = _host(bank.position)
     k_max = max_prototypes
-
-    def nearest(queries, centres):
-        return over_mesh(lambda q, c: assign(q, c, chunk), queries, centres, mesh=mesh)
-
     out = {name: [] for name in ("audio", "visual", "gamma", "valid")}
     levels = []
     for granularity in granularities:
         if method == "density":
-            clips = density_peaks(joint, int(granularity), chunk=chunk, mesh=mesh)[:k_max]
-            proto_a, proto_v = audio[clips], visual[clips]
-            labels = nearest(joint, l2_normalize(proto_a + proto_v))
+            rows = density_peaks(joint, valid, int(granularity), chunk=chunk, mesh=mesh)[:k_max]
+            proto_a, proto_v = (_host(x[jnp.asarray(rows)]) for x in (audio, visual))
+            labels = assign(joint, l2_normalize(proto_a + proto_v), chunk, mesh)
         elif method == "kmeans":
             k = min(int(granularity), k_max)
-            labels = nearest(joint, kmeans(joint, k, seed=seed, chunk=chunk, mesh=mesh))
-            sums_a = jax.ops.segment_sum(audio, labels, num_segments=k)
-            sums_v = jax.ops.segment_sum(visual, labels, num_segments=k)
-            proto_a, proto_v = l2_normalize(sums_a), l2_normalize(sums_v)
-            clips = nearest_neighbours(l2_normalize(proto_a + proto_v), joint, 1, chunk)[:, 0]
+            labels = assign(joint, kmeans(bank, joint, k, seed=seed, chunk=chunk), chunk, mesh)
+            labels = jnp.where(valid, labels, k)
+            sums = (jax.ops.segment_sum(x, labels, num_segments=k) for x in (audio, visual))
+            proto_a, proto_v = (l2_normalize(_host(x)) for x in sums)
+            rows = nearest_rows(l2_normalize(proto_a + proto_v), joint, valid, mesh)
         else:
             raise ValueError(f"unknown prototype method {method!r}; expected density or kmeans")
         k = proto_a.shape[0]
-        gamma = concentration(audio, visual, proto_a, proto_v, labels, beta)
+        labels = jnp.where(valid, labels, k)
+        gamma = _host(concentration(audio, visual, proto_a, proto_v, labels, beta))
         if gamma_mean:
-            gamma = gamma_mean * gamma / jnp.mean(gamma)
+            gamma = gamma_mean * gamma / np.mean(gamma)
         pad = ((0, k_max - k), (0, 0))
         out["audio"].append(np.pad(np.asarray(proto_a), pad))
         out["visual"].append(np.pad(np.asarray(proto_v), pad))
         out["gamma"].append(np.pad(np.asarray(gamma), (0, k_max - k), constant_values=1.0))
         out["valid"].append(np.arange(k_max) < k)
-        sizes = np.bincount(np.asarray(labels), minlength=k)
-        levels.append({"clips": np.asarray(clips), "labels": np.asarray(labels), "sizes": sizes})
+        labels, real = _host(labels), positions >= 0
+        by_clip = np.zeros(bank.clips, np.int64)
+        by_clip[positions[real]] = labels[real]
+        sizes = np.bincount(by_clip, minlength=k)
+        levels.append({"clips": positions[rows], "labels": by_clip, "sizes": sizes})
     return {name: np.stack(values) for name, values in out.items()}, levels
 
 
@@ -274,17 +414,15 @@ def gamma_mean(pcav) -> float:
     return pcav.tau if pcav.scale == "pcl" else 0.0
 
 
-def from_settings(bank: dict, pcav, seed: int, mesh=None):
-    """The prototype arrays and levels of a memory bank ``{"audio", "visual"}`` under a run's
-    ``config.pcav`` settings."""
+def from_settings(bank: Bank, pcav, seed: int):
+    """The prototype arrays and levels of a memory bank under a run's ``config.pcav``
+    settings."""
     return discover(
-        bank["audio"],
-        bank["visual"],
+        bank,
         pcav.method,
         tuple(pcav.granularities),
         pcav.max_prototypes,
         pcav.beta,
         gamma_mean(pcav),
         seed,
-        mesh=mesh,
     )

@@ -24,7 +24,7 @@ from cavmae_jax import prototypes, retrieval
 from cavmae_jax.classify import classify
 from cavmae_jax.embed import embed
 from cavmae_jax.evaluators import Classification
-from cavmae_jax.inference import replicated_state, split_embeddings
+from cavmae_jax.inference import replicated_state, split_bank, split_embeddings
 from cavmae_jax.models import CAVMAEFT, ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE, pcav_config
 from cavmae_jax.sharding import make_mesh
@@ -72,17 +72,23 @@ def evaluate(data_dir: str, batch_size: int, devices: int) -> dict:
     bank = split_embeddings(
         graphdef, mesh, data_dir, "train", batch_size, state["params"], state["rest"]
     )
-    arrays, levels = prototypes.discover(
-        bank["audio"], bank["visual"], "density", (3,), 8, mesh=mesh, chunk=4
-    )  # every device runs several chunks
-    _, (kmeans,) = prototypes.discover(
-        bank["audio"], bank["visual"], "kmeans", (3,), 8, mesh=mesh, chunk=4
+    # the refresh's bank: each host keeps the rows it embedded, split over the devices
+    split = split_bank(
+        graphdef, mesh, data_dir, "train", batch_size, state["params"], state["rest"]
     )
+    arrays, levels = prototypes.discover(split, "density", (3,), 8, chunk=4)  # several chunks
+    _, (kmeans,) = prototypes.discover(split, "kmeans", (3,), 8, chunk=4)
     result.update(
         audio=bank["audio"].tolist(),
         visual=bank["visual"].tolist(),
         gamma=arrays["gamma"].tolist(),
         sizes=levels[0]["sizes"].tolist() + kmeans["sizes"].tolist(),
+        prototype_clips=[levels[0]["clips"].tolist(), kmeans["clips"].tolist()],
+        clip_labels=[levels[0]["labels"].tolist(), kmeans["labels"].tolist()],
+        bank_rows=[
+            split.audio.shape[0],
+            max(s.data.shape[0] for s in split.audio.addressable_shards),
+        ],
         # blocks of 5 queries: a short last block, candidates padded over the devices
         recall=retrieval.recall(bank["audio"], bank["visual"], mesh, block=5),
     )

@@ -246,6 +246,9 @@ def canonical(result: dict) -> dict:
         "sizes": sorted(result["sizes"]),
         "recall": result["recall"],
         "validation": np.asarray(result["validation"]),
+        "prototype_clips": result["prototype_clips"],
+        "clip_labels": result["clip_labels"],
+        "bank_rows": result["bank_rows"],
     }
 
 
@@ -284,6 +287,11 @@ def test_evaluation_embed_and_classify_on_a_mesh_and_on_two_processes_see_every_
             np.testing.assert_allclose(result[name], single[name], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(result["gamma"], single["gamma"], rtol=1e-4)
         assert result["sizes"] == single["sizes"]
+        # the same prototype clips and every clip's prototype, the bank split over the devices
+        assert result["prototype_clips"] == single["prototype_clips"]
+        assert result["clip_labels"] == single["clip_labels"]
+        total, per_device = result["bank_rows"]
+        assert total >= CLIPS and per_device == total // result["devices"] < CLIPS
         assert result["recall"] == pytest.approx(single["recall"])
         # the same 8 clips, in the same order, whatever the hosts and devices
         assert len(single["validation"]) == 8

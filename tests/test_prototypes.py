@@ -23,7 +23,8 @@ def nearest_centre_distances(found, centres):
 
 def test_density_peaks_are_real_clips_at_the_true_centres():
     points, centres, truth = mixture()
-    peaks = prototypes.density_peaks(points, neighbours=40, chunk=64)
+    valid = np.ones(len(points), bool)
+    peaks = prototypes.density_peaks(points, valid, neighbours=40, chunk=64)
     which, dist = nearest_centre_distances(points[peaks], centres)
     assert sorted(which) == list(range(len(centres)))  # one prototype per component
     # a typical member lies 0.1 x sqrt(8) = 0.28 from its centre; each peak is among the 10 most
@@ -39,10 +40,12 @@ def test_density_peaks_are_real_clips_at_the_true_centres():
 
 def test_kmeans_recovers_the_centres_deterministically():
     points, centres, _ = mixture(seed=1)
-    found = np.asarray(prototypes.kmeans(points, 5, seed=3, chunk=64))
+    bank = prototypes.whole_bank(points, points)
+    found = np.asarray(prototypes.kmeans(bank, points, 5, seed=3, chunk=64))
     which, dist = nearest_centre_distances(found, centres)
     assert sorted(which) == list(range(5)) and dist.max() < 0.05
-    np.testing.assert_array_equal(found, np.asarray(prototypes.kmeans(points, 5, seed=3)))
+    again = prototypes.kmeans(bank, points, 5, seed=3)
+    np.testing.assert_array_equal(found, np.asarray(again))
 
 
 def test_chunked_passes_equal_brute_force():
@@ -50,10 +53,11 @@ def test_chunked_passes_equal_brute_force():
     bank = rng.standard_normal((50, 6)).astype(np.float32)
     d2 = ((bank[:, None] - bank[None]) ** 2).sum(-1)
     density = np.exp(-d2 / (2 * 0.7**2)).sum(1)
+    valid = np.ones(len(bank), bool)
     np.testing.assert_allclose(
-        prototypes.kernel_density(bank, bank, 0.7, chunk=7), density, rtol=1e-4
+        prototypes.kernel_density(bank, valid, 0.7, chunk=7), density, rtol=1e-4
     )
-    near = np.asarray(prototypes.nearest_neighbours(bank, bank, 4, chunk=7))
+    near = np.asarray(prototypes.nearest_neighbours(bank, valid, 4, chunk=7))
     np.testing.assert_array_equal(np.sort(near, 1), np.sort(np.argsort(d2, 1)[:, :4], 1))
     centres = bank[:3]
     np.testing.assert_array_equal(prototypes.assign(bank, centres, chunk=7), d2[:, :3].argmin(1))

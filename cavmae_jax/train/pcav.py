@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cavmae_jax import convert, flops, prototypes
 from cavmae_jax.errors import UserError
 from cavmae_jax.evaluators import fbank_norm, period_of
-from cavmae_jax.inference import split_embeddings
+from cavmae_jax.inference import split_bank
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config
 from cavmae_jax.train.durations import Durations
@@ -185,10 +185,10 @@ def memory_bank_refresh(graphdef, mesh, data_dir, batch_size: int, pcav, seed: i
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def refresh(state: dict) -> tuple[dict, dict]:
-        bank = split_embeddings(
+        bank = split_bank(
             graphdef, mesh, data_dir, "train", batch_size, state["ema"], state["rest"], norm
         )
-        arrays, levels = prototypes.from_settings(bank, pcav, seed, mesh)
+        arrays, levels = prototypes.from_settings(bank, pcav, seed)
         counts = {f"prototypes_{g}": len(level["sizes"]) for g, level in enumerate(levels)}
         return {**state, "protos": jax.device_put(arrays, replicated)}, counts
 
