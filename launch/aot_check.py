@@ -2,8 +2,10 @@
 
 Before a long run, this builds the run through the trainers' own setup (``train/setup.py``,
 abstractly: no data read, no parameter allocated), lowers and compiles the exact sharded step
-(model, optimizer, accumulation, extra state, mesh, sharding rules, global batch) and reports
-what the compiled program needs per device: memory (arguments, temporaries, peak), matmul FLOPs
+(model, optimizer, accumulation, extra state, mesh, sharding rules, global batch) of every
+phase of the run (PCAV-MAE's warm-up, decoder and encoder-only phases each have their own) and
+reports what the compiled programs need per device: memory (arguments, temporaries, peak: of
+the phase that needs most, and per phase), and for the first phase matmul FLOPs
 (read from the compiled program, loops weighed by their trip counts) against the analytic count,
 the collectives it runs, the time of those FLOPs at the chip's peak (a lower bound on the step)
 and of its estimated HBM traffic.
@@ -102,30 +104,44 @@ def main(argv: list[str]) -> dict:
         "hbm_gib": slice_.chip.hbm_gib if slice_ else None,
         "tflop_per_chip_analytic": _figure(setup.flops_at(1) * config.batch_size / count / 1e12),
     }
-    started = time.perf_counter()
-    try:
-        lowered = setup.step_at(1).lower(state, abstract_batch(config, setup))
-        compiled = lowered.compile()
-    except Exception as error:  # the compiler's verdict on memory is the check's result
-        if not (slice_ and _memory_exhausted(error)):
-            raise
-        first = next(line for line in str(error).splitlines() if line.strip())
-        report.update(fits=False, compile_error=first[:300])
-        print(json.dumps(report))
-        return report
-    report["compile_s"] = round(time.perf_counter() - started, 1)
-    memory = compiled.memory_analysis()
-    peak = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
+    batch = abstract_batch(config, setup)
+    phases, first_update = [], 1
+    for last, step in setup.steps:  # each phase's own step (PCAV-MAE: up to three)
+        if last < first_update:  # a phase of no update
+            continue
+        started = time.perf_counter()
+        try:
+            compiled = step.lower(state, batch).compile()
+        except Exception as error:  # the compiler's verdict on memory is the check's result
+            if not (slice_ and _memory_exhausted(error)):
+                raise
+            first = next(line for line in str(error).splitlines() if line.strip())
+            phases.append({"updates": [first_update, last], "compile_error": first[:300]})
+            report.update(fits=False, phases=phases)
+            print(json.dumps(report))
+            return report
+        phases.append(
+            {
+                "updates": [first_update, last],
+                "compile_s": round(time.perf_counter() - started, 1),
+                **_memory(compiled),
+                "tflop_per_chip_analytic": _figure(
+                    setup.flops_at(first_update) * config.batch_size / count / 1e12
+                ),
+            }
+        )
+        if first_update == 1:
+            first_compiled = compiled
+        first_update = last + 1
+    compiled = first_compiled
+    report["compile_s"] = phases[0]["compile_s"]
+    worst = max(phases, key=lambda phase: phase["peak_gib"])  # the verdict is the whole run's
+    report.update({k: worst[k] for k in ("arguments_gib", "temporaries_gib", "peak_gib")})
+    if len(phases) > 1:
+        report["phases"] = phases
+    peak = worst["peak_gib"] * GIB
     stats = hlo_stats.analyze(compiled.as_text())
     report.update(
-        arguments_gib=round(memory.argument_size_in_bytes / GIB, 3),
-        temporaries_gib=round(memory.temp_size_in_bytes / GIB, 3),
-        peak_gib=round(peak / GIB, 3),
         tflop_per_chip_compiled=_figure(stats.matmul_flops / 1e12),
         hbm_traffic_gib=_figure(stats.bytes_accessed / GIB),
         hbm_only_traffic_gib=_figure(stats.hbm_bytes / GIB),
@@ -167,6 +183,22 @@ def main(argv: list[str]) -> dict:
     return report
 
 
+def _memory(compiled) -> dict[str, float]:
+    """Per-chip memory of a compiled step: state and batch, temporaries, and their peak."""
+    memory = compiled.memory_analysis()
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    return {
+        "arguments_gib": round(memory.argument_size_in_bytes / GIB, 3),
+        "temporaries_gib": round(memory.temp_size_in_bytes / GIB, 3),
+        "peak_gib": round(peak / GIB, 3),
+    }
+
+
 def _print_summary(report: dict) -> None:
     mesh = " x ".join(f"{k} {v}" for k, v in report["mesh"].items() if v > 1) or "1 device"
     print(
@@ -180,6 +212,12 @@ def _print_summary(report: dict) -> None:
         f"{report['temporaries_gib']} GiB temporaries, peak {report['peak_gib']} GiB{capacity}"
         + (f" -> {'fits' if report['fits'] else 'DOES NOT FIT'}" if "fits" in report else "")
     )
+    for phase in report.get("phases", []):
+        first, last = phase["updates"]
+        print(
+            f"  updates {first}-{last}: peak {phase['peak_gib']} GiB per chip, "
+            f"{phase['tflop_per_chip_analytic']} TFLOP per chip (analytic)"
+        )
     print(
         f"  matmul TFLOP per chip: {report['tflop_per_chip_compiled']} compiled, "
         f"{report['tflop_per_chip_analytic']} analytic"

@@ -36,8 +36,14 @@ def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_bat
     assert report["global_batch"] == 8 and report["sharding"] == "fsdp"
     assert report["arguments_gib"] > 0 and report["tflop_per_chip_analytic"] > 0
     assert report["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the parameters
-    report = last_json(aot("configs/pcav.py:as,tiny", "--devices", "8", "--config.grad_accum=2"))
+    pcav = ("configs/pcav.py:as,tiny", "--config.grad_accum=2", "--config.pcav.decoder_epochs=10")
+    report = last_json(aot(*pcav, "--devices", "8"))
     assert report["trainer"] == "pcav" and report["grad_accum"] == 2
+    # every phase compiled: with the decoder, then the encoders alone (fewer FLOPs, less memory)
+    decoder, encoders = report["phases"]
+    assert decoder["updates"][0] == 1 and encoders["updates"][0] == decoder["updates"][1] + 1
+    assert encoders["tflop_per_chip_analytic"] < decoder["tflop_per_chip_analytic"]
+    assert 0 < encoders["peak_gib"] <= decoder["peak_gib"] == report["peak_gib"]
     assert report["attention"] == "recompute"  # auto, resolved for the mesh's CPU devices
     bad = aot("configs/pretrain.py:as-base,tiny", "--devices", "8", "--config.batch_size=12")
     assert bad.returncode != 0
