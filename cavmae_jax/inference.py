@@ -183,6 +183,13 @@ def _embedder(graphdef: nnx.GraphDef) -> Callable:
     return embed
 
 
+def embedding_program(graphdef: nnx.GraphDef, state: dict, batch: dict):
+    """The memory bank's embedding of one batch, lowered from the abstract momentum encoder
+    (``state["ema"]``) and batch (ahead-of-time checks)."""
+    inputs = {k: batch[k] for k in ("audio", "image")}
+    return _embedder(graphdef).lower(state["ema"], state["rest"], inputs)
+
+
 def split_embeddings(
     graphdef: nnx.GraphDef,
     mesh: Mesh,

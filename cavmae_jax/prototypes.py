@@ -75,18 +75,22 @@ def _row_map(fn, mesh: Mesh | None, rows: tuple, whole: tuple = ()):
     """``fn(*rows, *whole, ring=...)`` on every device: the ``rows`` arguments split by rows
     over ``mesh`` (outputs too), the ``whole`` ones on every device. ``ring`` passes a block
     on to the next device (``_over_blocks``)."""
+    return _row_program(fn, mesh, len(rows), len(whole))(*rows, *whole)
+
+
+def _row_program(fn, mesh: Mesh | None, rows: int, whole: int):
+    """The jitted program of ``_row_map`` for ``rows`` row-split and ``whole`` arguments."""
     if mesh is None or mesh.size == 1:
-        return jax.jit(functools.partial(fn, ring=None))(*rows, *whole)
+        return jax.jit(functools.partial(fn, ring=None))
     split, axes = PartitionSpec(mesh.axis_names), mesh.axis_names
-    ring = Ring(axes, mesh.size)
     mapped = jax.shard_map(
-        functools.partial(fn, ring=ring),
+        functools.partial(fn, ring=Ring(axes, mesh.size)),
         mesh=mesh,
-        in_specs=(*[split] * len(rows), *[PartitionSpec()] * len(whole)),
+        in_specs=(*[split] * rows, *[PartitionSpec()] * whole),
         out_specs=split,
         check_vma=False,  # the loops start from constants and read the local rows
     )
-    return jax.jit(mapped)(*rows, *whole)
+    return jax.jit(mapped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,9 +170,7 @@ def _all_pairs(step, init, rows, valid, chunk: int, ring):
     return _over_blocks(fold, init, (rows, valid), ring)
 
 
-def kernel_density(joint, valid, bandwidth: float, chunk: int = CHUNK, mesh=None) -> jax.Array:
-    """Gaussian kernel density of each row [R] over the valid rows of the bank."""
-
+def _density_pass(chunk: int):
     def density(rows, valid, bandwidth, ring):
         def add(total, queries, bank_rows, bank_valid, index):
             weights = jnp.exp(-_sq_dists(queries, bank_rows) / (2 * bandwidth**2))
@@ -176,12 +178,15 @@ def kernel_density(joint, valid, bandwidth: float, chunk: int = CHUNK, mesh=None
 
         return _all_pairs(add, jnp.zeros(rows.shape[0]), rows, valid, chunk, ring)
 
-    return _row_map(density, mesh, (joint, valid), (jnp.float32(bandwidth),))
+    return density
 
 
-def nearest_neighbours(joint, valid, neighbours: int, chunk: int = CHUNK, mesh=None):
-    """Bank indices [R, neighbours] of each row's nearest valid rows (itself included)."""
+def kernel_density(joint, valid, bandwidth: float, chunk: int = CHUNK, mesh=None) -> jax.Array:
+    """Gaussian kernel density of each row [R] over the valid rows of the bank."""
+    return _row_map(_density_pass(chunk), mesh, (joint, valid), (jnp.float32(bandwidth),))
 
+
+def _nearest_pass(neighbours: int, chunk: int):
     def nearest(rows, valid, ring):
         def merge(carry, queries, bank_rows, bank_valid, index):
             best_d, best_i = carry
@@ -195,7 +200,28 @@ def nearest_neighbours(joint, valid, neighbours: int, chunk: int = CHUNK, mesh=N
         init = (jnp.full((q, neighbours), jnp.inf), jnp.zeros((q, neighbours), jnp.int32))
         return _all_pairs(merge, init, rows, valid, chunk, ring)[1]
 
-    return _row_map(nearest, mesh, (joint, valid))
+    return nearest
+
+
+def nearest_neighbours(joint, valid, neighbours: int, chunk: int = CHUNK, mesh=None):
+    """Bank indices [R, neighbours] of each row's nearest valid rows (itself included)."""
+    return _row_map(_nearest_pass(neighbours, chunk), mesh, (joint, valid))
+
+
+def bank_programs(clips: int, dim: int, neighbours: int, mesh: Mesh, chunk: int = CHUNK):
+    """The two all-pairs passes of density-peak discovery on a bank of ``clips`` rows of
+    ``dim``, lowered for ``mesh`` without data (ahead-of-time checks): {name: Lowered}."""
+    rows = -(-clips // mesh.size) * mesh.size
+    split = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+    joint = jax.ShapeDtypeStruct((rows, dim), jnp.float32, sharding=split)
+    valid = jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=split)
+    bandwidth = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    nearest = _row_program(_nearest_pass(neighbours, chunk), mesh, 2, 0)
+    density = _row_program(_density_pass(chunk), mesh, 2, 1)
+    return {
+        "nearest neighbours": nearest.lower(joint, valid),
+        "kernel density": density.lower(joint, valid, bandwidth),
+    }
 
 
 def distance_to(joint, targets, mesh=None) -> jax.Array:

@@ -5,7 +5,8 @@ abstractly: no data read, no parameter allocated), lowers and compiles the exact
 (model, optimizer, accumulation, extra state, mesh, sharding rules, global batch) of every
 phase of the run (PCAV-MAE's warm-up, decoder and encoder-only phases each have their own) and
 reports what the compiled programs need per device: memory (arguments, temporaries, peak: of
-the phase that needs most, and per phase), and for the first phase matmul FLOPs
+the phase that needs most, and per phase; PCAV-MAE's memory-bank refresh too, at ``--clips``
+rows, AS-2M's by default), and for the first phase matmul FLOPs
 (read from the compiled program, loops weighed by their trip counts) against the analytic count,
 the collectives it runs, the time of those FLOPs at the chip's peak (a lower bound on the step)
 and of its estimated HBM traffic.
@@ -29,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
-NOMINAL_CLIPS = 100_000  # durations do not change shapes: any dataset size compiles the same
+# training clips: the PCAV-MAE memory bank's rows (durations do not change shapes); AS-2M's
+AS2M_CLIPS = 1_772_023
 GIB = 2.0**30
 
 
@@ -66,6 +69,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument(
         "--breakdown", action="store_true", help="HBM traffic and matmul FLOPs by model source"
     )
+    parser.add_argument(
+        "--clips", type=int, default=AS2M_CLIPS, help="training clips (the memory bank's rows)"
+    )
     args, overrides = parser.parse_known_args(argv)
 
     from cavmae_jax import tpu
@@ -88,7 +94,7 @@ def main(argv: list[str]) -> dict:
     config = load_config(args.config)
     apply_overrides(config, overrides)
     devices = tpu.devices(slice_) if slice_ else None
-    setup, state = build(config, abstract_clips=NOMINAL_CLIPS, devices=devices)
+    setup, state = build(config, abstract_clips=args.clips, devices=devices)
     count = setup.mesh.size
     report = {
         "config": args.config,
@@ -139,7 +145,18 @@ def main(argv: list[str]) -> dict:
     report.update({k: worst[k] for k in ("arguments_gib", "temporaries_gib", "peak_gib")})
     if len(phases) > 1:
         report["phases"] = phases
-    peak = worst["peak_gib"] * GIB
+    refresh = {}
+    for name, lowered in setup.trainer.refresh_programs(config, setup, state, args.clips).items():
+        try:
+            refresh[name] = _memory(lowered.compile())
+        except Exception as error:
+            if not (slice_ and _memory_exhausted(error)):
+                raise
+            first = next(line for line in str(error).splitlines() if line.strip())
+            refresh[name] = {"compile_error": first[:300]}
+    if refresh:
+        report["refresh"] = refresh
+    peak = max([worst["peak_gib"]] + [r.get("peak_gib", math.inf) for r in refresh.values()]) * GIB
     stats = hlo_stats.analyze(compiled.as_text())
     report.update(
         tflop_per_chip_compiled=_figure(stats.matmul_flops / 1e12),
@@ -218,6 +235,9 @@ def _print_summary(report: dict) -> None:
             f"  updates {first}-{last}: peak {phase['peak_gib']} GiB per chip, "
             f"{phase['tflop_per_chip_analytic']} TFLOP per chip (analytic)"
         )
+    for name, part in report.get("refresh", {}).items():
+        memory = part.get("compile_error") or f"peak {part['peak_gib']} GiB per chip"
+        print(f"  {name}: {memory}")
     print(
         f"  matmul TFLOP per chip: {report['tflop_per_chip_compiled']} compiled, "
         f"{report['tflop_per_chip_analytic']} analytic"

@@ -28,6 +28,9 @@ def last_json(done: subprocess.CompletedProcess) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+PASSES = ("embedding", "nearest neighbours", "kernel density")
+
+
 def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_batches():
     report = last_json(
         aot("configs/finetune.py:as20k,tiny", "--devices", "8", "--config.mesh.data=2")
@@ -44,6 +47,10 @@ def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_bat
     assert decoder["updates"][0] == 1 and encoders["updates"][0] == decoder["updates"][1] + 1
     assert encoders["tflop_per_chip_analytic"] < decoder["tflop_per_chip_analytic"]
     assert 0 < encoders["peak_gib"] <= decoder["peak_gib"] == report["peak_gib"]
+    # and the memory-bank refresh, at AS-2M's 1,772,023 clips by default
+    refresh = report["refresh"]
+    assert set(refresh) == {f"memory bank: {part}" for part in PASSES}
+    assert all(part["peak_gib"] > 0 for part in refresh.values())
     assert report["attention"] == "recompute"  # auto, resolved for the mesh's CPU devices
     bad = aot("configs/pretrain.py:as-base,tiny", "--devices", "8", "--config.batch_size=12")
     assert bad.returncode != 0

@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from cavmae_jax import convert, flops, prototypes
 from cavmae_jax.errors import UserError
 from cavmae_jax.evaluators import fbank_norm, period_of
-from cavmae_jax.inference import split_bank
+from cavmae_jax.inference import embedding_program, split_bank
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config
 from cavmae_jax.train.durations import Durations
@@ -236,6 +236,19 @@ class PCAVPretraining(Trainer):
             use_decoder = settings.pop("use_decoder")
             phases.append((last, pcav_loss(graphdef, settings, use_decoder)))
         return phases
+
+    def refresh_programs(self, config: ml_collections.ConfigDict, setup, state: dict, clips: int):
+        """The memory bank's embedding of a batch and, for density peaks, the two all-pairs
+        passes over the whole bank (split by rows over the mesh)."""
+        from cavmae_jax.train.setup import abstract_batch
+
+        batch = abstract_batch(config, setup, config.pcav.refresh.get("batch_size"))
+        programs = {"memory bank: embedding": embedding_program(setup.graphdef, state, batch)}
+        if config.pcav.method == "density":
+            neighbours = max(config.pcav.granularities)
+            passes = prototypes.bank_programs(clips, setup.cfg.embed_dim, neighbours, setup.mesh)
+            programs.update({f"memory bank: {name}": lowered for name, lowered in passes.items()})
+        return programs
 
     def extra_state(self, config: ml_collections.ConfigDict, cfg: ModelConfig, params) -> dict:
         return {

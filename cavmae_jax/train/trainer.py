@@ -90,6 +90,11 @@ class Trainer:
         when their period is due (their scalars are logged as ``name/scalar``)."""
         return []
 
+    def refresh_programs(self, config: ml_collections.ConfigDict, setup, state: dict, clips: int):
+        """{name: Lowered} of the device programs the refreshes run on ``clips`` training clips,
+        lowered from the abstract ``state`` for ahead-of-time checks."""
+        return {}
+
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple:
         """Training FLOPs per clip of each phase (``loss_phases``), for TFLOP/s and MFU."""
         raise NotImplementedError
