@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cavmae_jax import evaluation, retrieval
 from cavmae_jax.errors import UserError
 from cavmae_jax.inference import EVAL_FRAME, predict_split
 from cavmae_jax.losses import CLASSIFICATION_LOSSES
 from cavmae_jax.paths import Path
+from cavmae_jax.sharding import BATCH_AXES
 
 
 @dataclasses.dataclass
@@ -110,6 +111,12 @@ class Classification:
             norm=self.norm,
         )
 
+    def program(self, state: dict, cfg):
+        """The logits of one batch, lowered from the abstract ``state`` (ahead-of-time)."""
+        frames = (len(self.frames),) if len(self.frames) > 1 else ()
+        batch = abstract_inputs(cfg, self.mesh, self.batch_size, frames)
+        return self.logits.lower(state["params"], state["rest"], batch)
+
     def run(self, state: dict) -> dict:
         out = self.outputs(state)
         labels, logits = out["label"], out["logits"]
@@ -173,11 +180,27 @@ class Retrieval:
             norm=self.norm,
         )
 
+    def program(self, state: dict, cfg):
+        """The features of one batch, lowered from the abstract ``state`` (ahead-of-time)."""
+        batch = abstract_inputs(cfg, self.mesh, self.batch_size)
+        return self.features.lower(state["params"], state["rest"], batch)
+
     def run(self, state: dict) -> dict:
         emb = self.embeddings(state)
         result = retrieval.recall(emb["audio"], emb["visual"], self.mesh)
         clips = len(emb["audio"])
         return {**result, "clips": clips, "chance_r1": 1.0 / clips}
+
+
+def abstract_inputs(cfg, mesh: Mesh, batch_size: int, frames: tuple = ()) -> dict:
+    """A batch of ``audio`` and ``image`` (``frames`` per clip when given) as
+    ``ShapeDtypeStruct``s split over the mesh's batch axes."""
+    rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    shapes = {
+        "audio": (batch_size, cfg.audio_length, cfg.num_mel_bins),
+        "image": (batch_size, *frames, cfg.img_size, cfg.img_size, 3),
+    }
+    return {k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=rows) for k, v in shapes.items()}
 
 
 def fbank_norm(config: ml_collections.ConfigDict) -> tuple[float, float]:

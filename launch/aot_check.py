@@ -5,8 +5,9 @@ abstractly: no data read, no parameter allocated), lowers and compiles the exact
 (model, optimizer, accumulation, extra state, mesh, sharding rules, global batch) of every
 phase of the run (PCAV-MAE's warm-up, decoder and encoder-only phases each have their own) and
 reports what the compiled programs need per device: memory (arguments, temporaries, peak: of
-the phase that needs most, and per phase; PCAV-MAE's memory-bank refresh too, at ``--clips``
-rows, AS-2M's by default), and for the first phase matmul FLOPs
+the phase that needs most, and per phase; also of the evaluators, the final evaluation and
+PCAV-MAE's memory-bank refresh at ``--clips`` rows, AS-2M's by default: the verdict covers
+them all), and for the first phase matmul FLOPs
 (read from the compiled program, loops weighed by their trip counts) against the analytic count,
 the collectives it runs, the time of those FLOPs at the chip's peak (a lower bound on the step)
 and of its estimated HBM traffic.
@@ -145,18 +146,19 @@ def main(argv: list[str]) -> dict:
     report.update({k: worst[k] for k in ("arguments_gib", "temporaries_gib", "peak_gib")})
     if len(phases) > 1:
         report["phases"] = phases
-    refresh = {}
-    for name, lowered in setup.trainer.refresh_programs(config, setup, state, args.clips).items():
+    programs = {}
+    for name, lowered in _other_programs(config, setup, state, args.clips).items():
         try:
-            refresh[name] = _memory(lowered.compile())
+            programs[name] = _memory(lowered.compile())
         except Exception as error:
             if not (slice_ and _memory_exhausted(error)):
                 raise
             first = next(line for line in str(error).splitlines() if line.strip())
-            refresh[name] = {"compile_error": first[:300]}
-    if refresh:
-        report["refresh"] = refresh
-    peak = max([worst["peak_gib"]] + [r.get("peak_gib", math.inf) for r in refresh.values()]) * GIB
+            programs[name] = {"compile_error": first[:300]}
+    if programs:
+        report["programs"] = programs
+    peaks = [worst["peak_gib"]] + [p.get("peak_gib", math.inf) for p in programs.values()]
+    peak = max(peaks) * GIB
     stats = hlo_stats.analyze(compiled.as_text())
     report.update(
         tflop_per_chip_compiled=_figure(stats.matmul_flops / 1e12),
@@ -200,6 +202,23 @@ def main(argv: list[str]) -> dict:
     return report
 
 
+def _other_programs(config, setup, state: dict, clips: int) -> dict:
+    """{name: Lowered} of what a run compiles besides its steps: the trainer's refreshes (the
+    PCAV-MAE memory bank), the evaluators of ``config.evals`` and the final evaluation."""
+    from cavmae_jax import evaluators
+
+    programs = setup.trainer.refresh_programs(config, setup, state, clips)
+    steps_per_epoch = setup.durations.steps_per_epoch
+    for name, _, evaluator in evaluators.from_config(
+        config, setup.graphdef, setup.mesh, None, steps_per_epoch
+    ):
+        programs[f"evaluator {name}"] = evaluator.program(state, setup.cfg)
+    final = setup.trainer.final_evaluator(config, setup.graphdef, setup.mesh, None)
+    if final is not None:
+        programs["final evaluation"] = final.program(state, setup.cfg)
+    return programs
+
+
 def _memory(compiled) -> dict[str, float]:
     """Per-chip memory of a compiled step: state and batch, temporaries, and their peak."""
     memory = compiled.memory_analysis()
@@ -235,7 +254,7 @@ def _print_summary(report: dict) -> None:
             f"  updates {first}-{last}: peak {phase['peak_gib']} GiB per chip, "
             f"{phase['tflop_per_chip_analytic']} TFLOP per chip (analytic)"
         )
-    for name, part in report.get("refresh", {}).items():
+    for name, part in report.get("programs", {}).items():
         memory = part.get("compile_error") or f"peak {part['peak_gib']} GiB per chip"
         print(f"  {name}: {memory}")
     print(

@@ -39,6 +39,10 @@ def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_bat
     assert report["global_batch"] == 8 and report["sharding"] == "fsdp"
     assert report["arguments_gib"] > 0 and report["tflop_per_chip_analytic"] > 0
     assert report["collectives"]["all-gather"]["count"] > 0  # FSDP gathers the parameters
+    # the per-epoch validation (one frame) and the final 10-frame evaluation, compiled too
+    assert set(report["programs"]) == {"evaluator validation", "final evaluation"}
+    one, ten = (report["programs"][k]["arguments_gib"] for k in sorted(report["programs"]))
+    assert ten > one > 0
     pcav = ("configs/pcav.py:as,tiny", "--config.grad_accum=2", "--config.pcav.decoder_epochs=10")
     report = last_json(aot(*pcav, "--devices", "8"))
     assert report["trainer"] == "pcav" and report["grad_accum"] == 2
@@ -48,9 +52,8 @@ def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_bat
     assert encoders["tflop_per_chip_analytic"] < decoder["tflop_per_chip_analytic"]
     assert 0 < encoders["peak_gib"] <= decoder["peak_gib"] == report["peak_gib"]
     # and the memory-bank refresh, at AS-2M's 1,772,023 clips by default
-    refresh = report["refresh"]
-    assert set(refresh) == {f"memory bank: {part}" for part in PASSES}
-    assert all(part["peak_gib"] > 0 for part in refresh.values())
+    assert set(report["programs"]) == {f"memory bank: {part}" for part in PASSES}
+    assert all(part["peak_gib"] > 0 for part in report["programs"].values())
     assert report["attention"] == "recompute"  # auto, resolved for the mesh's CPU devices
     bad = aot("configs/pretrain.py:as-base,tiny", "--devices", "8", "--config.batch_size=12")
     assert bad.returncode != 0

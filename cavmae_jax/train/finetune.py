@@ -149,6 +149,22 @@ class Finetuning(Trainer):
     def clip_flops(self, config: ml_collections.ConfigDict, cfg: ModelConfig) -> float:
         return (flops.finetune_step(cfg, config.mode, config.freeze_base),)
 
+    def final_evaluator(self, config: ml_collections.ConfigDict, graphdef, mesh, data_dir):
+        """Every clip of the evaluation split, with the 10-frame ensemble of the recipe."""
+        frames = tuple(range(10)) if config.eval_frames == 10 else (EVAL_FRAME,)
+        return Classification(
+            graphdef,
+            mesh,
+            config.data.eval_dir or data_dir,
+            config.data.eval_split,
+            config.batch_size,
+            config.model.label_dim,
+            config.mode,
+            config.loss,
+            frames,
+            norm=fbank_norm(config),
+        )
+
     def finish(self, setup, state: dict, workdir: Path) -> dict:
         """The averaged model (``W/model``) and its final evaluation (``evaluation.json``)."""
         config = setup.config
@@ -163,19 +179,7 @@ class Finetuning(Trainer):
                     "from the final checkpoint, or a longer run reaches the window"
                 )
             params = jax.tree.map(lambda s: s / state["wa_count"], state["wa_sum"])
-        frames = tuple(range(10)) if config.eval_frames == 10 else (EVAL_FRAME,)
-        final = Classification(
-            setup.graphdef,
-            setup.mesh,
-            config.data.eval_dir or setup.data_dir,
-            config.data.eval_split,
-            config.batch_size,
-            config.model.label_dim,
-            config.mode,
-            config.loss,
-            frames,
-            norm=fbank_norm(config),
-        )
+        final = self.final_evaluator(config, setup.graphdef, setup.mesh, setup.data_dir)
         result = {**final.run({"params": params, "rest": state["rest"]}), "loss": config.loss}
         convert.save_model(
             setup.model(params, state["rest"]),

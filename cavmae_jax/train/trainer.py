@@ -90,6 +90,10 @@ class Trainer:
         when their period is due (their scalars are logged as ``name/scalar``)."""
         return []
 
+    def final_evaluator(self, config: ml_collections.ConfigDict, graphdef, mesh, data_dir):
+        """The evaluator ``finish`` runs after the last update (None: none)."""
+        return None
+
     def refresh_programs(self, config: ml_collections.ConfigDict, setup, state: dict, clips: int):
         """{name: Lowered} of the device programs the refreshes run on ``clips`` training clips,
         lowered from the abstract ``state`` for ahead-of-time checks."""
