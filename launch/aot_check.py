@@ -205,17 +205,22 @@ def main(argv: list[str]) -> dict:
 def _other_programs(config, setup, state: dict, clips: int) -> dict:
     """{name: Lowered} of what a run compiles besides its steps: the trainer's refreshes (the
     PCAV-MAE memory bank), the evaluators of ``config.evals`` and the final evaluation."""
+    import jax
+
     from cavmae_jax import evaluators
 
-    programs = setup.trainer.refresh_programs(config, setup, state, clips)
-    steps_per_epoch = setup.durations.steps_per_epoch
-    for name, _, evaluator in evaluators.from_config(
-        config, setup.graphdef, setup.mesh, None, steps_per_epoch
-    ):
-        programs[f"evaluator {name}"] = evaluator.program(state, setup.cfg)
-    final = setup.trainer.final_evaluator(config, setup.graphdef, setup.mesh, None)
-    if final is not None:
-        programs["final evaluation"] = final.program(state, setup.cfg)
+    # traced under the mesh, as the step is: TPU kernels take the chip from it, not from the
+    # compiling host's default device
+    with jax.sharding.use_abstract_mesh(setup.mesh.abstract_mesh):
+        programs = setup.trainer.refresh_programs(config, setup, state, clips)
+        steps_per_epoch = setup.durations.steps_per_epoch
+        for name, _, evaluator in evaluators.from_config(
+            config, setup.graphdef, setup.mesh, None, steps_per_epoch
+        ):
+            programs[f"evaluator {name}"] = evaluator.program(state, setup.cfg)
+        final = setup.trainer.final_evaluator(config, setup.graphdef, setup.mesh, None)
+        if final is not None:
+            programs["final evaluation"] = final.program(state, setup.cfg)
     return programs
 
 

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from cavmae_jax import convert, flops, prototypes
 from cavmae_jax.errors import UserError
-from cavmae_jax.evaluators import fbank_norm, period_of
+from cavmae_jax.evaluators import abstract_inputs, fbank_norm, period_of
 from cavmae_jax.inference import embedding_program, split_bank
 from cavmae_jax.models import ModelConfig
 from cavmae_jax.models.pcav_mae import PCAVMAE, clip_prototypes, ema_update, pcav_config
@@ -240,9 +240,8 @@ class PCAVPretraining(Trainer):
     def refresh_programs(self, config: ml_collections.ConfigDict, setup, state: dict, clips: int):
         """The memory bank's embedding of a batch and, for density peaks, the two all-pairs
         passes over the whole bank (split by rows over the mesh)."""
-        from cavmae_jax.train.setup import abstract_batch
-
-        batch = abstract_batch(config, setup, config.pcav.refresh.get("batch_size"))
+        size = config.pcav.refresh.get("batch_size", config.batch_size)
+        batch = abstract_inputs(setup.cfg, setup.mesh, size)
         programs = {"memory bank: embedding": embedding_program(setup.graphdef, state, batch)}
         if config.pcav.method == "density":
             neighbours = max(config.pcav.granularities)

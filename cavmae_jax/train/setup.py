@@ -277,12 +277,9 @@ def build(
     return setup, state
 
 
-def abstract_batch(
-    config: ml_collections.ConfigDict, setup: Setup, batch_size: int | None = None
-) -> dict[str, Any]:
-    """The global batch of one update (or of ``batch_size`` clips) as ``ShapeDtypeStruct``s
-    split over the mesh."""
-    cfg, b = setup.cfg, batch_size or config.batch_size
+def abstract_batch(config: ml_collections.ConfigDict, setup: Setup) -> dict[str, Any]:
+    """The global batch of one update as ``ShapeDtypeStruct``s split over the mesh."""
+    cfg, b = setup.cfg, config.batch_size
     split = NamedSharding(setup.mesh, PartitionSpec(sharding.BATCH_AXES))
     shapes = {
         "audio": (b, cfg.audio_length, cfg.num_mel_bins),
