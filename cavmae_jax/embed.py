@@ -7,8 +7,6 @@ classifier pools). Frame 5, as the official evaluation.
 
 from __future__ import annotations
 
-import io
-
 import jax
 import numpy as np
 from flax import nnx
@@ -34,12 +32,6 @@ def embedding_fn(model, per_token: bool):
     return lambda batch: apply(state, batch)
 
 
-def _save(array: np.ndarray, path) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    paths.path(path).write_bytes(buffer.getvalue())
-
-
 def embed(
     model,
     inputs: list[str],
@@ -62,5 +54,5 @@ def embed(
     output.mkdir(parents=True, exist_ok=True)
     (output / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
     for name, array in outputs.items():
-        _save(array.astype(np.float32), output / f"{name}.npy")
+        paths.save_array(output / f"{name}.npy", array.astype(np.float32))
     return shapes

@@ -89,6 +89,28 @@ def test_a_dataset_prepared_from_and_into_a_bucket_equals_the_local_one(datasets
     assert shards and all((remote / n).read_bytes() == (local / n).read_bytes() for n in shards)
 
 
+def test_bytes_ending_in_a_carriage_return_reach_the_bucket_whole(bucket):
+    """A binary file (an event record's CRC, an array) may end in CR: appended, published and
+    saved as an array, every byte arrives."""
+    for tail in (b"\r", b"\n\r", b"\r\r", b"\r\n"):
+        log = paths.path(f"{bucket}/ends/{tail.hex()}.log")
+        paths.append(log, b"first" + tail)
+        paths.append(log, b"second" + tail)
+        assert log.read_bytes() == b"first" + tail + b"second" + tail
+        whole = paths.path(f"{bucket}/ends/{tail.hex()}.bin")
+
+        def write(local: str, data: bytes = b"whole" + tail) -> None:
+            with open(local, "wb") as f:
+                f.write(data)
+
+        paths.publish(whole, write)
+        assert whole.read_bytes() == b"whole" + tail
+    array = np.frombuffer(bytes(7) + b"\r", np.float64)  # the .npy file ends in CR
+    paths.save_array(f"{bucket}/ends/array.npy", array)
+    with paths.path(f"{bucket}/ends/array.npy").open("rb") as f:
+        np.testing.assert_array_equal(np.load(f), array)
+
+
 def test_metrics_in_a_bucket_upload_what_each_write_adds(bucket, monkeypatch):
     """Thirty logged steps, then a resumed writer adds five: the bucket ends with every line
     once, and the bytes uploaded are the bytes the files hold (each sent once, not the whole

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from cavmae_jax import convert, flops
+from cavmae_jax import convert, flops, paths
 from cavmae_jax.errors import UserError
 from cavmae_jax.evaluators import Classification, fbank_norm
 from cavmae_jax.inference import EVAL_FRAME
@@ -62,8 +62,7 @@ def balanced_weights(data_dir: Path, split: str, share: str, workdir: Path) -> t
 
     cache = workdir / f"sample_weights_{jax.process_index()}.npy"
     if not cache.exists():
-        with cache.open("wb") as f:
-            np.save(f, label_sample_weights(data_dir, split, share))
+        paths.save_array(cache, label_sample_weights(data_dir, split, share))
     with cache.open("rb") as f:
         return tuple(np.load(f).tolist())
 
@@ -96,7 +95,6 @@ class Finetuning(Trainer):
             mixup=data.mixup,
             label_smooth=data.label_smooth,
             noise=data.noise,
-            shuffle_buffer=data.shuffle_buffer,
             mean=data.fbank_mean,
             std=data.fbank_std,
             **hosts,
