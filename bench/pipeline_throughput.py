@@ -74,10 +74,9 @@ def loader_rate(data_dir: Path, batch_size: int, batches: int) -> float:
         mixup=0.5,
         label_smooth=0.1,
         noise=True,
-        shuffle_buffer=1000,
     )
     stream = iter(Loader(data_dir, "train", config))
-    next(stream)  # warm-up: graph building and the first shuffle buffer
+    next(stream)  # warm-up: graph building
     start = time.perf_counter()
     for _ in range(batches):
         next(stream)

@@ -41,7 +41,6 @@ def full_size_config(kind: str, data_dir: Path, batch: int, steps: int):
     config.data.update(
         dir=str(data_dir),
         classes=config.model.label_dim if kind != "pretrain" else config.data.classes,
-        shuffle_buffer=64,
     )
     if kind != "pretrain":
         config.data.update(eval_dir=str(data_dir), eval_split="train", balanced=False)

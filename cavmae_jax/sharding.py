@@ -13,7 +13,8 @@ and sharded within one, and the configured mesh shape is that of one slice.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import collections
+from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -115,6 +116,19 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
             f"global batch {batch_size} does not split over {shards} batch shards "
             f"(mesh slice x data x fsdp) and {jax.process_count()} host(s)"
         )
+
+
+def batches_ahead(
+    local_batches: Iterator[Mapping[str, np.ndarray]], keys, mesh: Mesh, depth: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """Global batches of ``keys``, each sent to the devices ``depth`` updates before it is
+    used: reading the next batches and copying them to the devices overlap the updates."""
+    queue = collections.deque()
+    for local in local_batches:
+        queue.append(global_batch({k: local[k] for k in keys}, mesh))
+        if len(queue) > depth:
+            yield queue.popleft()
+    yield from queue
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

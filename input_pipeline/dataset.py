@@ -1,19 +1,23 @@
 """tf.data loader over a prepared dataset: per-host split, seeded shuffle, official augmentations.
 
-Training streams epochs forever; each epoch is shuffled with its own seed and cut into full
-batches (``drop_remainder``, as the official loader). Every random draw of a clip is keyed by
-(seed, epoch, position), so the stream is deterministic and ``start_batch`` resumes it exactly.
-Order per clip (official behaviours 21-25, docs/official_behaviour.md): frame choice,
+Training streams epochs forever. Each epoch is a permutation of the host's clips drawn from
+(seed, epoch) (or the official balanced sampler's draws), cut into full batches
+(``drop_remainder``, as the official loader); each record is read by itself (``records``), so
+``start_batch`` enters the stream at its position and reads nothing before it. Every random draw
+of a clip is keyed by (seed, epoch, position), so the stream is deterministic and resumes
+exactly. Order per clip (official behaviours 21-25, docs/official_behaviour.md): frame choice,
 (mixup), SpecAugment, normalise, noise + roll.
 Mixup mixes waveforms exactly as the official loader when the dataset stores them
 (``cavmae prepare --keep-waveform``), and mel energies otherwise (``augment.mix_fbanks``).
-Batches are NumPy dicts: ``audio`` [B, 1024, 128], ``image`` [B, 224, 224, 3] (or
-[B, 10, 224, 224, 3] with ``all_frames``), ``label`` [B, K], ``id`` [B].
+Evaluation reads the split in shard order. Batches are NumPy dicts: ``audio`` [B, 1024, 128],
+``image`` [B, 224, 224, 3] (or [B, 10, 224, 224, 3] with ``all_frames``), ``label`` [B, K],
+``id`` [B].
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -24,6 +28,7 @@ from cavmae_jax import paths
 from cavmae_jax.errors import UserError
 from input_pipeline import augment, verify
 from input_pipeline.audio import DATASET_MEAN, DATASET_STD, mixed_fbank
+from input_pipeline.records import MARK, RecordError, Table
 from input_pipeline.video import IMAGENET_MEAN, IMAGENET_STD, NUM_FRAMES
 
 
@@ -47,7 +52,6 @@ class LoaderConfig:
     mean: float = DATASET_MEAN
     std: float = DATASET_STD
     skip_norm: bool = False
-    shuffle_buffer: int = 10_000
     drop_remainder: bool | None = None  # default: True in training, False in evaluation
     # Balanced sampling (official ``--bal bal``): per-clip weights in split order, or None.
     sample_weights: tuple[float, ...] | None = None
@@ -71,10 +75,14 @@ def _shares(split: str, config: LoaderConfig) -> list[str]:
     return tfds.even_splits(split, n=config.process_count, drop_remainder=config.train)
 
 
+IN_SHARD_ORDER = tfds.ReadConfig(interleave_cycle_length=1)
+
+
 def _split_field(builder, split: str, field: str = "label") -> list:
-    """Every clip's ``field`` in a split, in order; the media are skipped, not decoded."""
+    """Every clip's ``field`` in a split, in shard order; the media are skipped, not decoded."""
     skip = {name: tfds.decode.SkipDecoding() for name in builder.info.features if name != field}
-    return [r[field] for r in tfds.as_numpy(builder.as_dataset(split=split, decoders=skip))]
+    records = builder.as_dataset(split=split, decoders=skip, read_config=IN_SHARD_ORDER)
+    return [r[field] for r in tfds.as_numpy(records)]
 
 
 def label_sample_weights(data_dir: str, split: str, share: str | None = None) -> np.ndarray:
@@ -139,6 +147,28 @@ class Loader:
                 f"{data_dir}: split {self.split} has {self.num_examples} clips, fewer than one "
                 f"batch of {config.batch_size}"
             )
+        self.table = self._table() if config.train else None
+
+    def _table(self) -> Table:
+        try:
+            return Table(self.builder, self.split, self.data_dir)
+        except RecordError as err:
+            raise DatasetError(self._bad_shard(str(err))) from err
+
+    def _bad_shard(self, message: str) -> str:
+        """The line for a shard that could not be read: the shard and its rebuild command, or,
+        when every shard reads whole, the record offsets that do not match them."""
+        found = verify.shard_problems(self.data_dir, self.split_name)
+        if found:
+            return found[0]
+        record = re.search(rf"\[([^\[\]]*{re.escape(MARK)}[^\[\]]*)\]", message)
+        if record:
+            return (
+                f"{record.group(1)}; every shard reads whole, so the record offsets do not "
+                f"match them: remove {self.data_dir}/offsets-*.npy (they are then read from "
+                "the shards)"
+            )
+        return f"{self.data_dir}: {message.splitlines()[0]}"
 
     @property
     def batches_per_epoch(self) -> int:
@@ -154,7 +184,9 @@ class Loader:
 
     def _records(self) -> tf.data.Dataset:
         decoders = {"frames": tfds.decode.SkipDecoding()}
-        return self.builder.as_dataset(split=self.split, decoders=decoders, shuffle_files=False)
+        return self.builder.as_dataset(
+            split=self.split, decoders=decoders, read_config=IN_SHARD_ORDER
+        )
 
     def _example(self, record, partner, seed) -> dict:
         cfg = self.config
@@ -211,36 +243,45 @@ class Loader:
             lam,
         )
 
-    def _weighted(self, records: tf.data.Dataset, epoch: tf.Tensor) -> tf.data.Dataset:
-        """An epoch of ``WeightedRandomSampler(weights, N, replacement=True)``: N draws by
-        weight (seeded per epoch); a clip drawn k times appears k times, before the shuffle."""
-        log_weights = tf.math.log(tf.constant(self.config.sample_weights, tf.float64))
-        seed = tf.stack([tf.cast(self.config.seed, tf.int64) + 104_729, epoch])
-        draws = tf.random.stateless_categorical(
-            log_weights[None], self.num_examples, seed, dtype=tf.int32
-        )[0]
-        counts = tf.math.bincount(draws, minlength=self.num_examples, dtype=tf.int64)
-        pairs = tf.data.Dataset.zip((records, tf.data.Dataset.from_tensor_slices(counts)))
-        return pairs.flat_map(lambda record, k: tf.data.Dataset.from_tensors(record).repeat(k))
-
-    def _epoch(self, epoch: tf.Tensor, skip: tf.Tensor) -> tf.data.Dataset:
+    def epoch_rows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which record each position of an epoch reads, and its mixup partner (rows of this
+        host's share). Either a permutation of the share, or, with sample weights, the official
+        ``WeightedRandomSampler(weights, N, replacement=True)``: N independent draws by weight.
+        A partner is any clip of the share, drawn uniformly (the official ``randint``). Both
+        depend only on (seed, epoch), so an epoch can be entered at any position."""
         cfg = self.config
-        shuffle_seed = cfg.seed * 1_000_003 + epoch
-        records = self._records()
-        if cfg.sample_weights is not None:
-            records = self._weighted(records, epoch)
-        records = records.shuffle(cfg.shuffle_buffer, seed=shuffle_seed)
-        streams = [tf.data.Dataset.range(self.num_examples), records]
-        if cfg.mixup:
-            partners = self._records().shuffle(cfg.shuffle_buffer, seed=shuffle_seed + 7919)
-            streams.append(partners)
-        ds = tf.data.Dataset.zip(tuple(streams)).skip(skip)
+        draws = np.random.default_rng([cfg.seed, epoch])
+        if cfg.sample_weights is None:
+            rows = draws.permutation(self.num_examples)
+        else:
+            cumulative = np.cumsum(cfg.sample_weights)
+            rows = np.searchsorted(cumulative, draws.random(self.num_examples) * cumulative[-1])
+        partners = draws.integers(0, self.num_examples, self.num_examples)
+        return rows.astype(np.int64), partners.astype(np.int64)
 
-        def build(index, record, partner=None):
-            seed = tf.stack([tf.cast(cfg.seed, tf.int64), epoch * (1 << 32) + index])
-            return self._example(record, partner, seed)
+    def _record(self, row: tf.Tensor) -> dict:
+        """The record at ``row`` of this host's share, read by itself and parsed."""
+        read = self.table.read_or_problem
+        serialized, problem = tf.numpy_function(read, [row], (tf.string, tf.string), stateful=False)
+        with tf.control_dependencies([tf.debugging.assert_equal(problem, "", message=problem)]):
+            serialized = tf.ensure_shape(tf.identity(serialized), [])
+        decoders = {"frames": tfds.decode.SkipDecoding()}
+        return self.builder.info.features.deserialize_example(serialized, decoders=decoders)
 
-        ds = ds.map(build, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    def _epoch(self, epoch: tf.Tensor, start: tf.Tensor) -> tf.data.Dataset:
+        """An epoch's full batches from position ``start`` on: the positions before it are
+        never read."""
+        cfg = self.config
+        rows, partners = tf.numpy_function(self.epoch_rows, [epoch], (tf.int64, tf.int64))
+        end = self.batches_per_epoch * cfg.batch_size
+        positions = tf.data.Dataset.range(start, end)
+
+        def build(position):
+            seed = tf.stack([tf.cast(cfg.seed, tf.int64), epoch * (1 << 32) + position])
+            partner = self._record(partners[position]) if cfg.mixup else None
+            return self._example(self._record(rows[position]), partner, seed)
+
+        ds = positions.map(build, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.batch(cfg.batch_size, drop_remainder=True)
 
     def dataset(self, start_batch: int = 0) -> tf.data.Dataset:
@@ -255,9 +296,9 @@ class Loader:
             return ds.batch(cfg.batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
         first_epoch, skip_batches = divmod(start_batch, self.batches_per_epoch)
         epochs = tf.data.Dataset.range(first_epoch, 1 << 40)
-        skip = tf.constant(skip_batches * cfg.batch_size, tf.int64)
+        start = tf.constant(skip_batches * cfg.batch_size, tf.int64)
         ds = epochs.flat_map(
-            lambda e: self._epoch(e, tf.where(e == first_epoch, skip, tf.constant(0, tf.int64)))
+            lambda e: self._epoch(e, tf.where(e == first_epoch, start, tf.constant(0, tf.int64)))
         )
         return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -270,6 +311,8 @@ class Loader:
         try:
             yield from tfds.as_numpy(self.dataset(start_batch))
         except tf.errors.DataLossError as err:
-            found = verify.shard_problems(self.data_dir, self.split_name)
-            reason = found[0] if found else f"{self.data_dir}: {err.message.splitlines()[0]}"
-            raise DatasetError(reason) from err
+            raise DatasetError(self._bad_shard(err.message)) from err
+        except tf.errors.InvalidArgumentError as err:
+            if MARK not in err.message:
+                raise
+            raise DatasetError(self._bad_shard(err.message)) from err

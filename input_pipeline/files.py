@@ -1,5 +1,6 @@
 """Where a prepared dataset keeps its files: per split, the shards, one report per shard (what
-it holds and which clips failed) and the record of the ``cavmae prepare`` call that made it."""
+it holds, where its records lie and which clips failed), the records' offsets of the whole split
+and the record of the ``cavmae prepare`` call that made it."""
 
 from __future__ import annotations
 
@@ -18,3 +19,7 @@ def report_path(output: Path, split: str, index: int) -> Path:
 
 def invocation_path(output: Path, split: str) -> Path:
     return output / f"prepare-{split}.json"
+
+
+def offsets_path(output: Path, split: str) -> Path:
+    return output / f"offsets-{split}.npy"

@@ -31,7 +31,14 @@ from cavmae_jax import paths
 from cavmae_jax.errors import UserError
 from cavmae_jax.paths import Path
 from input_pipeline import audio, metadata, official_lists, video
-from input_pipeline.files import DATASET_NAME, invocation_path, report_path, shard_path
+from input_pipeline.files import (
+    DATASET_NAME,
+    invocation_path,
+    offsets_path,
+    report_path,
+    shard_path,
+)
+from input_pipeline.records import framing, scan
 
 SHARD_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 TARGET_LENGTH = 1024
@@ -348,18 +355,21 @@ def _write_shard(output, split, index, count, examples, records, spec) -> None:
     sums = metadata.add_sums([metadata.clip_sums(e["fbank"], e["audio_frames"]) for e in examples])
     multi = sum(len(e["label"]) > 1 for e in examples)
 
+    serialized = []
+    for example in examples:
+        # protobuf map order varies between processes: sort it, so reruns are bytewise equal
+        proto = tf.train.Example.FromString(spec.serialize_example(example))
+        serialized.append(proto.SerializeToString(deterministic=True))
+
     def write_report(tmp: str) -> None:
+        report = {"examples": len(examples), "records": records, "multi_label": multi, **sums}
         with open(tmp, "w") as f:
-            json.dump(
-                {"examples": len(examples), "records": records, "multi_label": multi, **sums}, f
-            )
+            json.dump({**report, "offsets": framing(serialized)}, f)
 
     def write_examples(tmp: str) -> None:
         with tf.io.TFRecordWriter(tmp) as writer:
-            for example in examples:
-                # protobuf map order varies between processes: sort it, so reruns are bytewise equal
-                proto = tf.train.Example.FromString(spec.serialize_example(example))
-                writer.write(proto.SerializeToString(deterministic=True))
+            for data in serialized:
+                writer.write(data)
 
     paths.publish(shard_path(output, split, index, count), write_examples)
     paths.publish(report_path(output, split, index), write_report)
@@ -367,7 +377,7 @@ def _write_shard(output, split, index, count, examples, records, spec) -> None:
 
 def _reports(output: Path, split: str, count: int) -> tuple[list[int], list[dict], list[dict]]:
     """Example count per shard, the failure records (with their split), and the shards' own
-    summaries (statistics sums, multi-label clips) of a split."""
+    summaries (statistics sums, multi-label clips, record offsets) of a split."""
     sizes, records, summaries = [], [], []
     for i in range(count):
         report = json.loads(report_path(output, split, i).read_text())
@@ -375,6 +385,18 @@ def _reports(output: Path, split: str, count: int) -> tuple[list[int], list[dict
         records.extend({**r, "split": split} for r in report["records"])
         summaries.append(report)
     return sizes, records, summaries
+
+
+def _write_offsets(output: Path, split: str, summaries: list[dict]) -> None:
+    """``offsets-<split>.npy``: every record's ``[offset, size]`` in its shard, shard after
+    shard (a report written before reports noted them: its shard's headers are read)."""
+    count = len(summaries)
+    spans = [
+        summary["offsets"] if "offsets" in summary else scan(shard_path(output, split, i, count))
+        for i, summary in enumerate(summaries)
+    ]
+    table = np.array([span for shard in spans for span in shard], np.int64).reshape(-1, 2)
+    paths.save_array(offsets_path(output, split), table)
 
 
 def _other_splits(output: Path, split: str, spec) -> list:
@@ -401,6 +423,7 @@ def _finish(output: Path, split: str, count: int, spec, options: Options) -> tup
     others = _other_splits(output, split, spec)
     sizes, records, summaries = _reports(output, split, count)
     _record_split(output, split, sizes, summaries, options)
+    _write_offsets(output, split, summaries)
     everything = [r for s in others for r in _reports(output, s.name, s.num_shards)[1]]
     everything += records
     (output / "failures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in everything))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from input_pipeline import audio, augment, prepare, synthetic, video
-from input_pipeline.dataset import Loader, LoaderConfig
+from input_pipeline import audio, augment, prepare, records, synthetic, video
+from input_pipeline.dataset import DatasetError, Loader, LoaderConfig
 
 CLIPS = 12
 
@@ -31,7 +33,6 @@ def train_config(**changes):
         batch_size=4,
         num_classes=4,
         seed=3,
-        shuffle_buffer=64,
         noise=True,
         freqm=24,
         timem=96,
@@ -65,6 +66,57 @@ def test_stream_is_deterministic_and_resumes_exactly(data_dir):
     assert [b["id"].tolist() for b in straight[:3]] != [b["id"].tolist() for b in straight[3:6]]
     other_seed = batches(Loader(data_dir, "train", train_config(seed=4)), 3)
     assert [b["id"].tolist() for b in other_seed] != [b["id"].tolist() for b in straight[:3]]
+
+
+def test_resuming_late_in_an_epoch_reads_only_the_records_of_its_batches(data_dir, tmp_path):
+    """Every record that the resumed batch does not use is overwritten (its CRC no longer
+    matches): the resumed batch is still read and equals the uninterrupted stream's."""
+    import shutil
+
+    config = train_config(batch_size=2)
+    late = CLIPS // 2 - 1  # the last batch of epoch 0
+    expected = batches(Loader(data_dir, "train", config), late + 1)[late]
+    broken = tmp_path / "ds"
+    shutil.copytree(data_dir, broken)
+    loader = Loader(broken, "train", config)
+    rows, partners = loader.epoch_rows(0)
+    used = set(rows[late * 2 :]) | set(partners[late * 2 :])
+    assert len(used) < CLIPS
+    for row in set(range(CLIPS)) - used:
+        number, offset, size = loader.table.rows[row]
+        shard = Path(loader.table.files[number])
+        data = bytearray(shard.read_bytes())
+        data[offset + records.HEADER : offset + size - records.FOOTER] = bytes(size - 16)
+        shard.write_bytes(bytes(data))
+    resumed = next(loader.iterate_from(late))
+    for key in expected:
+        np.testing.assert_array_equal(resumed[key], expected[key])
+    with pytest.raises(DatasetError, match="rebuild it: rm") as error:
+        next(loader.iterate_from(0))
+    assert str(error.value).startswith(str(broken / "clips-train.tfrecord-"))
+
+
+def test_offsets_that_miss_the_records_are_named_and_without_them_the_headers_are_read(
+    data_dir, tmp_path
+):
+    """Record offsets that do not describe the shards (the shards read whole): one line saying
+    so. Without the offsets file (a dataset prepared before it existed) the shards' headers
+    give the same stream."""
+    import shutil
+
+    expected = batches(Loader(data_dir, "train", train_config()), 4)
+    older = tmp_path / "ds"
+    shutil.copytree(data_dir, older)
+    offsets = np.load(older / "offsets-train.npy")
+    offsets[:, 0] += 4
+    np.save(older / "offsets-train.npy", offsets)
+    with pytest.raises(DatasetError, match="the record offsets do not match them"):
+        batches(Loader(older, "train", train_config()), 1)
+    (older / "offsets-train.npy").unlink()
+    resumed = batches(Loader(older, "train", train_config()), 2, start=2)
+    for a, b in zip(expected[2:], resumed, strict=True):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_hosts_read_disjoint_shares(data_dir):

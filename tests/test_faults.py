@@ -176,15 +176,21 @@ def test_a_profile_of_chosen_updates_is_written_to_the_workdir(dataset, tmp_path
     assert (workdir / "model").is_dir()
 
 
-def test_logged_metrics_are_fetched_after_the_next_update_is_dispatched(
+def test_the_loop_logs_an_update_behind_and_sends_batches_two_updates_ahead(
     dataset, tmp_path, monkeypatch
 ):
     """Reading an update's metrics waits for it; the loop reads them once the next update is
-    queued, so the device never idles on a log. Every update is still logged, in order."""
+    queued, so the device never idles on a log. Every update is still logged, in order. When an
+    update is dispatched, the batches of the next two are already read and sent."""
     from cavmae_jax.train import loop
 
     events, build, write = [], loop.build, loop.MetricsWriter.write
-    updates = itertools.count(1)
+    updates, batches = itertools.count(1), itertools.count(1)
+
+    def counted(local_batches):
+        for local in local_batches:
+            events.append(("batch", next(batches)))
+            yield local
 
     def recorded(phase_step):
         def step(state, batch):
@@ -196,7 +202,8 @@ def test_logged_metrics_are_fetched_after_the_next_update_is_dispatched(
     def recording_build(config, workdir, **options):
         setup, state = build(config, workdir, **options)
         steps = [(last, recorded(step)) for last, step in setup.steps]
-        return dataclasses.replace(setup, steps=steps), state
+        batches_from = lambda start: counted(setup.batches_from(start))  # noqa: E731
+        return dataclasses.replace(setup, steps=steps, batches_from=batches_from), state
 
     def recording_write(self, step, values):
         events.append(("log", step))
@@ -209,6 +216,8 @@ def test_logged_metrics_are_fetched_after_the_next_update_is_dispatched(
     assert [step for kind, step in events if kind == "log"] == list(range(1, STEPS + 1))
     for step in range(1, STEPS):
         assert events.index(("update", step + 1)) < events.index(("log", step))
+    for step in range(1, STEPS + 1):
+        assert events.index(("batch", step + 2)) < events.index(("update", step))
 
 
 def test_a_resumed_run_restores_into_shapes_and_never_makes_the_initial_state(

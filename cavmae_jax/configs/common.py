@@ -39,7 +39,6 @@ def run_config(trainer: str) -> ml_collections.ConfigDict:
             train_split="train",
             classes=527,
             noise=True,  # the official noise + time roll augmentation
-            shuffle_buffer=10_000,
             # fbank normalisation: audioset (the official constants) | dataset (its statistics)
             norm="audioset",
             fbank_mean=DATASET_MEAN,  # resolved from ``norm`` at start-up

@@ -23,7 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = run_config("pretrain")
     config.model.update(TINY_MODEL)
     config.model.update(dict(norm_pix_loss=True, contrast_loss_weight=0.01))
-    config.data.update(dict(classes=8, shuffle_buffer=1000))
+    config.data.update(dict(classes=8))
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.sharding = "dp"
     config.peak_tflops = CPU_PEAK_TFLOPS

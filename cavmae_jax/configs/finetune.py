@@ -151,7 +151,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if "tiny" in modifiers:
         config.model.update(TINY_MODEL)
         config.model.update(dict(decoder_depth=0))
-        config.data.update(dict(shuffle_buffer=100))
         if base != "custom":
             config.model.label_dim = 8
             config.data.update(dict(classes=8, eval_split="train"))

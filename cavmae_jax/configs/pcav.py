@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if tiny:
         config.model.update(TINY_MODEL)
         config.pcav.update(dict(granularities=(5, 15), max_prototypes=64, decoder_epochs=10_000))
-        config.data.update(dict(classes=8, shuffle_buffer=1000))
+        config.data.update(dict(classes=8))
         config.batch_size = 16
         config.grad_accum = 1
         config.epochs = 20  # 240 clips: 15 updates per epoch

@@ -81,7 +81,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.update(TINY_MODEL)
         config.model.modality_specific_depth = min(3, ablated[0])
         config.model.decoder_depth = min(2, ablated[1])
-        config.data.update(dict(classes=8, shuffle_buffer=100))
+        config.data.update(dict(classes=8))
         config.batch_size = 8
         config.epochs = 2  # 48 clips: 6 updates per epoch
         config.log_every = 4

@@ -136,7 +136,9 @@ def train(setup: Setup, state: dict, workdir: Path) -> tuple[dict, dict[str, flo
         state, scalars = refresh_and_evaluate(setup, state, 0, workdir)
         if scalars:
             writer.write(0, {"step": 0, **scalars})
-    batches = setup.batches_from(start)
+    batches = sharding.batches_ahead(
+        setup.batches_from(start), setup.trainer.batch_keys, setup.mesh
+    )
     preemption = Preemption()
     logged: dict[str, float] = {}
     kind = setup.mesh.devices.flat[0].device_kind
@@ -178,10 +180,7 @@ def train(setup: Setup, state: dict, workdir: Path) -> tuple[dict, dict[str, flo
     try:
         with tqdm(initial=start, total=total, disable=jax.process_index()) as bar:
             for step in range(start + 1, total + 1):
-                local = next(batches)
-                batch = sharding.global_batch(
-                    {k: local[k] for k in setup.trainer.batch_keys}, setup.mesh
-                )
+                batch = next(batches)
                 with profiler.update(step):
                     state, metrics = setup.step_at(step)(state, batch)
                 profiler.updated(step, metrics)

@@ -57,7 +57,6 @@ class Trainer:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             noise=config.data.noise,
-            shuffle_buffer=config.data.shuffle_buffer,
             mean=config.data.fbank_mean,
             std=config.data.fbank_std,
         )
