@@ -55,6 +55,13 @@ def check(row) -> dict:
     return report
 
 
+def verdict(report: dict) -> str:
+    """yes / no for the whole run, and the part that needs most memory when it is not the step."""
+    said = "yes" if report["fits"] else "**no**"
+    part = report.get("run_peak_part", "training step")
+    return said if part == "training step" else f"{said} ({part}: {report['run_peak_gib']})"
+
+
 def markdown(reports: list[dict]) -> str:
     head = (
         "| recipe | slice | mesh | attention | per chip: state, temporaries, peak / HBM (GiB) "
@@ -88,7 +95,7 @@ def markdown(reports: list[dict]) -> str:
             f"| {name} (batch {r['global_batch']}"
             + (f", {r['grad_accum']} micro-batches" if r["grad_accum"] > 1 else "")
             + f") | {r['topology']} | {mesh} | {r['attention']} | {memory} | "
-            f"{'yes' if r['fits'] else '**no**'} | {flops} | {collectives} | {roofline} | "
+            f"{verdict(r)} | {flops} | {collectives} | {roofline} | "
             f"`{r['command']}` |"
         )
     return "\n".join(lines)

@@ -7,10 +7,10 @@ phase of the run (PCAV-MAE's warm-up, decoder and encoder-only phases each have 
 reports what the compiled programs need per device: memory (arguments, temporaries, peak: of
 the phase that needs most, and per phase; also of the evaluators, the final evaluation and
 PCAV-MAE's memory-bank refresh at ``--clips`` rows, AS-2M's by default: the verdict covers
-them all), and for the first phase matmul FLOPs
-(read from the compiled program, loops weighed by their trip counts) against the analytic count,
-the collectives it runs, the time of those FLOPs at the chip's peak (a lower bound on the step)
-and of its estimated HBM traffic.
+them all, and the whole run's peak names the part that needs it), and for the first phase
+matmul FLOPs (read from the compiled program, loops weighed by their trip counts) against the
+analytic count, the collectives it runs, the time of those FLOPs at the chip's peak (a lower
+bound on the step) and of its estimated HBM traffic.
 
 Targets:
   * ``--topology NAME``: a TPU slice compiled for from any machine (``jax[tpu]`` installed),
@@ -157,8 +157,11 @@ def main(argv: list[str]) -> dict:
             programs[name] = {"compile_error": first[:300]}
     if programs:
         report["programs"] = programs
-    peaks = [worst["peak_gib"]] + [p.get("peak_gib", math.inf) for p in programs.values()]
-    peak = max(peaks) * GIB
+    parts = {"training step": worst["peak_gib"]}
+    parts.update({name: p.get("peak_gib", math.inf) for name, p in programs.items()})
+    report["run_peak_part"] = max(parts, key=parts.get)
+    peak = parts[report["run_peak_part"]] * GIB
+    report["run_peak_gib"] = peak / GIB if math.isfinite(peak) else None  # None: out of memory
     stats = hlo_stats.analyze(compiled.as_text())
     report.update(
         tflop_per_chip_compiled=_figure(stats.matmul_flops / 1e12),
@@ -251,7 +254,6 @@ def _print_summary(report: dict) -> None:
     print(
         f"  memory per chip: {report['arguments_gib']} GiB state + batch, "
         f"{report['temporaries_gib']} GiB temporaries, peak {report['peak_gib']} GiB{capacity}"
-        + (f" -> {'fits' if report['fits'] else 'DOES NOT FIT'}" if "fits" in report else "")
     )
     for phase in report.get("phases", []):
         first, last = phase["updates"]
@@ -262,6 +264,12 @@ def _print_summary(report: dict) -> None:
     for name, part in report.get("programs", {}).items():
         memory = part.get("compile_error") or f"peak {part['peak_gib']} GiB per chip"
         print(f"  {name}: {memory}")
+    run_peak = report["run_peak_gib"]
+    needs = "out of memory" if run_peak is None else f"peak {run_peak} GiB per chip"
+    print(
+        f"  whole run: {needs} ({report['run_peak_part']}){capacity}"
+        + (f" -> {'fits' if report['fits'] else 'DOES NOT FIT'}" if "fits" in report else "")
+    )
     print(
         f"  matmul TFLOP per chip: {report['tflop_per_chip_compiled']} compiled, "
         f"{report['tflop_per_chip_analytic']} analytic"

@@ -54,6 +54,9 @@ def test_aot_check_compiles_sharded_recipes_of_every_trainer_and_rejects_bad_bat
     # and the memory-bank refresh, at AS-2M's 1,772,023 clips by default
     assert set(report["programs"]) == {f"memory bank: {part}" for part in PASSES}
     assert all(part["peak_gib"] > 0 for part in report["programs"].values())
+    peaks = {name: part["peak_gib"] for name, part in report["programs"].items()}
+    peaks["training step"] = report["peak_gib"]
+    assert report["run_peak_gib"] == max(peaks.values()) == peaks[report["run_peak_part"]]
     assert report["attention"] == "recompute"  # auto, resolved for the mesh's CPU devices
     bad = aot("configs/pretrain.py:as-base,tiny", "--devices", "8", "--config.batch_size=12")
     assert bad.returncode != 0
