@@ -84,6 +84,22 @@ EXPERIMENTS = {
     "E3 warm-up 5 epochs": (PCAV, (*PCAV_SETTINGS, "--config.pcav.warmup_epochs=5")),
     "E4 symmetric eq. (1)": (PCAV, (*PCAV_SETTINGS, "--config.pcav.symmetric_pje=True")),
     "E4 + InfoNCE": (PCAV, (*PCAV_SETTINGS, "--config.pcav.infonce=always")),
+    # E5: density neighbourhoods that find about the true counts (24 classes, 4 super-classes;
+    # (8, 48) finds 6-15 and 2-4), and k-means at half and twice the true counts
+    "E5 density (5, 32)": (PCAV, ("--config.pcav.granularities=(5, 32)",)),
+    "E5 k-means (12, 2)": (
+        PCAV,
+        ("--config.pcav.method=kmeans", "--config.pcav.granularities=(12, 2)"),
+    ),
+    "E5 k-means (48, 8)": (
+        PCAV,
+        ("--config.pcav.method=kmeans", "--config.pcav.granularities=(48, 8)"),
+    ),
+    # the prototype terms at a tenth of their weight (L_r-only is weight 0)
+    "E6 prototype weights 0.1": (
+        PCAV,
+        (*PCAV_SETTINGS, "--config.pcav.pje_weight=0.1", "--config.pcav.pcpe_weight=0.1"),
+    ),
 }
 EQUAL_TIME = "CAV-MAE, PCAV-MAE's time"
 CHECKPOINT_EVERY = 100  # pretraining updates between checkpoints: an interrupted run resumes
