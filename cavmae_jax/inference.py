@@ -213,6 +213,12 @@ def split_embeddings(
     )
 
 
+@functools.cache
+def _split_by_rows(mesh: Mesh) -> Callable:
+    """Jitted: arrays laid out split by rows over the batch axes of ``mesh`` (made once)."""
+    return jax.jit(lambda out: out, out_shardings=NamedSharding(mesh, PartitionSpec(BATCH_AXES)))
+
+
 def split_bank(
     graphdef: nnx.GraphDef,
     mesh: Mesh,
@@ -227,8 +233,7 @@ def split_bank(
     each host keeping the rows it embedded (nothing gathered), split over ``mesh``."""
     embed, keys = _embedder(graphdef), ("audio", "image")
     batches, local_batch, count, _ = _split_batches(data_dir, split, batch_size, norm=norm)
-    rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    by_rows = jax.jit(lambda out: out, out_shardings=rows)
+    by_rows = _split_by_rows(mesh)
     collected: dict[str, list[np.ndarray]] = {"audio": [], "visual": [], "position": []}
     for local in _padded(batches, [*keys, "position"], local_batch, count):
         out = by_rows(embed(params, rest, global_batch({k: local[k] for k in keys}, mesh)))

@@ -78,8 +78,10 @@ def _row_map(fn, mesh: Mesh | None, rows: tuple, whole: tuple = ()):
     return _row_program(fn, mesh, len(rows), len(whole))(*rows, *whole)
 
 
+@functools.cache
 def _row_program(fn, mesh: Mesh | None, rows: int, whole: int):
-    """The jitted program of ``_row_map`` for ``rows`` row-split and ``whole`` arguments."""
+    """The jitted program of ``_row_map`` for ``rows`` row-split and ``whole`` arguments, made
+    once per process (each memory-bank refresh reuses it)."""
     if mesh is None or mesh.size == 1:
         return jax.jit(functools.partial(fn, ring=None))
     split, axes = PartitionSpec(mesh.axis_names), mesh.axis_names
@@ -170,6 +172,7 @@ def _all_pairs(step, init, rows, valid, chunk: int, ring):
     return _over_blocks(fold, init, (rows, valid), ring)
 
 
+@functools.cache
 def _density_pass(chunk: int):
     def density(rows, valid, bandwidth, ring):
         def add(total, queries, bank_rows, bank_valid, index):
@@ -186,6 +189,7 @@ def kernel_density(joint, valid, bandwidth: float, chunk: int = CHUNK, mesh=None
     return _row_map(_density_pass(chunk), mesh, (joint, valid), (jnp.float32(bandwidth),))
 
 
+@functools.cache
 def _nearest_pass(neighbours: int, chunk: int):
     def nearest(rows, valid, ring):
         def merge(carry, queries, bank_rows, bank_valid, index):
@@ -224,42 +228,46 @@ def bank_programs(clips: int, dim: int, neighbours: int, mesh: Mesh, chunk: int 
     }
 
 
+def _distance(rows, targets, ring):
+    def fold(found, block, first):
+        inside = (targets >= first) & (targets < first + block.shape[0])
+        other = block[jnp.clip(targets - first, 0, block.shape[0] - 1)]
+        return jnp.where(inside, jnp.sqrt(jnp.sum((rows - other) ** 2, axis=1)), found)
+
+    return _over_blocks(fold, jnp.zeros(rows.shape[0]), rows, ring)
+
+
 def distance_to(joint, targets, mesh=None) -> jax.Array:
     """Euclidean distance [R] from each row to the bank row ``targets`` [R] names."""
-
-    def distance(rows, targets, ring):
-        def fold(found, block, first):
-            inside = (targets >= first) & (targets < first + block.shape[0])
-            other = block[jnp.clip(targets - first, 0, block.shape[0] - 1)]
-            return jnp.where(inside, jnp.sqrt(jnp.sum((rows - other) ** 2, axis=1)), found)
-
-        return _over_blocks(fold, jnp.zeros(rows.shape[0]), rows, ring)
-
-    return _row_map(distance, mesh, (joint, targets))
+    return _row_map(_distance, mesh, (joint, targets))
 
 
-def assign(joint, centres, chunk: int = CHUNK, mesh=None) -> jax.Array:
-    """Index [R] of each row's nearest centre (Euclidean)."""
-
+@functools.cache
+def _assign_pass(chunk: int):
     def nearest(rows, centres, ring):
         def per_query(queries, _):
             return jnp.argmin(_sq_dists(queries, centres), axis=1).astype(jnp.int32)
 
         return _per_query_chunk(per_query, rows, jnp.zeros(rows.shape[0]), chunk)
 
-    return _row_map(nearest, mesh, (joint,), (centres,))
+    return nearest
+
+
+def assign(joint, centres, chunk: int = CHUNK, mesh=None) -> jax.Array:
+    """Index [R] of each row's nearest centre (Euclidean)."""
+    return _row_map(_assign_pass(chunk), mesh, (joint,), (centres,))
+
+
+def _nearest_row(rows, valid, queries, ring):
+    d = jnp.where(valid[None], _sq_dists(queries, rows), jnp.inf)
+    first = 0 if ring is None else ring.index() * rows.shape[0]
+    best = jnp.argmin(d, axis=1)
+    return jnp.take_along_axis(d, best[:, None], 1)[:, 0][None], (first + best)[None]
 
 
 def nearest_rows(queries, joint, valid, mesh=None) -> np.ndarray:
     """Bank index of the valid row nearest each of a few ``queries`` [K, D] (on the host)."""
-
-    def nearest(rows, valid, queries, ring):
-        d = jnp.where(valid[None], _sq_dists(queries, rows), jnp.inf)
-        first = 0 if ring is None else ring.index() * rows.shape[0]
-        best = jnp.argmin(d, axis=1)
-        return jnp.take_along_axis(d, best[:, None], 1)[:, 0][None], (first + best)[None]
-
-    distances, indices = _row_map(nearest, mesh, (joint, valid), (queries,))
+    distances, indices = _row_map(_nearest_row, mesh, (joint, valid), (queries,))
     distances, indices = (_host(x) for x in (distances, indices))
     pick = np.argmin(distances, axis=0)  # ties: the lowest index, as one device would
     return indices[pick, np.arange(len(queries))]
@@ -282,6 +290,11 @@ def _peak_flags(density, near, valid):
     return valid & jnp.all(rank[:, None] <= rank[near], axis=1), rank
 
 
+@jax.jit
+def _valid_median(values, valid):
+    return jnp.nanmedian(jnp.where(valid, values, jnp.nan))
+
+
 def density_peaks(
     joint, valid, neighbours: int, bandwidth: float | None = None, chunk: int = CHUNK, mesh=None
 ) -> np.ndarray:
@@ -292,12 +305,29 @@ def density_peaks(
     near = nearest_neighbours(joint, valid, neighbours, chunk, mesh)
     if bandwidth is None:
         far = distance_to(joint, near[:, -1], mesh)
-        median = jax.jit(lambda far, valid: jnp.nanmedian(jnp.where(valid, far, jnp.nan)))
-        bandwidth = max(float(_host(median(far, valid))), 1e-6)
+        bandwidth = max(float(_host(_valid_median(far, valid))), 1e-6)
     density = kernel_density(joint, valid, bandwidth, chunk, mesh)
     is_peak, rank = (_host(x) for x in _peak_flags(density, near, valid))
     peaks = np.nonzero(is_peak)[0]
     return peaks[np.argsort(rank[peaks])]
+
+
+@jax.jit
+def _row_of_clip(joint, position, clip):
+    return joint[jnp.argmax(position == clip)][None]
+
+
+@functools.partial(jax.jit, static_argnames="clips")
+def _draw(key, closest, position, clips: int):
+    """k-means++: a clip drawn with probability ~ its squared distance to the centres."""
+    weights = jnp.log(closest + 1e-12)
+    by_clip = jnp.zeros(clips).at[jnp.where(position >= 0, position, clips)]
+    return jax.random.categorical(key, by_clip.set(weights, mode="drop"))
+
+
+@jax.jit
+def _sq_dists_to(rows, centre):
+    return _sq_dists(rows, centre[None])[:, 0]
 
 
 def kmeans(bank: Bank, joint, k: int, iterations: int = 20, seed: int = 0, chunk=CHUNK):
@@ -307,26 +337,15 @@ def kmeans(bank: Bank, joint, k: int, iterations: int = 20, seed: int = 0, chunk
     valid = bank.position >= 0
     key = jax.random.key(seed)
 
-    @jax.jit
-    def row_of(position, clip):
-        return jnp.argmax(position == clip)
-
-    @jax.jit
-    def draw(key, closest, position):
-        """k-means++: a clip drawn with probability ~ its squared distance to the centres."""
-        weights = jnp.log(closest + 1e-12)
-        by_clip = jnp.zeros(bank.clips).at[jnp.where(position >= 0, position, bank.clips)]
-        return jax.random.categorical(key, by_clip.set(weights, mode="drop"))
-
     def row(index):
-        return _host(joint[row_of(bank.position, index)][None])[0]
+        return _host(_row_of_clip(joint, bank.position, index))[0]
 
     first = jax.random.randint(jax.random.fold_in(key, 0), (), 0, bank.clips)
     centres = [row(first)]
-    closest = _sq_dists(joint, centres[0][None])[:, 0]
+    closest = _sq_dists_to(joint, centres[0])
     for i in range(1, k):
-        centres.append(row(draw(jax.random.fold_in(key, i), closest, bank.position)))
-        closest = jnp.minimum(closest, _sq_dists(joint, centres[-1][None])[:, 0])
+        centres.append(row(_draw(jax.random.fold_in(key, i), closest, bank.position, bank.clips)))
+        closest = jnp.minimum(closest, _sq_dists_to(joint, centres[-1]))
     centres = jnp.stack(centres)
     for _ in range(iterations):
         labels = jnp.where(valid, assign(joint, centres, chunk, bank.mesh), k)
@@ -366,6 +385,11 @@ def whole_bank(audio, visual) -> Bank:
     return bank_from_rows(audio, visual, np.arange(len(audio)))
 
 
+@jax.jit
+def _joint(audio, visual):
+    return l2_normalize(audio + visual)
+
+
 def discover(
     bank: Bank,
     method: str,
@@ -391,7 +415,7 @@ def discover(
     """
     mesh, audio, visual = bank.mesh, bank.audio, bank.visual
     valid = bank.position >= 0
-    joint = jax.jit(lambda a, v: l2_normalize(a + v))(audio, visual)  # padding rows stay 0
+    joint = _joint(audio, visual)  # padding rows stay 0
     positions = _host(bank.position)
     k_max = max_prototypes
     out = {name: [] for name in ("audio", "visual", "gamma", "valid")}
