@@ -84,8 +84,8 @@ class Table:
         spans = {}
         files, rows = [], []
         for number, instruction in enumerate(instructions):
-            name = os.path.basename(instruction.filename)
-            split, shard = SHARD_NAME.match(name).group(1), int(SHARD_NAME.match(name).group(2))
+            named = SHARD_NAME.match(os.path.basename(instruction.filename))
+            split, shard = named.group(1), int(named.group(2))
             if split not in spans:
                 spans[split] = _split_spans(builder, split, data_dir)
             first = sum(builder.info.splits[split].shard_lengths[:shard]) + instruction.skip
@@ -94,9 +94,6 @@ class Table:
             files.append(os.fspath(instruction.filename))
         self.files = files
         self.rows = np.concatenate(rows) if rows else np.zeros((0, 3), np.int64)
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def read(self, row: int) -> bytes:
         number, offset, size = (int(v) for v in self.rows[row])
