@@ -8,6 +8,7 @@ figures are the published per-chip ones: HBM capacity, bf16 matrix peak, HBM ban
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 
@@ -61,6 +62,18 @@ def parse(name: str) -> Slice:
         sizes = ", ".join(f"{generation}-{n * chip.cores_per_name}" for n in shapes)
         raise ValueError(f"{name}: no such {generation} slice; known: {sizes}")
     return Slice(name.strip(), chip, chips, slices, shapes[chips])
+
+
+def compile_only_environment(slice_: Slice) -> None:
+    """libtpu on a machine that is not a TPU VM: skip the metadata server (and its warnings),
+    allow several compiling processes, keep JAX's own backend on the CPU."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    kind = {"v5e": "v5litepod", "v5": "v5p"}.get(slice_.chip.generation, slice_.chip.generation)
+    cores = slice_.chips * slice_.chip.cores_per_name
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{kind}-{cores}")
 
 
 def devices(slice_: Slice) -> list:

@@ -45,18 +45,6 @@ def _figure(value: float) -> float:
     return float(f"{value:.4g}")
 
 
-def _compile_only_environment(slice_) -> None:
-    """libtpu on a machine that is not a TPU VM: skip the metadata server (and its warnings),
-    allow several compiling processes, keep JAX's own backend on the CPU."""
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    kind = {"v5e": "v5litepod", "v5": "v5p"}.get(slice_.chip.generation, slice_.chip.generation)
-    cores = slice_.chips * slice_.chip.cores_per_name
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{kind}-{cores}")
-
-
 def _memory_exhausted(error: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(error) or "Ran out of memory" in str(error)
 
@@ -79,7 +67,7 @@ def main(argv: list[str]) -> dict:
 
     slice_ = tpu.parse(args.topology) if args.topology else None
     if slice_:
-        _compile_only_environment(slice_)
+        tpu.compile_only_environment(slice_)
     elif args.devices:
         os.environ["XLA_FLAGS"] = (
             os.environ.get("XLA_FLAGS", "")

@@ -96,12 +96,9 @@ def test_aot_check_compiles_for_a_tpu_slice_from_this_cpu():
 
 
 GROUPED_ON_TPU = """
-import sys
-sys.path.insert(0, "launch")
-import aot_check
 from cavmae_jax import tpu
 slice_ = tpu.parse("v5e-4")
-aot_check._compile_only_environment(slice_)
+tpu.compile_only_environment(slice_)
 import jax, jax.numpy as jnp
 from cavmae_jax import hlo_stats
 from cavmae_jax.models import grouped_attention
