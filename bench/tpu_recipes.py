@@ -30,6 +30,12 @@ ROWS = [  # (config, topology, overrides): the recipe's global batch on slices i
     ("configs/pretrain.py:as-scale++", "v5p-64", ()),
     ("configs/pretrain.py:as-scale++", "2x v5p-64", ()),
     ("configs/pretrain.py:as-scale++", "v6e-256", ()),
+    # one clip per chip: FSDP within each 16-chip row of the torus, data parallel across rows
+    (
+        "configs/pretrain.py:as-scale++",
+        "v6e-256",
+        ("--config.mesh.data=16", "--config.mesh.fsdp=16"),
+    ),
     ("configs/pretrain.py:vgg", "v6e-8", ()),
     ("configs/pcav.py:as", "v5p-8", ()),
     ("configs/pcav.py:as", "v5e-16", ()),

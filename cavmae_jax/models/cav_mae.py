@@ -78,6 +78,7 @@ class CAVMAE(AudioVisualEncoder):
                 dtype,
                 cfg.remat,
                 cfg.attention,
+                cfg.mlp,
             )
             self.decoder_norm = layer_norm(dd, rngs)
             self.decoder_pred_a = dense(dd, p * p, ("decoder", "patch"), rngs, dtype)

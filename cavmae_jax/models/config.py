@@ -44,6 +44,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of matmuls; "bfloat16" on accelerators
     remat: str = "auto"  # auto | none | matmuls | full: what blocks keep (models/layers.py)
     attention: str = "auto"  # auto|xla|cudnn|recompute|flash|splash|grouped (models/attention.py)
+    mlp: str = "auto"  # auto | xla | fused: the blocks' MLP (models/fused_mlp.py)
 
     def __post_init__(self):
         if isinstance(self.remat, bool):  # the older switch: True recomputed whole blocks

@@ -49,6 +49,7 @@ def block_stack(cfg: ModelConfig, count: int, rngs: nnx.Rngs) -> BlockStack:
         cfg.compute_dtype,
         cfg.remat,
         cfg.attention,
+        cfg.mlp,
     )
 
 

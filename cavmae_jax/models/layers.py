@@ -7,13 +7,15 @@ names (``embed``, ``mlp``, ``heads``, ``patch``, ``classes``) that a rules table
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from cavmae_jax.models import attention as attention_lib
-from cavmae_jax.models import grouped_attention, mesh_context
+from cavmae_jax.models import fused_mlp, grouped_attention, mesh_context
 
 LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, everywhere in the official model (behaviour 1)
 # What a block keeps for its backward pass (``ModelConfig.remat``): ``none`` every activation,
@@ -201,14 +203,46 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    """fc1 -> exact (erf) GELU -> fc2."""
+    """fc1 -> exact (erf) GELU -> fc2; ``implementation`` ``fused`` runs it as one TPU kernel
+    each way (``fused_mlp``) where its widths fit, and where no ``tensor`` axis splits them."""
 
-    def __init__(self, dim: int, hidden: int, rngs: nnx.Rngs, dtype=None):
+    def __init__(
+        self, dim: int, hidden: int, rngs: nnx.Rngs, dtype=None, implementation: str = "auto"
+    ):
+        self.implementation = implementation
         self.fc1 = dense(dim, hidden, ("embed", "mlp"), rngs, dtype)
         self.fc2 = dense(hidden, dim, ("mlp", "embed"), rngs, dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self._fused(x.shape):
+            return self._kernel(x)
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+
+    def _fused(self, shape: tuple[int, ...]) -> bool:
+        implementation = self.implementation
+        if implementation == "auto":
+            implementation = fused_mlp.resolve(implementation, jax.default_backend())
+        mesh = jax.sharding.get_abstract_mesh()
+        devices = 1
+        if not mesh.empty:
+            if mesh.shape.get("tensor", 1) > 1:
+                return False
+            devices = math.prod(mesh.shape[a] for a in mesh_context.batch_axes(mesh))
+        tokens = math.prod(shape[:-1]) // devices
+        hidden = self.fc1.kernel.shape[-1]
+        return implementation == "fused" and fused_mlp.fits(shape[-1], hidden, tokens)
+
+    def _kernel(self, x: jax.Array) -> jax.Array:
+        """The kernels' output, which the remat policy keeps (no forward kernel runs twice)."""
+        dtype = self.fc1.dtype or jnp.result_type(x, self.fc1.kernel[...])
+        out = fused_mlp.mlp(
+            x.astype(dtype),
+            self.fc1.kernel[...].astype(dtype),
+            self.fc1.bias[...].astype(jnp.float32),
+            self.fc2.kernel[...].astype(dtype),
+            self.fc2.bias[...].astype(jnp.float32),
+        )
+        return checkpoint_name(out, attention_lib.KERNEL_RESIDUALS)
 
 
 class Block(nnx.Module):
@@ -226,6 +260,7 @@ class Block(nnx.Module):
         rngs: nnx.Rngs,
         dtype=None,
         attention: str = "auto",
+        mlp: str = "auto",
     ):
         self.norm1 = layer_norm(dim, rngs, dtype)
         self.norm1_a = layer_norm(dim, rngs, dtype)
@@ -234,7 +269,7 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(dim, rngs, dtype)
         self.norm2_a = layer_norm(dim, rngs, dtype)
         self.norm2_v = layer_norm(dim, rngs, dtype)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs, dtype)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs, dtype, mlp)
 
     def __call__(self, x: jax.Array, modality: str | None = None) -> jax.Array:
         suffix = "" if modality is None else f"_{modality}"
@@ -244,6 +279,22 @@ class Block(nnx.Module):
             x = x + self.attn(norm1(x))
         with jax.named_scope("mlp"):
             return x + self.mlp(norm2(x))
+
+
+def matrices_in(stacked_state, dtype):
+    """The blocks' stacked matrices ([layers, in, out]) in the compute ``dtype``, cast once per
+    step on their FSDP shards: the layers cast them so anyway, and the gathers, and every read
+    of a gathered matrix, then move half the bytes of float32. Vectors (norms, biases) stay
+    as they are."""
+    if dtype is None:
+        return stacked_state
+
+    def cast(p):
+        if p.ndim >= 3 and jnp.issubdtype(p.dtype, jnp.floating):
+            return p.astype(dtype)
+        return p
+
+    return jax.tree.map(cast, stacked_state)
 
 
 class BlockStack(nnx.Module):
@@ -267,15 +318,17 @@ class BlockStack(nnx.Module):
         dtype=None,
         remat: str | bool = "auto",
         attention: str = "auto",
+        mlp: str = "auto",
     ):
         self.count = count
         self.remat = remat
+        self.dtype = dtype
         if count:
 
             @nnx.split_rngs(splits=count)
             @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def create(rngs: nnx.Rngs) -> Block:
-                return Block(dim, num_heads, mlp_ratio, rngs, dtype, attention)
+                return Block(dim, num_heads, mlp_ratio, rngs, dtype, attention, mlp)
 
             self.layers = create(rngs)
 
@@ -291,6 +344,7 @@ class BlockStack(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         if last_only:
             state = jax.tree.map(lambda p: p[-1:], state)
+        state = matrices_in(state, self.dtype)
 
         def body(carry, layer_state):
             block = nnx.merge(graphdef, mesh_context.gathered(layer_state))

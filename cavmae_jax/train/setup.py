@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cavmae_jax import evaluators as evaluators_lib
 from cavmae_jax import paths, sharding
 from cavmae_jax.errors import UserError
-from cavmae_jax.models import ModelConfig
+from cavmae_jax.models import ModelConfig, fused_mlp
 from cavmae_jax.models.attention import resolve as resolve_attention
 from cavmae_jax.models.layers import resolve_remat
 from cavmae_jax.train import data_settings
@@ -95,6 +95,7 @@ def model_config(trainer: Trainer, config: ml_collections.ConfigDict, mesh: Mesh
     return cfg.replace(
         attention=resolve_attention(cfg.attention, platform),
         remat=resolve_remat(cfg.remat, platform),
+        mlp=fused_mlp.resolve(cfg.mlp, platform),
     )
 
 
