@@ -123,20 +123,22 @@ for length, dim, heads in ((49, 768, 12), (708, 512, 16), (1024, 768, 12)):
 """
 
 
+def printed_rows(program: str) -> list[list[str]]:
+    """The lines ``program`` prints (run in a fresh process: libtpu's compile-only devices),
+    split into words."""
+    done = subprocess.run(
+        [sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [line.split() for line in done.stdout.strip().splitlines()]
+
+
 def test_the_grouped_kernel_compiles_for_a_tpu_at_the_models_lengths():
     """Mosaic takes the grouped attention kernel, forward and backward, per device of a TPU
     slice, at unaligned lengths (49 visible patches), the decoder's 708 tokens with 32-wide
     heads, and the longest sequence it holds whole; the traffic model reads the kernels' own
     byte counts as XLA's cost analysis does."""
-    done = subprocess.run(
-        [sys.executable, "-c", GROUPED_ON_TPU],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    ratios = [float(line.split()[-1]) for line in done.stdout.strip().splitlines()]
+    ratios = [float(row[-1]) for row in printed_rows(GROUPED_ON_TPU)]
     assert len(ratios) == 3
     for ratio in ratios:  # the rest of the step (the loss, its gradient) at tiled sizes
         assert ratio == pytest.approx(1.0, abs=0.1)
@@ -176,15 +178,7 @@ def test_the_fused_mlp_compiles_for_tpus_per_device_of_a_mesh():
     a chip) and v6e, at ViT-B's and the decoder's widths, per device of a 4-chip mesh; the
     traffic model counts their matmul FLOPs: 2 x 2 forward, 2 x 5 backward (a again, dh, dx,
     dw1, dw2) per token and weight."""
-    done = subprocess.run(
-        [sys.executable, "-c", FUSED_MLP_ON_TPU],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line.split() for line in done.stdout.strip().splitlines()]
+    rows = printed_rows(FUSED_MLP_ON_TPU)
     assert len(rows) == 6
     for _, _, ratio in rows:
         assert float(ratio) == pytest.approx(14.0)

@@ -222,15 +222,17 @@ class Mlp(nnx.Module):
         implementation = self.implementation
         if implementation == "auto":
             implementation = fused_mlp.resolve(implementation, jax.default_backend())
+        if implementation != "fused":
+            return False
         mesh = jax.sharding.get_abstract_mesh()
-        devices = 1
-        if not mesh.empty:
-            if mesh.shape.get("tensor", 1) > 1:
-                return False
+        if mesh.empty:
+            devices = 1
+        elif mesh.shape.get("tensor", 1) > 1:
+            return False
+        else:
             devices = math.prod(mesh.shape[a] for a in mesh_context.batch_axes(mesh))
         tokens = math.prod(shape[:-1]) // devices
-        hidden = self.fc1.kernel.shape[-1]
-        return implementation == "fused" and fused_mlp.fits(shape[-1], hidden, tokens)
+        return fused_mlp.fits(shape[-1], self.fc1.kernel.shape[-1], tokens)
 
     def _kernel(self, x: jax.Array) -> jax.Array:
         """The kernels' output, which the remat policy keeps (no forward kernel runs twice)."""
