@@ -33,23 +33,4 @@ def gathered(tree):
     if mesh.empty or "fsdp" not in mesh.axis_names or mesh.shape["fsdp"] == 1:
         return tree
     with jax.named_scope("fsdp_gather"):
-        return jax.tree.map(_whole, tree)
-
-
-@jax.custom_vjp
-def _whole(p: jax.Array) -> jax.Array:
-    """``p`` replicated; its gradient left unconstrained, so that XLA sums the devices'
-    contributions straight into the parameter's own split (a reduce-scatter) instead of first
-    replicating the sum (an all-reduce of the whole gradient, then a slice)."""
-    return jax.lax.with_sharding_constraint(p, PartitionSpec())
-
-
-def _whole_forward(p):
-    return _whole(p), None
-
-
-def _whole_backward(_, gradient):
-    return (gradient,)
-
-
-_whole.defvjp(_whole_forward, _whole_backward)
+        return jax.tree.map(lambda p: jax.lax.with_sharding_constraint(p, PartitionSpec()), tree)
