@@ -70,7 +70,7 @@ def verdict(report: dict) -> str:
 
 def markdown(reports: list[dict]) -> str:
     head = (
-        "| recipe | slice | mesh | attention | per chip: state, temporaries, peak / HBM (GiB) "
+        "| recipe | slice | mesh | attention, MLP | per chip: state, temporaries, peak / HBM (GiB) "
         "| fits | TFLOP per chip, compiled / analytic | collectives per step | matmul ms at "
         "peak (clips/s bound); memory-traffic ms, all buffers / HBM-resident only; MFU bound, both "
         "ways | command |\n|" + "---|" * 10
@@ -100,7 +100,7 @@ def markdown(reports: list[dict]) -> str:
         lines.append(
             f"| {name} (batch {r['global_batch']}"
             + (f", {r['grad_accum']} micro-batches" if r["grad_accum"] > 1 else "")
-            + f") | {r['topology']} | {mesh} | {r['attention']} | {memory} | "
+            + f") | {r['topology']} | {mesh} | {r['attention']}, {r['mlp']} | {memory} | "
             f"{verdict(r)} | {flops} | {collectives} | {roofline} | "
             f"`{r['command']}` |"
         )
