@@ -276,7 +276,11 @@ with jax.set_mesh(mesh):
     sharded = step(jax.device_put(projection, rows), bias)
     text = step.lower(jax.device_put(projection, rows), bias).as_text()
 assert "shard_map" in text or "sdy.manual_computation" in text
-for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(sharded)):
+# the value sums 50,176 products of size about 1 to about 8, in another order per device:
+# float32 rounding of that order is of the order of 1e-4; a lost or doubled clip moves it by tens
+(value, grads), (sharded_value, sharded_grads) = alone, sharded
+np.testing.assert_allclose(float(value), float(sharded_value), rtol=0, atol=2e-3)
+for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded_grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 print("same")
 """
