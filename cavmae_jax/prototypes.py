@@ -409,9 +409,9 @@ def discover(
     embeddings. Each clip goes to its nearest prototype; gamma follows eq. (2), then
     (``gamma_mean`` > 0) is rescaled to that mean, as PCL does.
     Returns the arrays {audio, visual [G, K, D], gamma, valid [G, K]} (on every host) and per
-    granularity ``{"clips", "labels", "sizes"}``: the position in the split of each prototype's
-    clip (the clip nearest the centre for k-means), each clip's prototype in the split's order
-    and the prototype sizes.
+    granularity ``{"clips", "labels", "sizes", "found"}``: the position in the split of each
+    prototype's clip (the clip nearest the centre for k-means), each clip's prototype in the
+    split's order, the prototype sizes and how many prototypes were found before the cap.
     """
     mesh, audio, visual = bank.mesh, bank.audio, bank.visual
     valid = bank.position >= 0
@@ -422,11 +422,17 @@ def discover(
     levels = []
     for granularity in granularities:
         if method == "density":
-            rows = density_peaks(joint, valid, int(granularity), chunk=chunk, mesh=mesh)[:k_max]
+            peaks = density_peaks(joint, valid, int(granularity), chunk=chunk, mesh=mesh)
+            found, rows = len(peaks), peaks[:k_max]
             proto_a, proto_v = (_host(x[jnp.asarray(rows)]) for x in (audio, visual))
             labels = assign(joint, l2_normalize(proto_a + proto_v), chunk, mesh)
         elif method == "kmeans":
-            k = min(int(granularity), k_max)
+            k = found = int(granularity)
+            if k > k_max:
+                raise UserError(
+                    f"pcav.granularities: k-means with k = {k} above pcav.max_prototypes = "
+                    f"{k_max}; raise max_prototypes or lower k"
+                )
             labels = assign(joint, kmeans(bank, joint, k, seed=seed, chunk=chunk), chunk, mesh)
             labels = jnp.where(valid, labels, k)
             sums = (jax.ops.segment_sum(x, labels, num_segments=k) for x in (audio, visual))
@@ -448,7 +454,7 @@ def discover(
         by_clip = np.zeros(bank.clips, np.int64)
         by_clip[positions[real]] = labels[real]
         sizes = np.bincount(by_clip, minlength=k)
-        levels.append({"clips": positions[rows], "labels": by_clip, "sizes": sizes})
+        levels.append({"clips": positions[rows], "labels": by_clip, "sizes": sizes, "found": found})
     return {name: np.stack(values) for name, values in out.items()}, levels
 
 
@@ -466,13 +472,17 @@ def gamma_mean(pcav) -> float:
 
 def from_settings(bank: Bank, pcav, seed: int):
     """The prototype arrays and levels of a memory bank under a run's ``config.pcav``
-    settings."""
-    return discover(
-        bank,
-        pcav.method,
-        tuple(pcav.granularities),
-        pcav.max_prototypes,
-        pcav.beta,
-        gamma_mean(pcav),
-        seed,
+    settings. Density peaks beyond ``max_prototypes`` are dropped (the least dense): said in
+    the log, since the prototype count moves what is learnt most (docs/pcavmae.md)."""
+    granularities = tuple(pcav.granularities)
+    arrays, levels = discover(
+        bank, pcav.method, granularities, pcav.max_prototypes, pcav.beta, gamma_mean(pcav), seed
     )
+    for granularity, level in zip(granularities, levels, strict=True):
+        kept = len(level["sizes"])
+        if level["found"] > kept and jax.process_index() == 0:
+            print(
+                f"prototypes: neighbourhood {granularity} found {level['found']} density peaks; "
+                f"the {kept} densest are kept (pcav.max_prototypes)"
+            )
+    return arrays, levels

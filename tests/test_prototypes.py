@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ml_collections
 import numpy as np
 import pytest
 
 from cavmae_jax import prototypes
+from cavmae_jax.errors import UserError
 
 
 def mixture(seed=0, components=5, per=60, dim=8, spread=0.1):
@@ -78,3 +80,24 @@ def test_concentration_follows_equation_2():
         expected.append(num / (n * n * np.log(n + n + 10.0)))
     np.testing.assert_allclose(got[:2], expected, rtol=1e-5)
     assert got[2] == pytest.approx(max(expected), rel=1e-6)
+
+
+def test_a_cap_on_the_prototypes_is_said_and_an_impossible_k_refused(capsys):
+    points, _, _ = mixture(seed=4)
+    unit = points / np.linalg.norm(points, axis=1, keepdims=True)
+    bank = prototypes.whole_bank(unit, unit)
+    settings = ml_collections.ConfigDict(
+        dict(method="density", granularities=(40,), max_prototypes=3, beta=10.0, tau=0.1)
+    )
+    settings.scale = "paper"
+    arrays, (level,) = prototypes.from_settings(bank, settings, seed=0)
+    assert level["found"] == 5 and len(level["sizes"]) == 3 and arrays["valid"].sum() == 3
+    assert (
+        "neighbourhood 40 found 5 density peaks; the 3 densest are kept" in capsys.readouterr().out
+    )
+    settings.update(method="kmeans", granularities=(3,))
+    prototypes.from_settings(bank, settings, seed=0)
+    assert capsys.readouterr().out == ""
+    settings.granularities = (4,)
+    with pytest.raises(UserError, match="k = 4 above pcav.max_prototypes = 3"):
+        prototypes.from_settings(bank, settings, seed=0)
